@@ -1,0 +1,136 @@
+"""`Denoiser`: everything the toolkit needs to know about a diffusion model, in one place.
+
+Whatever the source (zoo, diffusers, a python factory), the network is wrapped into a module
+with one calling convention, ``module(sample, timestep, cond) -> prediction``, so solvers,
+calibration, pruning and export never look at where a model came from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from compress.schedule import NoiseSchedule
+
+PredictionType = Literal["epsilon", "v_prediction", "sample"]
+Conditioning = Literal["none", "class", "text"]
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def batch_timesteps(timestep, batch: int, device) -> torch.Tensor:
+    t = torch.as_tensor(timestep, dtype=torch.float32, device=device)
+    return t.reshape(-1).expand(batch) if t.numel() == 1 else t
+
+
+class DiffusersUNet(nn.Module):
+    """UNet2DModel (optionally with class embeddings) or UNet2DConditionModel."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+        self.takes_text = hasattr(unet.config, "cross_attention_dim") and unet.config.get("cross_attention_dim") is not None
+        self.out_channels = unet.config.out_channels
+
+    def forward(self, sample, timestep, cond=None):
+        t = batch_timesteps(timestep, sample.shape[0], sample.device)
+        if self.takes_text:
+            out = self.unet(sample, t, encoder_hidden_states=cond).sample
+        else:
+            out = self.unet(sample, t, class_labels=cond).sample
+        return out
+
+
+class DiffusersTransformer(nn.Module):
+    """DiT-style transformers (DiTTransformer2DModel, Transformer2DModel with patches)."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+        self.in_channels = transformer.config.in_channels
+
+    def forward(self, sample, timestep, cond=None):
+        t = batch_timesteps(timestep, sample.shape[0], sample.device)
+        out = self.transformer(sample, timestep=t, class_labels=cond).sample
+        # DiT checkpoints with learned variance put it in the second half of the channels.
+        return out[:, : self.in_channels]
+
+
+class ClassTokenUNet(nn.Module):
+    """A cross-attention UNet conditioned on a class label turned into one token.
+
+    Label ``num_classes`` is the null label used for classifier-free guidance.
+    """
+
+    def __init__(self, unet: nn.Module, num_classes: int):
+        super().__init__()
+        self.unet = unet
+        self.num_classes = num_classes
+        self.label_embedding = nn.Embedding(num_classes + 1, unet.config.cross_attention_dim)
+
+    def forward(self, sample, timestep, cond=None):
+        t = batch_timesteps(timestep, sample.shape[0], sample.device)
+        if cond is None:
+            cond = torch.full((sample.shape[0],), self.num_classes, dtype=torch.long, device=sample.device)
+        tokens = self.label_embedding(cond.long())[:, None, :]
+        return self.unet(sample, t, encoder_hidden_states=tokens).sample
+
+
+@dataclass
+class Denoiser:
+    module: nn.Module
+    schedule: NoiseSchedule
+    prediction_type: PredictionType = "epsilon"
+    sample_shape: tuple[int, int, int] = (1, 16, 16)
+    conditioning: Conditioning = "none"
+    num_classes: int | None = None  # class conditioning; label num_classes is the null label
+    cond_shape: tuple[int, ...] | None = None  # text conditioning: (tokens, dim)
+    data_range: tuple[float, float] = (-1.0, 1.0)
+    name: str = "model"
+    source: str = ""
+    scheduler_config: dict | None = None  # the model's own scheduler, when it came with one
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def supports_guidance(self) -> bool:
+        return self.conditioning != "none"
+
+    def null_condition(self, batch: int, device="cpu") -> torch.Tensor | None:
+        if self.conditioning == "class":
+            return torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
+        if self.conditioning == "text":
+            return torch.zeros((batch, *self.cond_shape), device=device)
+        return None
+
+    def to(self, device) -> "Denoiser":
+        self.module.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "source": self.source,
+            "prediction_type": self.prediction_type,
+            "sample_shape": list(self.sample_shape),
+            "conditioning": self.conditioning,
+            "num_classes": self.num_classes,
+            "cond_shape": list(self.cond_shape) if self.cond_shape else None,
+            "data_range": list(self.data_range),
+            "num_train_timesteps": self.schedule.num_train_timesteps,
+            "schedule_fingerprint": self.schedule.fingerprint(),
+            "parameters": sum(p.numel() for p in self.module.parameters()),
+        }
+
+
+def guided(module: nn.Module, x: torch.Tensor, t, cond, null_cond, guidance_scale) -> torch.Tensor:
+    """One network evaluation with classifier-free guidance: both halves in one batch."""
+    if cond is None or guidance_scale is None:
+        return module(x, t, cond)
+    both = module(torch.cat([x, x]), t, torch.cat([null_cond, cond]))
+    uncond, conditional = both.chunk(2)
+    return uncond + guidance_scale * (conditional - uncond)

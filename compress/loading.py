@@ -1,0 +1,156 @@
+"""Model references -> `Denoiser`.
+
+    zoo:NAME                 the project's reference models
+    diffusers:PATH           a pipeline folder (model_index.json + unet/ or transformer/ + scheduler/),
+                             a bare model folder (schedule from flags), or a hub id where there is internet
+    python:module:factory    any torch denoiser; the factory returns a Denoiser or an nn.Module
+                             called as module(sample, timestep, cond)
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from compress.denoiser import PREDICTION_TYPES, Denoiser, DiffusersTransformer, DiffusersUNet
+from compress.errors import UserError
+from compress.schedule import NoiseSchedule
+
+SCHEMES = ("zoo", "diffusers", "python")
+TRANSFORMER_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
+UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+
+
+@dataclass(frozen=True)
+class ScheduleFlags:
+    """What a bare model or a python factory cannot tell about itself."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    prediction_type: str = "epsilon"
+    sample_shape: tuple[int, ...] | None = None
+    text_tokens: int = 77
+
+    def schedule(self) -> NoiseSchedule:
+        return NoiseSchedule.from_betas(self.beta_schedule, self.num_train_timesteps, self.beta_start, self.beta_end)
+
+
+def load_model(reference: str, flags: ScheduleFlags | None = None) -> Denoiser:
+    flags = flags or ScheduleFlags()
+    if flags.prediction_type not in PREDICTION_TYPES:
+        raise UserError(f"unknown prediction type {flags.prediction_type!r}; expected one of {', '.join(PREDICTION_TYPES)}")
+    scheme, sep, rest = reference.partition(":")
+    if not sep or scheme not in SCHEMES or not rest:
+        raise UserError(f"bad model reference {reference!r}: expected zoo:NAME, diffusers:PATH or python:module:factory")
+    if scheme == "zoo":
+        from compress.zoo import load_denoiser
+
+        return load_denoiser(rest)
+    if scheme == "diffusers":
+        return _load_diffusers(rest, flags)
+    return _load_python(rest, flags)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+
+
+def _load_diffusers(location: str, flags: ScheduleFlags) -> Denoiser:
+    import diffusers
+
+    path = Path(location)
+    scheduler_config = None
+    if path.is_dir() and (path / "model_index.json").is_file():
+        index = _read_json(path / "model_index.json")
+        sub = next((s for s in ("unet", "transformer") if s in index), None)
+        if sub is None or not (path / sub).is_dir():
+            raise UserError(f"pipeline folder {path} has no unet/ or transformer/ model")
+        model_dir = path / sub
+        if (path / "scheduler" / "scheduler_config.json").is_file():
+            scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json")
+    elif path.is_dir() and (path / "config.json").is_file():
+        model_dir = path
+    elif path.exists():
+        raise UserError(f"{path} is neither a diffusers pipeline folder (model_index.json) nor a model folder (config.json)")
+    elif location.count("/") == 1 and not location.startswith((".", "/")):
+        return _load_diffusers_hub(location, flags)
+    else:
+        raise UserError(f"model folder {path} does not exist")
+
+    config = _read_json(model_dir / "config.json")
+    class_name = config.get("_class_name", "")
+    if class_name not in UNET_CLASSES + TRANSFORMER_CLASSES:
+        raise UserError(f"{model_dir}: unsupported model class {class_name!r} (supported: {', '.join(UNET_CLASSES + TRANSFORMER_CLASSES)})")
+    try:
+        model = getattr(diffusers, class_name).from_pretrained(str(model_dir))
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"cannot load {model_dir}: {str(e).splitlines()[0]}") from None
+    return _describe_diffusers(model, scheduler_config, flags, source=f"diffusers:{location}", name=path.name)
+
+
+def _load_diffusers_hub(repo_id: str, flags: ScheduleFlags) -> Denoiser:
+    import diffusers
+
+    try:
+        pipe = diffusers.DiffusionPipeline.from_pretrained(repo_id)
+    except Exception as e:  # any network or hub failure is the user's reference, not our bug
+        raise UserError(f"cannot fetch {repo_id!r} from the hub: {str(e).splitlines()[0]}") from None
+    model = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    return _describe_diffusers(model, dict(pipe.scheduler.config), flags, source=f"diffusers:{repo_id}", name=repo_id.split("/")[-1])
+
+
+def _describe_diffusers(model: nn.Module, scheduler_config: dict | None, flags: ScheduleFlags, source: str, name: str) -> Denoiser:
+    config = model.config
+    schedule = NoiseSchedule.from_scheduler_config(scheduler_config) if scheduler_config else flags.schedule()
+    prediction_type = (scheduler_config or {}).get("prediction_type", flags.prediction_type)
+    size = config.get("sample_size", 32)
+    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    in_channels = config.get("in_channels", 4)
+    kwargs: dict = {}
+    if model.__class__.__name__ in TRANSFORMER_CLASSES:
+        module = DiffusersTransformer(model)
+        if config.get("num_embeds_ada_norm"):
+            kwargs = {"conditioning": "class", "num_classes": config["num_embeds_ada_norm"]}
+    else:
+        module = DiffusersUNet(model)
+        if module.takes_text:
+            dim = config["cross_attention_dim"]
+            kwargs = {"conditioning": "text", "cond_shape": (flags.text_tokens, dim if isinstance(dim, int) else dim[0])}
+        elif config.get("num_class_embeds"):
+            # Class-embedding UNets in diffusers have no null class: guidance is not defined for them.
+            kwargs = {"conditioning": "class", "num_classes": config["num_class_embeds"] - 1}
+    shape = flags.sample_shape or (in_channels, *size)
+    return Denoiser(module.eval(), schedule, prediction_type, tuple(shape), name=name, source=source, scheduler_config=scheduler_config, **kwargs)
+
+
+def _load_python(target: str, flags: ScheduleFlags) -> Denoiser:
+    module_name, sep, factory_name = target.rpartition(":")
+    if not sep or not module_name or not factory_name:
+        raise UserError(f"bad python reference 'python:{target}': expected python:module:factory")
+    if "" not in sys.path:
+        sys.path.insert(0, "")  # a factory in the working directory is the common case
+    try:
+        py_module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UserError(f"cannot import {module_name!r}: {e}") from None
+    factory = getattr(py_module, factory_name, None)
+    if not callable(factory):
+        raise UserError(f"module {module_name!r} has no callable {factory_name!r}")
+    made = factory()
+    if isinstance(made, Denoiser):
+        made.source = made.source or f"python:{target}"
+        return made
+    if not isinstance(made, nn.Module):
+        raise UserError(f"python:{target} returned {type(made).__name__}; expected a Denoiser or a torch.nn.Module")
+    if flags.sample_shape is None:
+        raise UserError(f"python:{target} returned a bare module: give its sample shape with --sample-shape C,H,W")
+    return Denoiser(made.eval(), flags.schedule(), flags.prediction_type, tuple(flags.sample_shape), name=factory_name, source=f"python:{target}")

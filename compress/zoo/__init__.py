@@ -1,0 +1,82 @@
+"""The project's reference models, trained on scikit-learn's digits; checkpoints are committed."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from compress.errors import UserError
+
+CHECKPOINTS = Path(__file__).parent / "checkpoints"
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    kind: str  # "denoiser" or "classifier"
+    summary: str
+
+
+ZOO = {
+    e.name: e
+    for e in (
+        ZooEntry("digits", "denoiser", "unconditional UNet2DModel, 16x16x1, epsilon, 1000-step linear schedule"),
+        ZooEntry("digits-cond", "denoiser", "class-conditional UNet2DConditionModel (class token via cross-attention, CFG)"),
+        ZooEntry("digits-classifier", "classifier", "small CNN; penultimate features define FD, its labels check samples"),
+    )
+}
+
+
+def checkpoint_path(name: str) -> Path:
+    if name not in ZOO:
+        import difflib
+
+        close = difflib.get_close_matches(name, ZOO, n=1)
+        hint = f"; did you mean 'zoo:{close[0]}'?" if close else ""
+        raise UserError(f"unknown zoo model {name!r}{hint} (available: {', '.join(ZOO)})")
+    path = CHECKPOINTS / f"{name}.safetensors"
+    if not path.is_file():
+        raise UserError(f"zoo checkpoint {path} is missing; run 'compress zoo train {name}'")
+    return path
+
+
+def read_metadata(path: Path) -> dict:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+
+
+def load_denoiser(name: str):
+    from compress.denoiser import DiffusersUNet, Denoiser
+    from compress.schedule import NoiseSchedule
+    from compress.zoo.models import build_digits_cond_unet, build_digits_unet
+
+    path = checkpoint_path(name)
+    if ZOO[name].kind != "denoiser":
+        raise UserError(f"zoo:{name} is a {ZOO[name].kind}, not a diffusion model")
+    meta = read_metadata(path)
+    schedule = NoiseSchedule.from_betas("linear", 1000)
+    if name == "digits":
+        module = DiffusersUNet(build_digits_unet(meta["config"]))
+        module.unet.load_state_dict(load_file(str(path)))
+        kwargs = {}
+    else:
+        module = build_digits_cond_unet(meta["config"])
+        module.load_state_dict(load_file(str(path)))
+        kwargs = {"conditioning": "class", "num_classes": module.num_classes}
+    return Denoiser(module.eval(), schedule, "epsilon", (1, 16, 16), name=name, source=f"zoo:{name}", extra={"training": meta.get("training")}, **kwargs)
+
+
+def load_classifier():
+    from compress.zoo.models import DigitsClassifier
+
+    model = DigitsClassifier()
+    model.load_state_dict(load_file(str(checkpoint_path("digits-classifier"))))
+    return model.eval()
+
+
+def training_info(name: str) -> dict:
+    return read_metadata(checkpoint_path(name)).get("training", {})

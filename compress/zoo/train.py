@@ -1,0 +1,119 @@
+"""Training of the zoo models on scikit-learn's digits (2 CPU cores, minutes each)."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from compress.progress import progress
+from compress.schedule import NoiseSchedule
+from compress.zoo.data import load_digits_tensors
+from compress.zoo.models import (
+    DIGITS_COND_UNET,
+    DIGITS_UNET,
+    DigitsClassifier,
+    build_digits_cond_unet,
+    build_digits_unet,
+)
+
+LABEL_DROPOUT = 0.1
+
+
+def _lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+@torch.no_grad()
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+
+
+def train_diffusion(conditional: bool, iterations: int, batch_size: int = 128, lr: float = 2e-3, seed: int = 0):
+    torch.manual_seed(seed)
+    images, labels = load_digits_tensors("train")
+    schedule = NoiseSchedule.from_betas("linear", 1000)
+    model = build_digits_cond_unet() if conditional else build_digits_unet()
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for step in progress(range(iterations), description="train " + ("digits-cond" if conditional else "digits")):
+        idx = torch.randint(0, len(images), (batch_size,), generator=gen)
+        x0, y = images[idx], labels[idx]
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, schedule.num_train_timesteps, (batch_size,), generator=gen)
+        xt = schedule.add_noise(x0, noise, t)
+        if conditional:
+            drop = torch.rand(batch_size, generator=gen) < LABEL_DROPOUT
+            y = torch.where(drop, torch.full_like(y, 10), y)
+            pred = model(xt, t.float(), y)
+        else:
+            pred = model(xt, t.float()).sample
+        loss = F.mse_loss(pred, noise)
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, iterations, lr)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        _ema_update(ema, model, decay=min(0.999, (1 + step) / (10 + step)))
+        losses.append(loss.item())
+    final_loss = sum(losses[-100:]) / len(losses[-100:])
+    return ema, {"iterations": iterations, "batch_size": batch_size, "lr": lr, "seed": seed, "final_loss": final_loss}
+
+
+def train_classifier(epochs: int = 30, seed: int = 0):
+    torch.manual_seed(seed)
+    images, labels = load_digits_tensors("train")
+    held_x, held_y = load_digits_tensors("heldout")
+    model = DigitsClassifier()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in progress(range(epochs), description="train digits-classifier"):
+        order = torch.randperm(len(images), generator=gen)
+        for i in range(0, len(images), 64):
+            idx = order[i : i + 64]
+            # Shifts and noise so generated digits, never pixel-perfect, are still read correctly.
+            x = torch.roll(images[idx], shifts=tuple(torch.randint(-1, 2, (2,), generator=gen).tolist()), dims=(2, 3))
+            x = (x + 0.1 * torch.randn(x.shape, generator=gen)).clamp(-1, 1)
+            loss = F.cross_entropy(model(x), labels[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        accuracy = (model(held_x).argmax(1) == held_y).float().mean().item()
+    return model, {"epochs": epochs, "seed": seed, "heldout_accuracy": accuracy}
+
+
+def save_checkpoint(model: torch.nn.Module, path: Path, metadata: dict) -> None:
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={k: json.dumps(v) for k, v in metadata.items()})
+
+
+def train_zoo_model(name: str, out_dir: Path, iterations: int | None = None) -> Path:
+    start = time.time()
+    if name == "digits-classifier":
+        model, info = train_classifier()
+        config = {}
+    elif name in ("digits", "digits-cond"):
+        conditional = name == "digits-cond"
+        model, info = train_diffusion(conditional, iterations or (1600 if not conditional else 1600))
+        config = DIGITS_COND_UNET if conditional else DIGITS_UNET
+    else:
+        raise ValueError(name)
+    info["train_seconds"] = round(time.time() - start, 1)
+    info["threads"] = torch.get_num_threads()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.safetensors"
+    save_checkpoint(model, path, {"name": name, "config": config, "training": info})
+    return path
