@@ -9,10 +9,22 @@ written twice.
 
 Conventions: x_t = alpha * x0 + sigma * eps (variance preserving); the plan lists the K
 levels the network is evaluated at plus the final level (sigma = 0: a clean sample);
-lambda = log(alpha / sigma) is the half log-SNR.
+lambda = log(alpha / sigma) is the half log-SNR and rho = sigma / alpha the "VE sigma"
+that diffusers' schedulers call ``sigmas``. Step i moves x from level i to ``plan.end(i)``,
+which is level i + 1 except in the DDIM/PNDM timestep convention (see `build_plan`).
+Coefficients are python floats, so a step is exact float64 arithmetic on symbols and plain
+scalar multiplication on tensors.
+
+Each solver reproduces the diffusers scheduler of the same method (DDIMScheduler,
+DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, UniPCMultistepScheduler,
+DEISMultistepScheduler, PNDMScheduler with skip_prk_steps, EulerDiscreteScheduler) step for
+step, including when each one lowers its order; `compress.scheduler_config` maps a
+scheduler config onto a `SolverConfig`.
 """
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -22,7 +34,19 @@ import numpy as np
 from compress.errors import UserError
 from compress.schedule import NoiseSchedule
 
-SPACINGS = ("linspace", "leading", "trailing")
+SPACINGS = ("linspace", "leading", "trailing", "karras", "logsnr")
+# Which diffusers family's timestep rules a plan follows (they differ for linspace and leading):
+# multistep = DPMSolver*/UniPC/DEIS, ddim = DDIMScheduler/PNDMScheduler, euler = EulerDiscreteScheduler.
+CONVENTIONS = ("multistep", "ddim", "euler")
+FINALS = ("zero", "sigma_min")
+ROUNDINGS = ("round", "floor", "none")
+
+
+def _choose(what: str, value, allowed) -> None:
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), allowed, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise UserError(f"unknown {what} {value!r}{hint} (expected one of {', '.join(allowed)})")
 
 
 # ----------------------------------------------------------------------------- plans
@@ -30,38 +54,164 @@ SPACINGS = ("linspace", "leading", "trailing")
 
 @dataclass(frozen=True)
 class SamplingPlan:
-    timesteps: np.ndarray  # [K] timesteps fed to the network
+    timesteps: np.ndarray  # [K] timesteps fed to the network (fractional for some spacings)
     alpha: np.ndarray  # [K + 1]
     sigma: np.ndarray  # [K + 1]; sigma[K] is where sampling ends
+    ends: np.ndarray | None = None  # [K, 2] (alpha, sigma) step i lands on, where that is not level i + 1
+    noise_scale: float = 1.0  # x at level 0 = noise_scale * standard normal noise
 
     @property
     def steps(self) -> int:
         return len(self.timesteps)
 
+    def level(self, i: int) -> tuple[float, float]:
+        return float(self.alpha[i]), float(self.sigma[i])
+
+    def end(self, i: int) -> tuple[float, float]:
+        """The level step i moves x to."""
+        if self.ends is None:
+            return self.level(i + 1)
+        return float(self.ends[i][0]), float(self.ends[i][1])
+
     def lam(self, i: int) -> float:
-        return math.log(self.alpha[i] / self.sigma[i]) if self.sigma[i] > 0 else math.inf
+        return _lam(*self.level(i))
+
+    def start(self, noise):
+        """x at the first level from standard normal noise (diffusers' Euler starts some spacings below unit variance)."""
+        return noise if self.noise_scale == 1.0 else self.noise_scale * noise
 
 
-def spaced_timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "trailing", steps_offset: int = 0) -> np.ndarray:
-    """Descending integer timesteps, following diffusers' multistep schedulers."""
+def _lam(alpha: float, sigma: float) -> float:
+    return math.log(alpha / sigma) if sigma > 0 else math.inf
+
+
+def _vp_levels(rho: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(alpha, sigma) from rho = sigma / alpha, with alpha^2 + sigma^2 = 1."""
+    alpha = 1.0 / np.sqrt(1.0 + rho**2)
+    return alpha, rho * alpha
+
+
+def _grid_timesteps(T: int, steps: int, spacing: str, convention: str, steps_offset: int, last: int) -> np.ndarray:
+    """Descending timesteps on (or, for Euler's linspace, between) the training grid."""
+    if convention == "multistep":  # K + 1 points with the final 0 dropped
+        if spacing == "linspace":
+            return np.linspace(0, last - 1, steps + 1).round()[::-1][:-1]
+        if spacing == "leading":
+            return (np.arange(0, steps + 1) * (last // (steps + 1))).round()[::-1][:-1] + steps_offset
+    else:  # DDIM, PNDM and Euler space K points and keep 0
+        if spacing == "linspace":
+            if convention == "euler":  # unrounded, in float32, as Euler feeds them to the network
+                return np.linspace(0, T - 1, steps, dtype=np.float32)[::-1].astype(np.float64)
+            return np.linspace(0, T - 1, steps).round()[::-1]
+        if spacing == "leading":
+            return (np.arange(0, steps) * (T // steps)).round()[::-1] + steps_offset
+    return np.arange(last, 0, -T / steps).round() - 1  # trailing, the same everywhere
+
+
+def _float32_rho_table(alphas_cumprod: np.ndarray) -> np.ndarray:
+    """rho per training timestep exactly as diffusers computes it (torch, float32)."""
+    import torch
+
+    acp = torch.from_numpy(alphas_cumprod.astype(np.float32))
+    return (((1 - acp) / acp) ** 0.5).numpy()
+
+
+def _timesteps_between(levels: np.ndarray, log_table: np.ndarray) -> np.ndarray:
+    """Fractional timesteps of rho levels: linear in log(rho) between neighbouring training timesteps."""
+    log_levels = np.log(np.maximum(levels, 1e-10))
+    low = np.clip(np.searchsorted(log_table, log_levels, side="right") - 1, 0, len(log_table) - 2)
+    w = np.clip((log_table[low] - log_levels) / (log_table[low] - log_table[low + 1]), 0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+def build_plan(
+    schedule: NoiseSchedule,
+    steps: int,
+    spacing: str = "trailing",
+    *,
+    convention: str = "multistep",
+    final: str = "zero",
+    steps_offset: int = 0,
+    timestep_rounding: str = "round",
+    lambda_min_clipped: float | None = None,
+) -> SamplingPlan:
+    """The K network levels and the final level, following diffusers' timestep rules.
+
+    linspace/leading/trailing pick training timesteps (Euler's linspace falls between them, and its
+    levels are interpolated linearly in rho). karras (rho = 7) and logsnr (uniform in lambda) space
+    rho between the schedule's extremes; their levels lie off the grid, and the network gets the
+    timestep interpolated in log(rho), rounded per `timestep_rounding` ('floor' reproduces
+    DPMSolverMultistepScheduler on squaredcos_cap_v2, 'none' keeps it fractional; Euler never rounds).
+    final='zero' ends on a clean sample, 'sigma_min' on the schedule's first level. In the 'ddim'
+    convention a step from timestep t lands on t - T // K (or the final level below 0) whatever the
+    spacing, then the network is evaluated at the next listed timestep, as DDIMScheduler and
+    PNDMScheduler do; those landings go into `SamplingPlan.ends` where they differ from the next level.
+    `lambda_min_clipped` drops the noisiest timesteps (lambda below it) from multistep spacings.
+    """
+    _choose("timestep spacing", spacing, SPACINGS)
+    _choose("timestep convention", convention, CONVENTIONS)
+    _choose("final level", final, FINALS)
+    _choose("timestep rounding", timestep_rounding, ROUNDINGS)
     T = schedule.num_train_timesteps
     if steps < 1:
         raise UserError(f"steps must be at least 1, got {steps}")
-    if steps > T:
-        raise UserError(f"steps ({steps}) cannot exceed the model's {T} training timesteps")
-    if spacing == "linspace":
-        t = np.linspace(0, T - 1, steps + 1).round()[::-1][:-1]
-    elif spacing == "leading":
-        t = (np.arange(0, steps + 1) * (T // (steps + 1))).round()[::-1][:-1] + steps_offset
-    elif spacing == "trailing":
-        t = np.arange(T, 0, -T / steps).round() - 1
+    acp = schedule.alphas_cumprod
+    rho = np.sqrt((1.0 - acp) / acp)  # increasing with t
+    grid = np.arange(T, dtype=np.float64)
+    rho_final = 0.0 if final == "zero" else float(rho[0])
+    ends, noise_scale = None, 1.0
+    if spacing in ("karras", "logsnr"):
+        # Off-grid levels between the extremes of the schedule (Euler: of its linspace levels, one
+        # level when K = 1), looked up in the float32 table diffusers keeps, so rounding agrees.
+        table = _float32_rho_table(acp)
+        log_table = np.log(table)
+        if convention == "euler":
+            base = np.interp(_grid_timesteps(T, steps, "linspace", "euler", 0, T), grid, table)
+            lo, hi = float(base[-1]), float(base[0])
+            log_lo, log_hi = math.log(lo), math.log(hi)
+        else:
+            lo, hi = float(table[0]), float(table[-1])
+            log_lo, log_hi = float(log_table[0]), float(log_table[-1])
+        ramp = np.linspace(0, 1, steps)
+        if spacing == "karras":  # Karras et al. 2022, eq. 5, rho = 7
+            levels = (hi ** (1 / 7.0) + ramp * (lo ** (1 / 7.0) - hi ** (1 / 7.0))) ** 7.0
+        else:
+            levels = np.exp(log_hi + ramp * (log_lo - log_hi))
+        t = _timesteps_between(levels, log_table)
+        if convention == "euler":  # kept fractional, in float32 as Euler feeds them to the network
+            t = t.astype(np.float32).astype(np.float64)
+            noise_scale = float(_vp_levels(levels[:1])[1][0])  # it starts from rho_max * noise in rho-space
+        else:
+            t = {"round": np.round, "floor": np.floor, "none": np.asarray}[timestep_rounding](t)
     else:
-        raise UserError(f"unknown timestep spacing {spacing!r}; expected one of {', '.join(SPACINGS)}")
-    return t.astype(np.int64)
+        if steps > T:
+            raise UserError(f"steps ({steps}) cannot exceed the model's {T} training timesteps")
+        last = T
+        if lambda_min_clipped is not None and convention == "multistep":
+            last = T - int(np.sum(-np.log(rho) < lambda_min_clipped))
+        t = _grid_timesteps(T, steps, spacing, convention, steps_offset, last)
+        levels = np.interp(t, grid, rho)  # exact on the grid; linear in rho between (Euler)
+        if convention == "euler" and spacing != "leading":
+            noise_scale = float(_vp_levels(levels[:1])[1][0])
+    rhos = np.append(levels, rho_final)
+    if convention == "ddim" and spacing not in ("karras", "logsnr"):
+        landing = t.astype(np.int64) - T // steps
+        landed = np.where(landing >= 0, rho[np.clip(landing, 0, None)], rho_final)
+        rhos[-1] = landed[-1]
+        if np.any(landed[:-1] != levels[1:]):
+            ends = np.stack(_vp_levels(landed), axis=1)
+    alpha, sigma = _vp_levels(rhos)
+    return SamplingPlan(np.asarray(t, dtype=np.float64), alpha, sigma, ends, noise_scale)
+
+
+def spaced_timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "trailing", steps_offset: int = 0, convention: str = "multistep") -> np.ndarray:
+    """Descending timesteps fed to the network, following diffusers' schedulers (see `build_plan`)."""
+    t = build_plan(schedule, steps, spacing, convention=convention, steps_offset=steps_offset).timesteps
+    return t.astype(np.int64) if np.all(t == np.round(t)) else t
 
 
 def make_plan(schedule: NoiseSchedule, timesteps, final: str = "zero") -> SamplingPlan:
-    """final='zero' ends on a clean sample; 'sigma_min' ends on the schedule's first level."""
+    """A plan over given integer timesteps. final='zero' ends on a clean sample; 'sigma_min' on the schedule's first level."""
     t = np.asarray(timesteps, dtype=np.int64)
     alpha, sigma = schedule.alpha(t), schedule.sigma(t)
     end = (1.0, 0.0) if final == "zero" else (float(schedule.alpha(0)), float(schedule.sigma(0)))
@@ -92,35 +242,322 @@ class Predictor:
         raise UserError(f"unknown prediction type {self.prediction_type!r}")
 
 
+# ----------------------------------------------------------------------------- helpers
+
+
+def _lincomb(coefs, terms):
+    """sum(c * term) with python-float coefficients; works on tensors and on `Linear` symbols."""
+    out = float(coefs[0]) * terms[0]
+    for c, term in zip(coefs[1:], terms[1:]):
+        out = out + float(c) * term
+    return out
+
+
+def _require_steps(plan: SamplingPlan, order: int, name: str) -> None:
+    if plan.steps < order:
+        raise UserError(f"solver {name!r} of order {order} needs at least {order} steps, got {plan.steps}")
+
+
+def _choose_option(name: str, option: str, value, allowed) -> None:
+    if value not in allowed:
+        raise UserError(f"solver {name!r}: {option} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+def _step_order(plan: SamplingPlan, i: int, order: int, lower_order_final: bool, below: float = 15) -> int:
+    """The order a multistep method can use at step i.
+
+    It warms up from first order (one more past output per step), and with `lower_order_final`
+    and fewer than `below` steps it lowers the order again towards the end, as diffusers does
+    (DPM-Solver and DEIS below 15 steps; UniPC always). A step onto sigma = 0 is first order:
+    lambda is infinite there and the higher-order terms blow up.
+    """
+    p = min(order, i + 1)
+    if lower_order_final and plan.steps < below:
+        p = min(p, plan.steps - i)
+    if i == plan.steps - 1 and plan.end(i)[1] == 0:
+        p = 1
+    return p
+
+
+def _phis(z: float, n: int) -> list[float]:
+    """[phi_1(z), ..., phi_n(z)] with phi_1(z) = (e^z - 1) / z and phi_{k+1}(z) = (phi_k(z) - 1/k!) / z."""
+    out = [math.expm1(z) / z]
+    for k in range(1, n):
+        out.append((out[-1] - 1.0 / math.factorial(k)) / z)
+    return out
+
+
+def _lagrange_log_integrals(nodes: list[float], start: float, end: float) -> list[float]:
+    """For each node j, the integral over r from start to end of L_j(log r).
+
+    L_j is the Lagrange basis polynomial through log(nodes). With r = e^u, an antiderivative of
+    p(log r) dr is r * (p - p' + p'' - ...)(log r), which vanishes at r = 0.
+    """
+    u = np.log(nodes)
+    weights = []
+    for j in range(len(nodes)):
+        basis = np.poly1d([1.0])
+        for k in range(len(nodes)):
+            if k != j:
+                basis = basis * np.poly1d([1.0, -u[k]]) / (u[j] - u[k])
+        antiderivative, derivative = np.poly1d([0.0]), basis
+        for m in range(len(nodes)):
+            antiderivative = antiderivative + (-1) ** m * derivative
+            derivative = derivative.deriv()
+
+        def primitive(r: float) -> float:
+            return 0.0 if r == 0 else r * float(antiderivative(math.log(r)))
+
+        weights.append(primitive(end) - primitive(start))
+    return weights
+
+
 # ----------------------------------------------------------------------------- solvers
 
 
 def ddim(model, x, plan: SamplingPlan):
-    """DDIM (eta = 0): the exact solution of the probability-flow ODE for a frozen x0."""
+    """DDIM (Song et al. 2021, arXiv:2010.02502), eta = 0: the exact ODE step for a frozen x0 and eps."""
+    x = plan.start(x)
     for i in range(plan.steps):
         x0, eps = model(x, i)
-        x = plan.alpha[i + 1] * x0 + plan.sigma[i + 1] * eps
+        a, s = plan.end(i)
+        x = a * x0 + s * eps
     return x
 
 
 def euler(model, x, plan: SamplingPlan):
-    """Euler on the ODE in sigma-space (x/alpha as a function of sigma/alpha), as in Karras et al."""
+    """Euler's method on the probability-flow ODE in rho = sigma/alpha (Karras et al. 2022, arXiv:2206.00364).
+
+    The state is y = x / alpha, and dy/drho = eps. Like diffusers' EulerDiscreteScheduler it
+    returns that state, which is x itself when the plan ends on a clean sample.
+    """
+    x = plan.start(x)
+    a, s = plan.level(0)
+    y = x / a
     for i in range(plan.steps):
-        x0, eps = model(x, i)
-        s, s_next = plan.sigma[i] / plan.alpha[i], plan.sigma[i + 1] / plan.alpha[i + 1]
-        x = plan.alpha[i + 1] * (x / plan.alpha[i] + (s_next - s) * eps)
-    return x
+        a, s = plan.level(i)
+        _, eps = model(a * y, i)
+        a_next, s_next = plan.end(i)
+        y = y + (s_next / a_next - s / a) * eps
+    return y
 
 
 def ddpm(model, x, plan: SamplingPlan, noise: Callable):
-    """Ancestral sampling with the posterior variance (diffusers' 'fixed_small')."""
+    """Ancestral sampling with the posterior variance (Ho et al. 2020; diffusers' 'fixed_small')."""
+    x = plan.start(x)
     for i in range(plan.steps):
         x0, _ = model(x, i)
-        ab, ab_prev = plan.alpha[i] ** 2, plan.alpha[i + 1] ** 2
+        ab, ab_prev = plan.level(i)[0] ** 2, plan.end(i)[0] ** 2
         beta = 1 - ab / ab_prev
         mean = (math.sqrt(ab_prev) * beta / (1 - ab)) * x0 + (math.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab)) * x
         variance = max((1 - ab_prev) / (1 - ab) * beta, 1e-20)
-        x = mean + math.sqrt(variance) * noise(i) if plan.sigma[i + 1] > 0 else mean
+        x = mean + math.sqrt(variance) * noise(i) if plan.end(i)[1] > 0 else mean
+    return x
+
+
+def _dpmpp_multistep(model, x, plan: SamplingPlan, order: int, lower_order_final: bool, solver_type: str):
+    """DPM-Solver++ multistep: exponential integrator in lambda on x0, with finite differences of past x0s."""
+    _require_steps(plan, order, f"dpmpp-{order}m")
+    _choose_option(f"dpmpp-{order}m", "solver_type", solver_type, ("midpoint", "heun"))
+    x = plan.start(x)
+    x0s, lams = [], []
+    for i in range(plan.steps):
+        x0, _ = model(x, i)
+        x0s.append(x0)
+        lams.append(plan.lam(i))
+        (a_s, s_s), (a_t, s_t) = plan.level(i), plan.end(i)
+        h = _lam(a_t, s_t) - lams[-1]
+        if h == 0:  # Karras spacing ending at sigma_min repeats its last level
+            continue
+        p = _step_order(plan, i, order, lower_order_final)
+        e = math.expm1(-h)
+        x = (s_t / s_s) * x - (a_t * e) * x0
+        if p >= 2:
+            r0 = (lams[-1] - lams[-2]) / h
+            d1 = (x0 - x0s[-2]) / r0
+            if p == 2 and solver_type == "midpoint":
+                x = x - (0.5 * a_t * e) * d1
+            elif p == 2:
+                x = x + (a_t * (e / h + 1)) * d1
+            else:
+                r1 = (lams[-2] - lams[-3]) / h
+                d2 = (d1 - (x0s[-2] - x0s[-3]) / r1) / (r0 + r1)
+                d1 = d1 + r0 * d2
+                x = x + (a_t * (e / h + 1)) * d1 - (a_t * ((e + h) / h**2 - 0.5)) * d2
+    return x
+
+
+def dpmpp_2m(model, x, plan: SamplingPlan, lower_order_final: bool = True, solver_type: str = "midpoint"):
+    """DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095): second-order multistep on x0 predictions."""
+    return _dpmpp_multistep(model, x, plan, 2, lower_order_final, solver_type)
+
+
+def dpmpp_3m(model, x, plan: SamplingPlan, lower_order_final: bool = True):
+    """DPM-Solver++(3M) (Lu et al. 2022, arXiv:2211.01095): third-order multistep on x0 predictions."""
+    return _dpmpp_multistep(model, x, plan, 3, lower_order_final, "midpoint")
+
+
+def dpmpp_2s(model, x, plan: SamplingPlan, lower_order_final: bool = True, solver_type: str = "midpoint"):
+    """DPM-Solver++(2S) (Lu et al. 2022, arXiv:2211.01095): singlestep second order over pairs of levels.
+
+    A pair starts with a first-order step to its middle level; the model output there and the one
+    at the pair's start then give one second-order step from the start over the whole pair. An odd
+    step count (or `lower_order_final`, or ending at sigma = 0) ends with first-order steps, as in
+    diffusers' DPMSolverSinglestepScheduler.
+    """
+    _require_steps(plan, 2, "dpmpp-2s")
+    _choose_option("dpmpp-2s", "solver_type", solver_type, ("midpoint", "heun"))
+    K = plan.steps
+    pairs = K // 2 if (K % 2 or not lower_order_final) else K // 2 - 1
+    orders = [1, 2] * pairs + [1] * (K - 2 * pairs)
+    if plan.end(K - 1)[1] == 0:
+        orders[-1] = 1
+    x = plan.start(x)
+    for i in range(K):
+        x0, _ = model(x, i)
+        a_t, s_t = plan.end(i)
+        if orders[i] == 1:
+            x_start, x0_start, start = x, x0, i
+            h = _lam(a_t, s_t) - plan.lam(i)
+            x = (s_t / plan.level(i)[1]) * x - (a_t * math.expm1(-h)) * x0
+            continue
+        h = _lam(a_t, s_t) - plan.lam(start)
+        r = (plan.lam(i) - plan.lam(start)) / h
+        e = math.expm1(-h)
+        d1 = (x0 - x0_start) / r
+        x = (s_t / plan.level(start)[1]) * x_start - (a_t * e) * x0_start
+        x = x - (0.5 * a_t * e) * d1 if solver_type == "midpoint" else x + (a_t * (e / h + 1)) * d1
+    return x
+
+
+def _unipc_update(x, start, target, x0s, lams, order: int, variant: str, new=None):
+    """One UniP step (new is None) or UniC step (new: the x0 predicted at target) of the given order.
+
+    x at level `start` moves to `target` along the exponential integrator in lambda on x0; the
+    correction is B(h) times a combination of divided differences of x0 whose weights solve the
+    order conditions (Zhao et al. 2023, Alg. 2 and 3). x0s/lams end with the output at `start`.
+    """
+    (a_s, s_s), (a_t, s_t) = start, target
+    h = _lam(a_t, s_t) - lams[-1]
+    if h == 0:
+        return x
+    z = -h
+    m0 = x0s[-1]
+    x_next = (s_t / s_s) * x - (a_t * math.expm1(z)) * m0
+    rs = [(lams[-1 - k] - lams[-1]) / h for k in range(1, order)]
+    ds = [(x0s[-1 - k] - m0) / r for k, r in zip(range(1, order), rs)]
+    if new is not None:
+        rs.append(1.0)
+        ds.append(new - m0)
+    if not ds:
+        return x_next
+    B = z if variant == "bh1" else math.expm1(z)
+    if len(ds) == 1:
+        rho = [0.5]  # the paper's choice for one unknown: the h -> 0 limit of the order condition
+    else:
+        phis = _phis(z, len(ds) + 1)
+        R = np.array([[r**k for r in rs] for k in range(len(ds))])
+        b = np.array([math.factorial(k + 1) * z * phis[k + 1] / B for k in range(len(ds))])
+        rho = np.linalg.solve(R, b)
+    return x_next - (a_t * B) * _lincomb(rho, ds)
+
+
+def _unipc(model, x, plan: SamplingPlan, variant: str, order: int, lower_order_final: bool, disable_corrector):
+    """UniPC: each new model output first corrects the step that led to it (no extra evaluation),
+    then drives the next predictor step; no correction follows the final step."""
+    name = f"unipc-{variant}"
+    _choose_option(name, "order", order, (1, 2, 3))
+    _require_steps(plan, order, name)
+    x = plan.start(x)
+    x0s, lams = [], []
+    for i in range(plan.steps):
+        x0, _ = model(x, i)
+        if i > 0 and i - 1 not in disable_corrector:
+            x = _unipc_update(x_prev, plan.level(i - 1), plan.end(i - 1), x0s, lams, p, variant, new=x0)
+        x0s.append(x0)
+        lams.append(plan.lam(i))
+        p = _step_order(plan, i, order, lower_order_final, below=math.inf)
+        x_prev = x
+        x = _unipc_update(x, plan.level(i), plan.end(i), x0s, lams, p, variant)
+    return x
+
+
+def unipc_bh1(model, x, plan: SamplingPlan, order: int = 2, lower_order_final: bool = True, disable_corrector=()):
+    """UniPC with B(h) = h (Zhao et al. 2023, arXiv:2302.04867); suggested below 10 unconditional steps."""
+    return _unipc(model, x, plan, "bh1", order, lower_order_final, disable_corrector)
+
+
+def unipc_bh2(model, x, plan: SamplingPlan, order: int = 2, lower_order_final: bool = True, disable_corrector=()):
+    """UniPC with B(h) = e^h - 1 (Zhao et al. 2023, arXiv:2302.04867); diffusers' default."""
+    return _unipc(model, x, plan, "bh2", order, lower_order_final, disable_corrector)
+
+
+def _deis(model, x, plan: SamplingPlan, order: int, lower_order_final: bool):
+    """DEIS, log-rho multistep: x/alpha moves by the integral of eps over rho = sigma/alpha, with eps
+    interpolated by a polynomial in log(rho) through the last `order` outputs."""
+    _require_steps(plan, order, f"deis-{order}")
+    x = plan.start(x)
+    epss, rhos = [], []
+    for i in range(plan.steps):
+        _, eps = model(x, i)
+        (a_s, s_s), (a_t, s_t) = plan.level(i), plan.end(i)
+        epss.append(eps)
+        rhos.append(s_s / a_s)
+        p = _step_order(plan, i, order, lower_order_final)
+        weights = _lagrange_log_integrals(rhos[::-1][:p], rhos[-1], s_t / a_t)
+        x = a_t * (x / a_s + _lincomb(weights, epss[::-1][:p]))
+    return x
+
+
+def deis_2(model, x, plan: SamplingPlan, lower_order_final: bool = True):
+    """DEIS, second order (Zhang & Chen 2023, arXiv:2204.13902; diffusers' 'logrho' multistep)."""
+    return _deis(model, x, plan, 2, lower_order_final)
+
+
+def deis_3(model, x, plan: SamplingPlan, lower_order_final: bool = True):
+    """DEIS, third order (Zhang & Chen 2023, arXiv:2204.13902; diffusers' 'logrho' multistep)."""
+    return _deis(model, x, plan, 3, lower_order_final)
+
+
+# Adams-Bashforth weights, newest output first.
+_ADAMS_BASHFORTH = {1: [1.0], 2: [3 / 2, -1 / 2], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
+
+
+def pndm(model, x, plan: SamplingPlan, combine: str = "eps"):
+    """PLMS, the pseudo linear multistep half of PNDM (Liu et al. 2022, arXiv:2202.09778).
+
+    Each step is a DDIM transfer driven by an Adams-Bashforth combination of up to four past
+    outputs. The first step is repeated with the mean of its own output and one taken at the next
+    level, a second-order start that costs one extra evaluation (diffusers' PNDMScheduler with
+    skip_prk_steps, whose timestep list holds that level twice). combine='output' combines the
+    raw v-predictions and converts them at the current level, as PNDMScheduler does for
+    v-prediction models; 'eps' combines noise predictions (the same for epsilon models).
+    """
+    _choose_option("pndm", "combine", combine, ("eps", "output"))
+
+    def output(x, i):
+        x0, eps = model(x, i)
+        if combine == "eps":
+            return eps
+        a, s = plan.level(i)
+        return a * eps - s * x0
+
+    def transfer(x, i, out):
+        a, s = plan.level(i)
+        eps = out if combine == "eps" else a * out + s * x
+        a_t, s_t = plan.end(i)
+        return (a_t / a) * x + (s_t - a_t * s / a) * eps
+
+    x = plan.start(x)
+    outs = []
+    for i in range(plan.steps):
+        outs.append(output(x, i))
+        if i == 0 and plan.steps > 1:
+            ahead = output(transfer(x, 0, outs[0]), 1)
+            x = transfer(x, 0, 0.5 * (outs[0] + ahead))
+            continue
+        weights = _ADAMS_BASHFORTH[min(len(outs), 4)]
+        x = transfer(x, i, _lincomb(weights, outs[::-1]))
     return x
 
 
@@ -128,41 +565,116 @@ def ddpm(model, x, plan: SamplingPlan, noise: Callable):
 class SolverSpec:
     fn: Callable
     stochastic: bool = False
-    order: int = 1
+    order: int = 1  # the order of its formula: it needs at least this many steps
     summary: str = ""
-    options: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)  # option name -> what it does
+    evaluations: str = "K"  # network evaluations for K steps
 
+    def option_names(self) -> list[str]:
+        skip = {"model", "x", "plan", "noise"}
+        return [p for p in inspect.signature(self.fn).parameters if p not in skip]
+
+
+_LOWER = {"lower_order_final": "lower the order on the last steps (diffusers' rule; default true)"}
+_MIDPOINT = {"solver_type": "'midpoint' (default) or 'heun' second-order term"}
+_UNIPC = {
+    "order": "1, 2 (default) or 3",
+    **_LOWER,
+    "disable_corrector": "step indices whose result is not corrected",
+}
 
 SOLVERS: dict[str, SolverSpec] = {
     "ddim": SolverSpec(ddim, summary="DDIM, deterministic (eta=0)"),
     "euler": SolverSpec(euler, summary="Euler on the probability-flow ODE"),
     "ddpm": SolverSpec(ddpm, stochastic=True, summary="DDPM ancestral sampling (stochastic, host loop only)"),
+    "dpmpp-2m": SolverSpec(dpmpp_2m, order=2, summary="DPM-Solver++(2M), multistep", options={**_LOWER, **_MIDPOINT}),
+    "dpmpp-3m": SolverSpec(dpmpp_3m, order=3, summary="DPM-Solver++(3M), multistep", options=dict(_LOWER)),
+    "dpmpp-2s": SolverSpec(dpmpp_2s, order=2, summary="DPM-Solver++(2S), singlestep over pairs of steps", options={**_LOWER, **_MIDPOINT}),
+    "unipc-bh1": SolverSpec(unipc_bh1, order=2, summary="UniPC predictor-corrector, B(h)=h", options=_UNIPC),
+    "unipc-bh2": SolverSpec(unipc_bh2, order=2, summary="UniPC predictor-corrector, B(h)=e^h-1", options=_UNIPC),
+    "deis-2": SolverSpec(deis_2, order=2, summary="DEIS log-rho multistep, 2nd order", options=dict(_LOWER)),
+    "deis-3": SolverSpec(deis_3, order=3, summary="DEIS log-rho multistep, 3rd order", options=dict(_LOWER)),
+    "pndm": SolverSpec(
+        pndm,
+        summary="PLMS (PNDM without Runge-Kutta warm-up)",
+        options={"combine": "'eps' (default) or 'output' (diffusers' v-prediction behaviour)"},
+        evaluations="K + 1 (K > 1)",
+    ),
 }
 
 
 def get_solver(name: str) -> SolverSpec:
     if name not in SOLVERS:
-        import difflib
-
         close = difflib.get_close_matches(name, SOLVERS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise UserError(f"unknown solver {name!r}{hint} (available: {', '.join(SOLVERS)})")
     return SOLVERS[name]
 
 
+def check_solver(name: str, steps: int, options: dict | None = None) -> SolverSpec:
+    """Validates a solver choice before anything runs: known name and options, enough steps for its order."""
+    spec = get_solver(name)
+    options = options or {}
+    if steps < 1:
+        raise UserError(f"steps must be at least 1, got {steps}")
+    known = spec.option_names()
+    for key in options:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            accepted = ", ".join(known) if known else "none"
+            raise UserError(f"solver {name!r} has no option {key!r}{hint} (options: {accepted})")
+    order = options.get("order", spec.order)
+    if order not in (1, 2, 3):
+        raise UserError(f"solver {name!r}: order must be 1, 2 or 3, got {order!r}")
+    if steps < order:
+        raise UserError(f"solver {name!r} of order {order} needs at least {order} steps, got {steps}")
+    return spec
+
+
 @dataclass(frozen=True)
 class SolverConfig:
-    """The recipe's `solver` section: which solver, how many steps, which timesteps."""
+    """The recipe's `solver` section: which solver, how many steps, which timesteps.
+
+    `options` are the solver function's keyword arguments (e.g. order, lower_order_final,
+    solver_type); the remaining fields shape the plan (see `build_plan`).
+    """
 
     name: str = "ddim"
     steps: int = 100
     spacing: str = "trailing"
     guidance_scale: float | None = None
     options: dict = field(default_factory=dict)  # solver-specific keyword arguments
+    final: str = "zero"  # 'zero' (clean sample) or 'sigma_min' (the schedule's first level)
+    convention: str = "multistep"  # timestep rules: 'multistep', 'ddim' (DDIM/PNDM) or 'euler'
+    steps_offset: int = 0  # added to 'leading' timesteps
+    timestep_rounding: str = "round"  # karras/logsnr network timesteps: 'round', 'floor' or 'none'
+    lambda_min_clipped: float | None = None  # multistep spacings skip timesteps with lambda below this
+
+    def validate(self) -> SolverSpec:
+        spec = check_solver(self.name, self.steps, self.options)
+        _choose("timestep spacing", self.spacing, SPACINGS)
+        _choose("timestep convention", self.convention, CONVENTIONS)
+        _choose("final level", self.final, FINALS)
+        _choose("timestep rounding", self.timestep_rounding, ROUNDINGS)
+        return spec
 
     def plan(self, schedule: NoiseSchedule) -> SamplingPlan:
-        get_solver(self.name)
-        return make_plan(schedule, spaced_timesteps(schedule, self.steps, self.spacing))
+        self.validate()
+        return build_plan(
+            schedule,
+            self.steps,
+            self.spacing,
+            convention=self.convention,
+            final=self.final,
+            steps_offset=self.steps_offset,
+            timestep_rounding=self.timestep_rounding,
+            lambda_min_clipped=self.lambda_min_clipped,
+        )
+
+    def table(self, schedule: NoiseSchedule, prediction_type: str) -> "SolverTable":
+        """The coefficient table of this solver on this schedule."""
+        return compile_solver(self.name, self.plan(schedule), prediction_type, **self.options)
 
 
 # ----------------------------------------------------------------------------- coefficient tables

@@ -1,0 +1,200 @@
+"""The `compress` command line. Exit codes: 0 success, 1 a failed --check, 2 bad input, 3 an internal error."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from compress.errors import UserError
+
+EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 1, 2, 3
+
+
+class ChecksFailed(Exception):
+    pass
+
+
+def model_options(fn):
+    """Flags for models that cannot describe their own schedule (bare diffusers folders, python factories)."""
+    options = [
+        click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction", "sample"]), default="epsilon", show_default=True),
+        click.option("--beta-schedule", type=click.Choice(["linear", "scaled_linear", "squaredcos_cap_v2"]), default="linear", show_default=True),
+        click.option("--num-train-timesteps", type=int, default=1000, show_default=True),
+        click.option("--beta-start", type=float, default=0.0001, show_default=True),
+        click.option("--beta-end", type=float, default=0.02, show_default=True),
+        click.option("--sample-shape", default=None, help="C,H,W for models that do not say (python: factories)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def load_from_flags(reference: str, kw: dict):
+    from compress.loading import ScheduleFlags, load_model
+
+    shape = kw.pop("sample_shape")
+    if shape:
+        try:
+            shape = tuple(int(s) for s in shape.split(","))
+        except ValueError:
+            raise UserError(f"--sample-shape {shape!r}: expected C,H,W such as 3,32,32") from None
+    flags = ScheduleFlags(kw.pop("num_train_timesteps"), kw.pop("beta_schedule"), kw.pop("beta_start"), kw.pop("beta_end"), kw.pop("prediction_type"), shape)
+    return load_model(reference, flags)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+@click.version_option(package_name="diffusion-compress")
+@click.pass_context
+def cli(ctx, debug):
+    """Compress diffusion models and deploy them as single-graph samplers."""
+    ctx.obj = {"debug": debug}
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Output folder (replaced atomically).")
+@click.option("--force", is_flag=True, help="Replace --out even when it is not a compress output folder.")
+def run(recipe, out, force):
+    """Run a recipe: baseline, solver, compression, export, validation, report."""
+    from compress.pipeline import run as run_recipe
+    from compress.recipe import load_recipe
+
+    report = run_recipe(load_recipe(recipe), Path(out), force=force, log=lambda m: click.echo(m, err=True))
+    click.echo(Path(out, "report", "report.md").read_text())
+    if any(not c["passed"] for c in report.get("checks", [])):
+        raise ChecksFailed(", ".join(c["check"] for c in report["checks"] if not c["passed"]))
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--solver", default="ddim", show_default=True)
+@click.option("--steps", type=int, default=100, show_default=True)
+@click.option("--spacing", default="trailing", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--n", "n", type=int, default=64, show_default=True, help="Number of samples.")
+@click.option("--label", type=int, default=None, help="Class label (class-conditional models).")
+@click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale.")
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when present).")
+@click.option("--out", "out", default="grid.png", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--save-tensors", type=click.Path(dir_okay=False), default=None, help="Also write the samples as safetensors.")
+@model_options
+def sample(model, solver, steps, spacing, seed, n, label, guidance, device, out, save_tensors, **kw):
+    """Sample an image grid from MODEL (zoo:NAME, diffusers:PATH, python:module:factory)."""
+    import torch
+
+    from compress.images import save_grid
+    from compress.sampling import make_noise, sample as run_sampler
+    from compress.solvers import SolverConfig
+
+    if n < 1:
+        raise UserError(f"--n must be at least 1, got {n}")
+    denoiser = load_from_flags(model, kw)
+    if label is not None and denoiser.conditioning != "class":
+        raise UserError(f"--label needs a class-conditional model; {model} is conditioned on '{denoiser.conditioning}'")
+    cond = torch.full((n,), label, dtype=torch.long) if label is not None else None
+    if cond is None and denoiser.conditioning == "text":
+        cond = torch.zeros((n, *denoiser.cond_shape))
+    config = SolverConfig(solver, steps, spacing, guidance)
+    samples = run_sampler(denoiser, config, make_noise(denoiser, n, seed), cond, device=device, seed=seed)
+    save_grid(samples, Path(out), denoiser.data_range)
+    if save_tensors:
+        from safetensors.torch import save_file
+
+        save_file({"samples": samples.contiguous()}, save_tensors)
+    click.echo(f"wrote {out} ({n} samples, {solver}-{steps}, seed {seed})")
+
+
+@cli.group()
+def zoo():
+    """The reference models trained on scikit-learn's digits."""
+
+
+@zoo.command("list")
+def zoo_list():
+    """List the zoo models and their checkpoints."""
+    from compress.zoo import CHECKPOINTS, ZOO, training_info
+
+    for entry in ZOO.values():
+        path = CHECKPOINTS / f"{entry.name}.safetensors"
+        state = f"{path.stat().st_size / 1e6:.1f} MB" if path.is_file() else "not trained"
+        click.echo(f"zoo:{entry.name:<18} {entry.kind:<10} {state:<12} {entry.summary}")
+        if path.is_file():
+            info = training_info(entry.name)
+            click.echo(f"    trained: {json.dumps(info)}")
+
+
+@zoo.command("train")
+@click.argument("name")
+@click.option("--out", "out", type=click.Path(file_okay=False), default=None, help="Folder for the checkpoint (default: the package's zoo).")
+@click.option("--iterations", type=int, default=None, help="Training iterations (diffusion models).")
+def zoo_train(name, out, iterations):
+    """Retrain a zoo model from scratch (minutes on 2 CPU cores)."""
+    from compress.zoo import CHECKPOINTS, ZOO
+    from compress.zoo.train import train_zoo_model
+
+    if name not in ZOO:
+        raise UserError(f"unknown zoo model {name!r} (available: {', '.join(ZOO)})")
+    path = train_zoo_model(name, Path(out) if out else CHECKPOINTS, iterations)
+    click.echo(f"wrote {path}")
+
+
+@cli.command()
+@click.argument("folder", type=click.Path())
+@click.option("--check", "checks", multiple=True, help="A gate such as 'psnr>=30'; repeatable. Exit 1 when one fails.")
+def report(folder, checks):
+    """Show a run's report and apply --check gates to it."""
+    from compress.checks import evaluate_checks, parse_checks
+
+    parsed = parse_checks(list(checks))
+    path = Path(folder) / "report" / "report.json"
+    if not path.is_file():
+        raise UserError(f"{folder} has no report/report.json; is it a 'compress run' output folder?")
+    try:
+        data = json.loads(path.read_text())
+        rows = [r for r in data["rows"] if r["artifact"] != "baseline"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is corrupt: {e}") from None
+    click.echo((Path(folder) / "report" / "report.md").read_text() if (Path(folder) / "report" / "report.md").is_file() else json.dumps(data, indent=2))
+    results = evaluate_checks(parsed, rows)
+    for r in results:
+        click.echo(f"{'PASS' if r['passed'] else 'FAIL'} {r['check']}" + (f"  ({r['detail']})" if r["detail"] else ""))
+    if any(not r["passed"] for r in results):
+        raise ChecksFailed(", ".join(r["check"] for r in results if not r["passed"]))
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        cli.main(args=argv, prog_name="compress", standalone_mode=False)
+    except ChecksFailed as e:
+        click.echo(f"checks failed: {e}", err=True)
+        return EXIT_CHECK_FAILED
+    except UserError as e:
+        if debug:
+            raise
+        click.echo(f"error: {e}", err=True)
+        return EXIT_BAD_INPUT
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except click.exceptions.ClickException as e:
+        click.echo(f"error: {e.format_message()}", err=True)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        click.echo("interrupted; no partial output was left", err=True)
+        return 130
+    except Exception as e:  # an internal error: one line unless --debug asks for the traceback
+        if debug:
+            raise
+        click.echo(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", err=True)
+        return EXIT_INTERNAL
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""The output-folder contract: written to a temporary folder, renamed into place at the end."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from compress.errors import UserError
+
+MANIFEST = "manifest.json"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json(path: Path, data) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    return path
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path, force: bool = False):
+    """Yields a temporary sibling of ``out``; on success it replaces ``out``, on any failure it is removed."""
+    out = Path(out).resolve()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file() and not force:
+        raise UserError(f"--out {out} is a non-empty folder that is not a compress output; pick another or pass --force")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(out)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    previous = out.parent / f".{out.name}.previous-{os.getpid()}"
+    if out.exists():
+        out.rename(previous)
+    staging.rename(out)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """A run killed outright (SIGKILL, power loss) cannot clean up after itself; the next one does."""
+    for leftover in out.parent.glob(f".{out.name}.partial-*"):
+        pid = leftover.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid() or not _pid_alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+class Manifest:
+    """manifest.json: every artifact with its format, stage, sha256, size and the recipe section that made it."""
+
+    def __init__(self, root: Path, recipe_name: str = ""):
+        self.root = root
+        self.recipe_name = recipe_name
+        self.artifacts: list[dict] = []
+
+    def add(self, path: Path, format: str, stage: str, section: dict | None = None, **extra) -> dict:
+        path = Path(path)
+        entry = {
+            "path": str(path.relative_to(self.root)),
+            "format": format,
+            "stage": stage,
+            "sha256": sha256_of(path),
+            "bytes": path.stat().st_size,
+            "recipe": section,
+            **extra,
+        }
+        self.artifacts.append(entry)
+        return entry
+
+    def write(self, **header) -> Path:
+        return write_json(self.root / MANIFEST, {"recipe": self.recipe_name, **header, "artifacts": self.artifacts})

@@ -1,0 +1,216 @@
+"""ONNX writer: `sampler.onnx` (the whole few-step sampler) and `denoiser.onnx` (the bare network).
+
+Each graph is traced (torch.onnx.export with dynamo=False), simplified with onnxslim (NNCF's
+ONNX backend fails on graphs whose output comes from a no-op Cast), given short names, checked
+with onnx.checker and written next to its JSON sidecar. Everything is written into a staging
+folder inside ``out_dir`` and renamed into place at the end, so a failure leaves no half file.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from compress.denoiser import Denoiser
+from compress.errors import UserError
+from compress.solvers import SolverConfig
+from export.sampler_graph import DenoiserGraph, SamplerGraph
+from export.sidecar import BATCH, denoiser_sidecar, sampler_sidecar, write_sidecar
+
+# Above this many bytes of weights a model no longer fits one protobuf (2 GiB): weights go to a .data file.
+EXTERNAL_DATA_BYTES = 1_800_000_000
+# Constants allowed beyond the weights: per-step folded time embeddings, shapes, coefficients.
+CONSTANT_SLACK = 1.25, 256 * 1024
+
+
+def export_onnx(
+    denoiser: Denoiser,
+    solver_config: SolverConfig,
+    out_dir: str | Path,
+    batch_size: int | None = None,
+    opset: int = 18,
+    guidance: bool | None = None,
+) -> list[dict]:
+    """Writes sampler.onnx, denoiser.onnx and their sidecars into ``out_dir``; returns one record per artifact.
+
+    ``batch_size`` None exports a dynamic batch dimension; an int fixes it (everything folds).
+    ``guidance`` None means: classifier-free guidance whenever the model is conditional.
+    """
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise UserError(f"export batch_size must be a positive integer or null (dynamic), got {batch_size!r}")
+    sampler = SamplerGraph(denoiser, solver_config, guidance)
+    network = DenoiserGraph(denoiser)
+    out_dir = Path(out_dir)
+    with _staged_files(out_dir) as stage:
+        records = [
+            _write_artifact(sampler, "sampler", "sample", sampler_sidecar(sampler, "onnx", "sampler.onnx", batch_size), stage, batch_size, opset),
+            _write_artifact(network, "denoiser", "prediction", denoiser_sidecar(network, "onnx", "denoiser.onnx", batch_size), stage, batch_size, opset),
+        ]
+    for record in records:
+        for key in ("path", "sidecar", "external_data"):
+            if record.get(key):
+                record[key] = str(out_dir / record[key])
+    return records
+
+
+@contextlib.contextmanager
+def _staged_files(out_dir: Path):
+    """Yields a hidden folder inside ``out_dir``; on success its files are renamed into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".onnx-export-", dir=out_dir))
+    try:
+        yield stage
+        for item in sorted(stage.iterdir()):
+            os.replace(item, out_dir / item.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _write_artifact(graph: nn.Module, kind: str, output: str, sidecar: dict, stage: Path, batch_size: int | None, opset: int) -> dict:
+    path = stage / sidecar["file"]
+    model = _trace(graph, output, stage / f".{kind}.traced.onnx", batch_size, opset)
+    model = _simplify(model)
+    _check_interface(model, graph.input_names, output, kind)
+    _shorten_names(model)
+    weight_bytes = sum(p.numel() * p.element_size() for p in graph.parameters())
+    constant_bytes = sum(_tensor_bytes(t) for t in model.graph.initializer)
+    if kind == "sampler":
+        _check_weights_stored_once(constant_bytes, weight_bytes)
+    model.producer_name, model.producer_version = "diffusion-compress", "0.1.0"
+    model.doc_string = f"diffusion-compress {kind}; interface in {Path(sidecar['file']).with_suffix('.json').name}"
+    onnx.helper.set_model_props(model, {"diffusion_compress.sidecar": json.dumps(sidecar)})
+    external = _save(model, path, constant_bytes)
+    onnx.checker.check_model(str(path))  # by path: works for models with external data too
+    sidecar_path = write_sidecar(path.with_suffix(".json"), sidecar)
+    files = [path] + ([stage / external] if external else [])
+    return {
+        "path": path.name,
+        "format": "onnx",
+        "kind": kind,
+        "bytes": sum(f.stat().st_size for f in files),
+        "sha256": _sha256(path),
+        "sidecar": sidecar_path.name,
+        "external_data": external,
+        "weight_bytes": weight_bytes,
+        "constant_bytes": constant_bytes,
+        "nodes": len(model.graph.node),
+        "opset": opset,
+        "batch_size": batch_size,
+    }
+
+
+def _trace(graph: nn.Module, output: str, raw_path: Path, batch_size: int | None, opset: int) -> onnx.ModelProto:
+    device = next(graph.parameters()).device
+    inputs = tuple(x.to(device) for x in graph.example_inputs(batch_size or 2))
+    dynamic_axes = None
+    if batch_size is None:
+        batched = [name for name in graph.input_names if name != "guidance_scale"]
+        dynamic_axes = {name: {0: BATCH} for name in batched + [output]}
+    with torch.no_grad(), warnings.catch_warnings():
+        # Tracing warns about every python value it freezes; those are the constants we want.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            graph, inputs, str(raw_path), input_names=graph.input_names, output_names=[output],
+            dynamic_axes=dynamic_axes, opset_version=opset, do_constant_folding=True, dynamo=False,
+        )
+    model = onnx.load(str(raw_path))
+    for leftover in raw_path.parent.glob(raw_path.name + "*"):
+        leftover.unlink()
+    return model
+
+
+def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
+    import onnxslim
+
+    simplified = onnxslim.slim(model)
+    # Shapes recorded by the simplifier are redundant (every runtime infers them) and cost bytes per node.
+    del simplified.graph.value_info[:]
+    return simplified
+
+
+def _check_interface(model: onnx.ModelProto, inputs: list[str], output: str, kind: str) -> None:
+    found_inputs = [i.name for i in model.graph.input]
+    found_outputs = [o.name for o in model.graph.output]
+    if found_inputs != inputs or found_outputs != [output]:
+        raise RuntimeError(f"{kind}.onnx has inputs {found_inputs} and outputs {found_outputs}; expected {inputs} -> [{output!r}]")
+
+
+def _check_weights_stored_once(constant_bytes: int, weight_bytes: int) -> None:
+    factor, slack = CONSTANT_SLACK
+    if constant_bytes > factor * weight_bytes + slack:
+        raise RuntimeError(
+            f"sampler.onnx holds {constant_bytes / 1e6:.2f} MB of constants for {weight_bytes / 1e6:.2f} MB of weights: "
+            "the weights are not shared across the unrolled steps"
+        )
+
+
+_STEP_SCOPE = re.compile(r"^/?steps\.(\d+)/")
+
+
+def _short_node_name(name: str) -> str:
+    """'/steps.3/network/unet/conv_in/Conv' -> 's3/unet/conv_in/Conv': the step and the module path, nothing else."""
+    name = _STEP_SCOPE.sub(r"s\1/", name)
+    return name.replace("network/", "", 1).lstrip("/")
+
+
+def _shorten_names(model: onnx.ModelProto) -> None:
+    """Short node, tensor and constant names: in a small model thousands of long names outweigh the weights."""
+    graph = model.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return  # subgraphs may refer to outer names; leave such graphs as they are
+    keep = {v.name for v in graph.input} | {v.name for v in graph.output}
+    renamed: dict[str, str] = {}
+    for i, tensor in enumerate(graph.initializer):
+        # Parameters keep the module's own state_dict names; folded constants get a number.
+        new = tensor.name.removeprefix("network.") if tensor.name.startswith("network.") else f"c{i}"
+        renamed[tensor.name] = new
+        tensor.name = new
+    used_names: set[str] = set()
+    for i, node in enumerate(graph.node):
+        for j, out in enumerate(node.output):
+            if out and out not in keep:
+                renamed[out] = f"t{i}" if j == 0 else f"t{i}_{j}"
+                node.output[j] = renamed[out]
+        name = _short_node_name(node.name) if node.name else f"{node.op_type}_{i}"
+        if name in used_names:
+            name = f"{name}_{i}"
+        used_names.add(name)
+        node.name = name
+    for node in graph.node:
+        for j, inp in enumerate(node.input):
+            if inp in renamed:
+                node.input[j] = renamed[inp]
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int:
+    return int(np.prod(tensor.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
+def _save(model: onnx.ModelProto, path: Path, constant_bytes: int) -> str | None:
+    """Saves ``model``; weights of models beyond the protobuf limit go to one '<file>.data' next to it."""
+    if constant_bytes < EXTERNAL_DATA_BYTES:
+        onnx.save_model(model, str(path))
+        return None
+    external = path.name + ".data"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=external, size_threshold=1024)
+    return external
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,28 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+os.environ.setdefault("COMPRESS_NO_PROGRESS", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def run_cli(*args, cwd=None, timeout=600):
+    """Runs `python -m compress ARGS`; returns the CompletedProcess (text)."""
+    return subprocess.run([sys.executable, "-m", "compress", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
