@@ -8,41 +8,10 @@ from pathlib import Path
 
 import click
 
+from compress.commands.common import ChecksFailed, load_from_flags, model_options
 from compress.errors import UserError
 
 EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 1, 2, 3
-
-
-class ChecksFailed(Exception):
-    pass
-
-
-def model_options(fn):
-    """Flags for models that cannot describe their own schedule (bare diffusers folders, python factories)."""
-    options = [
-        click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction", "sample"]), default="epsilon", show_default=True),
-        click.option("--beta-schedule", type=click.Choice(["linear", "scaled_linear", "squaredcos_cap_v2"]), default="linear", show_default=True),
-        click.option("--num-train-timesteps", type=int, default=1000, show_default=True),
-        click.option("--beta-start", type=float, default=0.0001, show_default=True),
-        click.option("--beta-end", type=float, default=0.02, show_default=True),
-        click.option("--sample-shape", default=None, help="C,H,W for models that do not say (python: factories)."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
-
-
-def load_from_flags(reference: str, kw: dict):
-    from compress.loading import ScheduleFlags, load_model
-
-    shape = kw.pop("sample_shape")
-    if shape:
-        try:
-            shape = tuple(int(s) for s in shape.split(","))
-        except ValueError:
-            raise UserError(f"--sample-shape {shape!r}: expected C,H,W such as 3,32,32") from None
-    flags = ScheduleFlags(kw.pop("num_train_timesteps"), kw.pop("beta_schedule"), kw.pop("beta_start"), kw.pop("beta_end"), kw.pop("prediction_type"), shape)
-    return load_model(reference, flags)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -164,6 +133,17 @@ def report(folder, checks):
         click.echo(f"{'PASS' if r['passed'] else 'FAIL'} {r['check']}" + (f"  ({r['detail']})" if r["detail"] else ""))
     if any(not r["passed"] for r in results):
         raise ChecksFailed(", ".join(r["check"] for r in results if not r["passed"]))
+
+
+def _register_stage_commands() -> None:
+    """Stage commands live in compress/commands/, one module each."""
+    from compress.commands import STAGE_COMMANDS
+
+    for command in STAGE_COMMANDS():
+        cli.add_command(command)
+
+
+_register_stage_commands()
 
 
 def main(argv=None) -> int:

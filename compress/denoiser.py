@@ -90,11 +90,12 @@ class Denoiser:
     name: str = "model"
     source: str = ""
     scheduler_config: dict | None = None  # the model's own scheduler, when it came with one
+    has_null_condition: bool = True  # False: conditional, but trained without an unconditional input
     extra: dict = field(default_factory=dict)
 
     @property
     def supports_guidance(self) -> bool:
-        return self.conditioning != "none"
+        return self.conditioning != "none" and self.has_null_condition
 
     def null_condition(self, batch: int, device="cpu") -> torch.Tensor | None:
         if self.conditioning == "class":

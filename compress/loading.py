@@ -127,7 +127,7 @@ def _describe_diffusers(model: nn.Module, scheduler_config: dict | None, flags: 
             kwargs = {"conditioning": "text", "cond_shape": (flags.text_tokens, dim if isinstance(dim, int) else dim[0])}
         elif config.get("num_class_embeds"):
             # Class-embedding UNets in diffusers have no null class: guidance is not defined for them.
-            kwargs = {"conditioning": "class", "num_classes": config["num_class_embeds"] - 1}
+            kwargs = {"conditioning": "class", "num_classes": config["num_class_embeds"], "has_null_condition": False}
     shape = flags.sample_shape or (in_channels, *size)
     return Denoiser(module.eval(), schedule, prediction_type, tuple(shape), name=name, source=source, scheduler_config=scheduler_config, **kwargs)
 

@@ -1,6 +1,7 @@
 """`compress run`: the recipe's stages, top to bottom, into one output folder."""
 from __future__ import annotations
 
+import dataclasses
 import platform
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ from safetensors.torch import save_file
 from compress.checks import evaluate_checks, parse_checks
 from compress.denoiser import Denoiser
 from compress.errors import UserError
+from compress.export_chain import export_artifacts, resolve_solver
 from compress.images import save_grid
 from compress.loading import ScheduleFlags, load_model
 from compress.metrics import psnr
@@ -52,8 +54,9 @@ def run(recipe: Recipe, out: Path, force: bool = False, log=print) -> dict:
     cond = validation_conditioning(denoiser, recipe)
     noise = make_noise(denoiser, v.samples, v.seed)
     reference = SolverConfig(v.reference.name, v.reference.steps, v.reference.spacing, guidance)
-    solver = SolverConfig(recipe.solver.name, recipe.solver.steps, recipe.solver.spacing, guidance, recipe.solver.options)
-    solver.plan(denoiser.schedule)  # fail on bad settings before any long work
+    reference.plan(denoiser.schedule)
+    s = recipe.solver
+    solver = resolve_solver(denoiser, s.name, s.steps, s.spacing, guidance, s.schedule, tuple(s.timesteps) if s.timesteps else None, s.options, log)
     device = default_device()
 
     with staged_folder(out, force) as root:
@@ -74,13 +77,11 @@ def run(recipe: Recipe, out: Path, force: bool = False, log=print) -> dict:
             _row(f"{solver.name}-{solver.steps}", solver, "torch", device, few_ms, few_step, baseline, denoiser, cond),
         ]
         if recipe.export:
-            from export.onnx_export import export_onnx
-
             log(f"export: {', '.join(recipe.export.formats)}")
-            if recipe.export.formats != ["onnx"]:
-                raise UserError("only the 'onnx' export format is available in this version of compress")
-            for record in export_onnx(denoiser, solver, root / "artifacts", batch_size=recipe.export.batch_size, opset=recipe.export.opset):
-                manifest.add(Path(record["path"]), "onnx", "export", recipe.section("export"), kind=record["kind"])
+            records = export_artifacts(denoiser, solver, root / "artifacts", recipe.export.formats, recipe.export.batch_size, recipe.export.opset)
+            for record in records:
+                manifest.add(Path(record["path"]), record["format"], "export", recipe.section("export"), kind=record["kind"])
+                manifest.add(Path(record["sidecar"]), "json", "export", recipe.section("export"), kind=f"{record['kind']}-sidecar")
 
         report = {"recipe": recipe.name, "environment": environment(device), "rows": rows}
         verdict = evaluate_checks(checks, [r for r in rows if r["artifact"] != "baseline"])
@@ -88,8 +89,12 @@ def run(recipe: Recipe, out: Path, force: bool = False, log=print) -> dict:
         write_json(root / "report" / "report.json", report)
         (root / "report" / "report.md").write_text(report_markdown(report))
         manifest.add(root / "report" / "report.json", "json", "report", recipe.section("report"))
-        manifest.write(model=denoiser.describe(), seed=recipe.seed)
+        manifest.write(model=denoiser.describe(), seed=recipe.seed, solver=_solver_record(solver))
     return report
+
+
+def _solver_record(solver: SolverConfig) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(solver).items()}
 
 
 def _row(name, solver, runtime, device, ms, samples, baseline, denoiser, cond) -> dict:

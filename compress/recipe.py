@@ -26,9 +26,11 @@ class ModelSection(Section):
 
 
 class SolverSection(Section):
-    name: str = "dpmpp-2m"
+    name: str = "dpmpp-2m"  # or "model": the model's own scheduler config
     steps: int = Field(8, ge=1)
     spacing: str = "trailing"
+    schedule: Literal["default", "optimized"] = "default"  # optimized: searched against a many-step teacher
+    timesteps: list[int] | None = None  # explicit timesteps, e.g. from an earlier search
     guidance_scale: float | None = None
     options: dict[str, Any] = Field(default_factory=dict)
 

@@ -20,7 +20,8 @@ def make_noise(denoiser: Denoiser, n: int, seed: int) -> torch.Tensor:
 
 def check_conditioning(denoiser: Denoiser, cond, guidance_scale) -> None:
     if guidance_scale is not None and not denoiser.supports_guidance:
-        raise UserError(f"model {denoiser.name!r} is unconditional: guidance needs a conditional model")
+        why = "it has no unconditional input" if denoiser.conditioning != "none" else "guidance needs a conditional model"
+        raise UserError(f"model {denoiser.name!r} cannot use classifier-free guidance: {why}")
     if cond is not None and denoiser.conditioning == "none":
         raise UserError(f"model {denoiser.name!r} is unconditional: it takes no labels or conditioning")
     if denoiser.conditioning == "class" and cond is not None:
@@ -51,7 +52,7 @@ def sample(
     for start in progress(batches, description=f"sample {solver.name}-{solver.steps}") if show_progress else batches:
         x = noise[start : start + batch_size].to(device)
         c = None if cond is None else cond[start : start + batch_size].to(device)
-        null = denoiser.null_condition(x.shape[0], device) if c is not None else None
+        null = denoiser.null_condition(x.shape[0], device) if c is not None and solver.guidance_scale is not None else None
 
         def network(xt, t):
             return guided(module, xt, t, c, null, solver.guidance_scale)

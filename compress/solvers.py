@@ -3,7 +3,7 @@
 A solver is written once, k-diffusion style, as plain arithmetic on ``x`` and the model's
 predictions. Run on tensors, it samples (the host loop). Run on `Linear` symbols, the same
 code yields its coefficient table: every state of a deterministic solver is a linear
-combination of the initial noise and the network outputs seen so far, so the table
+combination of the initial noise and the network's inputs and outputs so far, so the table
 (computed once, in float64) is all the baked sampler graph needs. Nothing about a solver is
 written twice.
 
@@ -300,15 +300,12 @@ def _lagrange_log_integrals(nodes: list[float], start: float, end: float) -> lis
         for k in range(len(nodes)):
             if k != j:
                 basis = basis * np.poly1d([1.0, -u[k]]) / (u[j] - u[k])
-        antiderivative, derivative = np.poly1d([0.0]), basis
+        q, derivative = np.poly1d([0.0]), basis
         for m in range(len(nodes)):
-            antiderivative = antiderivative + (-1) ** m * derivative
+            q = q + (-1) ** m * derivative
             derivative = derivative.deriv()
-
-        def primitive(r: float) -> float:
-            return 0.0 if r == 0 else r * float(antiderivative(math.log(r)))
-
-        weights.append(primitive(end) - primitive(start))
+        primitive = [0.0 if r == 0 else r * float(q(math.log(r))) for r in (start, end)]
+        weights.append(primitive[1] - primitive[0])
     return weights
 
 
@@ -328,18 +325,15 @@ def ddim(model, x, plan: SamplingPlan):
 def euler(model, x, plan: SamplingPlan):
     """Euler's method on the probability-flow ODE in rho = sigma/alpha (Karras et al. 2022, arXiv:2206.00364).
 
-    The state is y = x / alpha, and dy/drho = eps. Like diffusers' EulerDiscreteScheduler it
-    returns that state, which is x itself when the plan ends on a clean sample.
+    In y = x / alpha, dy/drho = eps. Like diffusers' EulerDiscreteScheduler it returns the final
+    y, which is x itself when the plan ends on a clean sample.
     """
     x = plan.start(x)
-    a, s = plan.level(0)
-    y = x / a
     for i in range(plan.steps):
-        a, s = plan.level(i)
-        _, eps = model(a * y, i)
-        a_next, s_next = plan.end(i)
-        y = y + (s_next / a_next - s / a) * eps
-    return y
+        _, eps = model(x, i)
+        (a, s), (a_next, s_next) = plan.level(i), plan.end(i)
+        x = a_next * (x / a + (s_next / a_next - s / a) * eps)
+    return x / plan.end(plan.steps - 1)[0]
 
 
 def ddpm(model, x, plan: SamplingPlan, noise: Callable):
@@ -650,8 +644,18 @@ class SolverConfig:
     steps_offset: int = 0  # added to 'leading' timesteps
     timestep_rounding: str = "round"  # karras/logsnr network timesteps: 'round', 'floor' or 'none'
     lambda_min_clipped: float | None = None  # multistep spacings skip timesteps with lambda below this
+    timesteps: tuple[int, ...] | None = None  # explicit (e.g. searched) timesteps; they set `steps`
+
+    def __post_init__(self):
+        if self.timesteps is not None:
+            object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
+            object.__setattr__(self, "steps", len(self.timesteps))
 
     def validate(self) -> SolverSpec:
+        if self.timesteps is not None:
+            t = self.timesteps
+            if not all(a > b for a, b in zip(t, t[1:])) or (t and t[-1] < 0):
+                raise UserError(f"timesteps must be distinct, descending and non-negative, got {list(t)}")
         spec = check_solver(self.name, self.steps, self.options)
         _choose("timestep spacing", self.spacing, SPACINGS)
         _choose("timestep convention", self.convention, CONVENTIONS)
@@ -661,6 +665,10 @@ class SolverConfig:
 
     def plan(self, schedule: NoiseSchedule) -> SamplingPlan:
         self.validate()
+        if self.timesteps is not None:
+            if self.timesteps[0] >= schedule.num_train_timesteps:
+                raise UserError(f"timestep {self.timesteps[0]} is beyond the model's {schedule.num_train_timesteps} training timesteps")
+            return make_plan(schedule, self.timesteps, self.final)
         return build_plan(
             schedule,
             self.steps,
@@ -681,7 +689,7 @@ class SolverConfig:
 
 
 class Linear:
-    """A linear combination of basis vectors (0 = the initial noise, e >= 1 = the e-th network output)."""
+    """A linear combination of basis vectors, indexed as the basis of `SolverTable`."""
 
     __slots__ = ("coef",)
 
@@ -727,10 +735,17 @@ class Linear:
 
 @dataclass(frozen=True)
 class SolverTable:
-    """Network input of evaluation e = weights[e] . [noise, out_1, ..., out_e]; the sample = weights[E] . [...]."""
+    """The solver as a straight-line program over tensors, in the order the host loop computes.
+
+    Values start as [noise]. Row r appends weights[r] . values; where calls[r], the network is then
+    evaluated on that value at the next of `timesteps` and its output is appended as well. The last
+    row is the sample. Model predictions (x0, eps) are values of their own, as in the host loop, so
+    no row re-expands an old prediction into large weights that cancel in float32.
+    """
 
     timesteps: np.ndarray  # [E]
-    weights: np.ndarray  # [E + 1, E + 1], lower triangular, float64
+    weights: np.ndarray  # [R, V] float64; row r uses only values made before it
+    calls: np.ndarray  # [R] bool, E of them true
 
     @property
     def evaluations(self) -> int:
@@ -742,29 +757,74 @@ def compile_solver(name: str, plan: SamplingPlan, prediction_type: str, **option
     spec = get_solver(name)
     if spec.stochastic:
         raise UserError(f"solver {name!r} is stochastic and cannot be baked into a graph; use a deterministic one such as 'ddim'")
-    calls: list[tuple[Linear, float]] = []
+    rows: list[tuple[dict[int, float], bool, int]] = []  # (combination, is a network input, its value index)
+    timesteps: list[float] = []
+    count = 1  # values so far: the noise
+
+    def new_value(combination: Linear, call: bool) -> int:
+        nonlocal count
+        rows.append((dict(combination.coef), call, count))
+        count += 2 if call else 1
+        return count - (2 if call else 1)
 
     def network(x: Linear, t: float) -> Linear:
-        calls.append((x, t))
-        return Linear({len(calls): 1.0})
+        index = new_value(x, call=True)
+        x.coef = {index: 1.0}  # the input is a tensor at run time: later uses of x refer to it
+        timesteps.append(t)
+        return Linear({index + 1: 1.0})
 
-    final = spec.fn(Predictor(network, plan, prediction_type), Linear({0: 1.0}), plan, **options)
-    size = len(calls) + 1
-    weights = np.stack([x.vector(size) for x, _ in calls] + [final.vector(size)])
-    return SolverTable(np.array([t for _, t in calls]), weights)
+    def materialize(v: Linear) -> Linear:
+        return v if list(v.coef.values()) == [1.0] else Linear({new_value(v, call=False): 1.0})
+
+    class Recording(Predictor):
+        def at(self, x, t, alpha, sigma):
+            x0, eps = super().at(x, t, alpha, sigma)
+            return materialize(x0), materialize(eps)
+
+    final = spec.fn(Recording(network, plan, prediction_type), Linear({0: 1.0}), plan, **options)
+    return _program(rows, final, timesteps)
+
+
+def _program(rows, final: Linear, timesteps) -> SolverTable:
+    """Drops predictions the solver never used and numbers the remaining values densely."""
+    used, kept = set(final.coef), []
+    for combination, call, index in reversed(rows):
+        if call or index in used:
+            kept.append((combination, call, index))
+            used |= combination.keys()
+    number = {0: 0}
+    for _, call, index in reversed(kept):
+        number[index] = len(number)
+        if call:
+            number[index + 1] = len(number)
+    combinations = [c for c, _, _ in reversed(kept)] + [final.coef]
+    weights = np.zeros((len(combinations), len(number)))
+    for r, combination in enumerate(combinations):
+        for k, w in combination.items():
+            weights[r, number[k]] = w
+    calls = np.array([call for _, call, _ in reversed(kept)] + [False])
+    return SolverTable(np.array(timesteps, dtype=np.float64), weights, calls)
 
 
 def run_table(table: SolverTable, network: Callable, noise):
     """Apply a coefficient table in the tensors' own precision; ``network(x, t)`` returns the raw output."""
-    basis = [noise]
-    for e, t in enumerate(table.timesteps):
-        basis.append(network(_combine(table.weights[e], basis), float(t)))
-    return _combine(table.weights[-1], basis)
+    values = [noise]
+    timesteps = iter(table.timesteps)
+    for row, call in zip(table.weights[:-1], table.calls):
+        values.append(_combine(row, values))
+        if call:
+            values.append(network(values[-1], float(next(timesteps))))
+    return _combine(table.weights[-1], values)
 
 
-def _combine(weights: np.ndarray, basis: list):
-    terms = [float(w) * b for w, b in zip(weights, basis) if w != 0.0]
-    out = terms[0]
-    for term in terms[1:]:
-        out = out + term
-    return out
+def _combine(weights: np.ndarray, values: list):
+    """sum(w * v) with the largest weight factored out, the way the host loop computes
+    x0 = (x - sigma * out) / alpha: the terms cancel before the large scale multiplies them."""
+    terms = [(float(w), v) for w, v in zip(weights, values) if w != 0.0]
+    top = max(range(len(terms)), key=lambda k: abs(terms[k][0]))
+    scale = terms[top][0]
+    out = terms[top][1]
+    for k, (w, v) in enumerate(terms):
+        if k != top:
+            out = out + (w / scale) * v
+    return out if scale == 1.0 else scale * out

@@ -8,6 +8,7 @@ folder inside ``out_dir`` and renamed into place at the end, so a failure leaves
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -29,6 +30,8 @@ from export.sidecar import BATCH, denoiser_sidecar, sampler_sidecar, write_sidec
 
 # Above this many bytes of weights a model no longer fits one protobuf (2 GiB): weights go to a .data file.
 EXTERNAL_DATA_BYTES = 1_800_000_000
+# Opsets the TorchScript exporter writes (attention needs 14); GroupNormalization changes meaning at 21.
+OPSETS = range(14, 21)
 # Constants allowed beyond the weights: per-step folded time embeddings, shapes, coefficients.
 CONSTANT_SLACK = 1.25, 256 * 1024
 
@@ -48,6 +51,8 @@ def export_onnx(
     """
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise UserError(f"export batch_size must be a positive integer or null (dynamic), got {batch_size!r}")
+    if opset not in OPSETS:
+        raise UserError(f"ONNX opset {opset} is not supported; use {OPSETS.start}..{OPSETS.stop - 1} (18 is the default)")
     sampler = SamplerGraph(denoiser, solver_config, guidance)
     network = DenoiserGraph(denoiser)
     out_dir = Path(out_dir)
@@ -80,6 +85,7 @@ def _write_artifact(graph: nn.Module, kind: str, output: str, sidecar: dict, sta
     path = stage / sidecar["file"]
     model = _trace(graph, output, stage / f".{kind}.traced.onnx", batch_size, opset)
     model = _simplify(model)
+    _share_identical_constants(model)
     _check_interface(model, graph.input_names, output, kind)
     _shorten_names(model)
     weight_bytes = sum(p.numel() * p.element_size() for p in graph.parameters())
@@ -136,6 +142,34 @@ def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     # Shapes recorded by the simplifier are redundant (every runtime infers them) and cost bytes per node.
     del simplified.graph.value_info[:]
     return simplified
+
+
+def _share_identical_constants(model: onnx.ModelProto) -> None:
+    """Keeps one copy of each distinct constant.
+
+    Tracing folds a transposed Linear weight once per unrolled step, and onnxslim only ties
+    constants below 1000 elements: without this, every attention weight is stored once per step.
+    """
+    graph = model.graph
+    first: dict[tuple, str] = {}
+    replaced: dict[str, str] = {}
+    unique = []
+    for tensor in graph.initializer:
+        data = onnx.numpy_helper.to_array(tensor)
+        key = (tensor.data_type, tuple(tensor.dims), hashlib.sha256(data.tobytes()).digest())
+        if key in first:
+            replaced[tensor.name] = first[key]
+        else:
+            first[key] = tensor.name
+            unique.append(tensor)
+    if not replaced:
+        return
+    del graph.initializer[:]
+    graph.initializer.extend(unique)
+    for node in graph.node:
+        for j, name in enumerate(node.input):
+            if name in replaced:
+                node.input[j] = replaced[name]
 
 
 def _check_interface(model: onnx.ModelProto, inputs: list[str], output: str, kind: str) -> None:
@@ -207,8 +241,6 @@ def _save(model: onnx.ModelProto, path: Path, constant_bytes: int) -> str | None
 
 
 def _sha256(path: Path) -> str:
-    import hashlib
-
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

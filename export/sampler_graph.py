@@ -167,7 +167,8 @@ class SamplerGraph(nn.Module):
         if time_proj is None:
             return None
         features = ConstantTimeFeatures(time_proj, self.table.timesteps)
-        probe = self.example_inputs(batch=2)
+        device = next(self.network.parameters()).device
+        probe = [x.to(device) for x in self.example_inputs(batch=2)]
         t = float(self.table.timesteps[0])
         cond = probe[1] if self.conditional else None
         try:

@@ -23,6 +23,7 @@ from compress.zoo.models import (
 )
 
 LABEL_DROPOUT = 0.1
+DIFFUSION_ITERATIONS = 2000
 
 
 def _lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
@@ -37,7 +38,7 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
         e.lerp_(p, 1 - decay)
 
 
-def train_diffusion(conditional: bool, iterations: int, batch_size: int = 128, lr: float = 2e-3, seed: int = 0):
+def train_diffusion(conditional: bool, iterations: int, batch_size: int = 64, lr: float = 2e-3, seed: int = 0):
     torch.manual_seed(seed)
     images, labels = load_digits_tensors("train")
     schedule = NoiseSchedule.from_betas("linear", 1000)
@@ -107,7 +108,7 @@ def train_zoo_model(name: str, out_dir: Path, iterations: int | None = None) -> 
         config = {}
     elif name in ("digits", "digits-cond"):
         conditional = name == "digits-cond"
-        model, info = train_diffusion(conditional, iterations or (1600 if not conditional else 1600))
+        model, info = train_diffusion(conditional, iterations or DIFFUSION_ITERATIONS)
         config = DIGITS_COND_UNET if conditional else DIGITS_UNET
     else:
         raise ValueError(name)

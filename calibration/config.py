@@ -1,0 +1,70 @@
+"""`CalibrationConfig`: how a calibration set is drawn. A plain dataclass, so that the recipe's
+``calibration`` section is simply ``CalibrationConfig(**section)``."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+
+from compress.errors import UserError
+
+SAMPLERS = ("ndtc", "uniform", "solver")
+
+
+@dataclass
+class CalibrationConfig:
+    """Which network inputs (x_t, t, cond) to record, and from how many trajectories.
+
+    sampler   'ndtc': PTQ4DM's normally distributed timesteps, t ~ Normal(mean, std) in fractions
+              of T (clamped to the schedule), one trajectory per sample;
+              'uniform': Q-Diffusion's fixed interval, t = T-1, T-1-interval, ... on every trajectory;
+              'solver': exactly the timesteps the baked solver evaluates the network at.
+    samples   recorded states (before guidance doubles them into conditional + unconditional inputs).
+    trajectory_steps  the fine full-precision DDIM chain the states are taken from.
+    guidance_scale    classifier-free guidance along that chain (conditional models); with guidance
+              every state is recorded twice, with its condition and with the null condition.
+    """
+
+    sampler: str = "ndtc"
+    samples: int = 256
+    seed: int = 0
+    mean: float = 0.4  # ndtc: PTQ4DM's published script (its code's defaults are 0.5 / 0.35)
+    std: float = 0.4
+    interval: int | None = None  # uniform: training timesteps between recorded states (default T // 20)
+    trajectory_steps: int = 100
+    guidance_scale: float | None = None
+    batch_size: int = 64
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> "CalibrationConfig":
+        if self.sampler not in SAMPLERS:
+            close = difflib.get_close_matches(str(self.sampler), SAMPLERS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise UserError(f"unknown calibration sampler {self.sampler!r}{hint} (expected one of {', '.join(SAMPLERS)})")
+        for name in ("samples", "trajectory_steps", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise UserError(f"calibration {name} must be a positive integer, got {value!r}")
+        if not self.std > 0:
+            raise UserError(f"calibration std must be positive, got {self.std!r}")
+        if self.interval is not None and (not isinstance(self.interval, int) or self.interval < 1):
+            raise UserError(f"calibration interval must be a positive number of timesteps, got {self.interval!r}")
+        return self
+
+    @classmethod
+    def from_dict(cls, section: dict | None) -> "CalibrationConfig":
+        """Like ``CalibrationConfig(**section)`` but an unknown key is a one-line error naming the closest one."""
+        section = dict(section or {})
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in section:
+            if key not in names:
+                close = difflib.get_close_matches(str(key), names, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f" (valid: {', '.join(names)})"
+                raise UserError(f"calibration: unknown key {key!r}{hint}")
+        return cls(**section)
+
+    def to_dict(self) -> dict:
+        """The recipe section that reproduces this configuration."""
+        return dataclasses.asdict(self)

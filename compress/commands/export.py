@@ -1,0 +1,50 @@
+"""`compress export`: the sampler (whole loop, one graph) and the bare denoiser, with sidecars."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from compress.commands.common import load_from_flags, model_options
+from compress.errors import UserError
+
+FORMATS = ("onnx", "coreml", "openvino")
+
+
+def parse_timesteps(text: str | None) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        return tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise UserError(f"--timesteps {text!r}: expected comma-separated integers such as 999,749,499,249") from None
+
+
+@click.command()
+@click.argument("model")
+@click.option("--solver", default="dpmpp-2m", show_default=True)
+@click.option("--steps", type=int, default=8, show_default=True)
+@click.option("--spacing", default="trailing", show_default=True)
+@click.option("--schedule", type=click.Choice(["default", "optimized"]), default="default", show_default=True,
+              help="'optimized' searches the timesteps that best match a many-step teacher.")
+@click.option("--timesteps", default=None, help="Explicit timesteps (e.g. from an earlier search), comma-separated.")
+@click.option("--guidance", type=float, default=None, help="Default classifier-free guidance scale (conditional models).")
+@click.option("--format", "formats", multiple=True, default=("onnx",), show_default=True, help="onnx, coreml, openvino; repeatable.")
+@click.option("--batch-size", type=int, default=None, help="Static batch size (default: dynamic batch).")
+@click.option("--opset", type=int, default=18, show_default=True)
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False))
+@model_options
+def export(model, solver, steps, spacing, schedule, timesteps, guidance, formats, batch_size, opset, out, **kw):
+    """Export MODEL's whole sampler as one graph (sampler.*) and its denoiser (denoiser.*)."""
+    from compress.export_chain import export_artifacts, resolve_solver
+    from compress.outputs import staged_folder
+
+    for f in formats:
+        if f not in FORMATS:
+            raise UserError(f"unknown export format {f!r} (available: {', '.join(FORMATS)})")
+    denoiser = load_from_flags(model, kw)
+    config = resolve_solver(denoiser, solver, steps, spacing, guidance, schedule, parse_timesteps(timesteps))
+    with staged_folder(Path(out)) as root:
+        records = export_artifacts(denoiser, config, root, list(formats), batch_size=batch_size, opset=opset)
+    for r in records:
+        click.echo(f"wrote {Path(out) / Path(r['path']).name} ({r['bytes'] / 1e6:.2f} MB)")

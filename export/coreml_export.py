@@ -1,0 +1,315 @@
+"""Core ML writer: `sampler.mlpackage` (the whole few-step sampler) and `denoiser.mlpackage` (the bare network).
+
+Each graph goes through torch.export and `run_decompositions` to coremltools (ML program,
+float16 compute): converting a `torch.jit.trace` of these models fails on the timestep op.
+Weights can then be compressed by coremltools.optimize (int8 linear symmetric or 6-bit
+k-means palettization); int8 activations are calibrated by running the model, which Core ML
+can only do on macOS. Inputs and outputs carry the names of the sidecar (the automatically
+named output becomes `sample` / `prediction`); class labels are int32 because Core ML has no
+int64 inputs.
+
+Prediction needs macOS, so every package is checked structurally after it is written (the spec
+loads, names, shapes and dtypes match the sidecar, the weights are stored once) on any OS.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from compress.denoiser import Denoiser
+from compress.errors import UserError
+from compress.solvers import SolverConfig
+from export.sampler_graph import DenoiserGraph, SamplerGraph
+from export.sidecar import denoiser_sidecar, sampler_sidecar, write_sidecar
+
+WEIGHTS = ("float", "int8", "palettize6")
+ACTIVATIONS = ("float", "int8")
+DEPLOYMENT_TARGETS = ("iOS16", "iOS17", "iOS18")
+SIDECAR_SUFFIX = ".coreml.json"  # <kind>.json belongs to the ONNX model in the same folder
+# weight.bin may hold a little more than the float16 weights (per-step folded constants), never a copy per step.
+WEIGHT_SLACK = 1.25, 256 * 1024
+CALIBRATION_SAMPLES = 8
+# coremltools writes this ExecuTorch debugging aid next to the model of a torch.export conversion;
+# it is not part of the package (Manifest.json does not list it) and can outweigh a small model.
+DEBUG_MAPPING = "executorch_debug_handle_mapping.json"
+METADATA_PREFIX = "diffusion_compress."
+
+
+def import_coremltools():
+    """coremltools, without its import-time warnings (no native runtime off macOS, untested torch/sklearn versions)."""
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
+    import coremltools
+
+    return coremltools
+
+
+def export_coreml(
+    denoiser: Denoiser,
+    solver_config: SolverConfig,
+    out_dir: str | Path,
+    batch_size: int = 1,
+    weights: str = "float",
+    activations: str = "float",
+    deployment_target: str | None = None,
+    guidance: bool | None = None,
+) -> list[dict]:
+    """Writes sampler.mlpackage, denoiser.mlpackage and their sidecars into ``out_dir``; one record per package.
+
+    ``weights``: 'float' (float16), 'int8' (linear symmetric, per channel) or 'palettize6' (6-bit k-means).
+    ``activations``: 'int8' calibrates activation quantizers by Core ML prediction (macOS, iOS17 or later).
+    ``deployment_target`` None picks iOS16, or iOS17 when activations are int8.
+    """
+    _check_options(batch_size, weights, activations, deployment_target)
+    target = deployment_target or ("iOS17" if activations == "int8" else "iOS16")
+    settings = {"weights": weights, "activations": activations, "deployment_target": target, "compute_precision": "float16"}
+    sampler = SamplerGraph(denoiser, solver_config, guidance)
+    network = DenoiserGraph(denoiser)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".coreml-export-", dir=out_dir))
+    device = denoiser.device
+    denoiser.to("cpu")  # torch.export for Core ML traces on the CPU
+    try:
+        records = [
+            _write_package(sampler, "sampler", "sample", _coreml_sidecar(sampler_sidecar(sampler, "coreml", "sampler.mlpackage", batch_size, {"coreml": settings})), stage, batch_size, settings),
+            _write_package(network, "denoiser", "prediction", _coreml_sidecar(denoiser_sidecar(network, "coreml", "denoiser.mlpackage", batch_size, {"coreml": settings})), stage, batch_size, settings),
+        ]
+        for item in sorted(stage.iterdir()):
+            destination = out_dir / item.name
+            if destination.is_dir():
+                shutil.rmtree(destination)
+            os.replace(item, destination)
+    finally:
+        denoiser.to(device)
+        shutil.rmtree(stage, ignore_errors=True)
+    for record in records:
+        for key in ("path", "sidecar"):
+            record[key] = str(out_dir / record[key])
+    return records
+
+
+def _check_options(batch_size, weights: str, activations: str, deployment_target: str | None) -> None:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"Core ML export needs a fixed positive batch size, got {batch_size!r}")
+    for what, value, allowed in (("weights", weights, WEIGHTS), ("activations", activations, ACTIVATIONS)):
+        if value not in allowed:
+            raise UserError(f"unknown Core ML {what} option {value!r} (available: {', '.join(allowed)})")
+    if deployment_target is not None and deployment_target not in DEPLOYMENT_TARGETS:
+        raise UserError(f"unknown Core ML deployment target {deployment_target!r} (available: {', '.join(DEPLOYMENT_TARGETS)})")
+    if activations == "int8":
+        if deployment_target in ("iOS16",):
+            raise UserError("Core ML int8 activations need deployment target iOS17 or later")
+        if platform.system() != "Darwin":
+            raise UserError("Core ML int8 activations are calibrated by running the model with Core ML, which needs macOS")
+
+
+def _coreml_sidecar(sidecar: dict) -> dict:
+    """Core ML has no int64 inputs: class labels are int32 in this format."""
+    for spec in sidecar["inputs"]:
+        if spec["dtype"] == "int64":
+            spec["dtype"] = "int32"
+    return sidecar
+
+
+def _write_package(graph: nn.Module, kind: str, output: str, sidecar: dict, stage: Path, batch_size: int, settings: dict) -> dict:
+    ct = import_coremltools()
+    model = _convert(ct, graph, output, sidecar, batch_size, settings["deployment_target"])
+    model = _compress(ct, model, graph, batch_size, settings)
+    _describe(model, kind, sidecar)
+    path = stage / sidecar["file"]
+    model.save(str(path))
+    (path / DEBUG_MAPPING).unlink(missing_ok=True)
+    weight_bytes = sum(p.numel() * p.element_size() for p in graph.parameters())
+    structure = inspect_package(path)
+    check_package(structure, sidecar)
+    _check_weights_stored_once(structure["weight_file_bytes"], weight_bytes, kind)
+    sidecar_path = write_sidecar(stage / f"{kind}{SIDECAR_SUFFIX}", sidecar)
+    return {
+        "path": path.name,
+        "format": "coreml",
+        "kind": kind,
+        "bytes": package_bytes(path),
+        "sha256": package_sha256(path),
+        "sidecar": sidecar_path.name,
+        "batch_size": batch_size,
+        "weight_bytes": weight_bytes,
+        "weight_file_bytes": structure["weight_file_bytes"],
+        "ops": structure["op_count"],
+        **{k: settings[k] for k in ("weights", "activations", "deployment_target", "compute_precision")},
+    }
+
+
+def _convert(ct, graph: nn.Module, output: str, sidecar: dict, batch_size: int, deployment_target: str):
+    example = tuple(x.cpu() for x in graph.example_inputs(batch_size))
+    dtypes = {"float32": np.float32, "int32": np.int32}
+    inputs = [ct.TensorType(name=spec["name"], shape=tuple(x.shape), dtype=dtypes[spec["dtype"]]) for spec, x in zip(sidecar["inputs"], example)]
+    with torch.no_grad(), _quiet():
+        program = torch.export.export(graph.eval(), example).run_decompositions({})
+        return ct.convert(
+            program,
+            inputs=inputs,
+            outputs=[ct.TensorType(name=output, dtype=np.float32)],
+            convert_to="mlprogram",
+            compute_precision=ct.precision.FLOAT16,
+            minimum_deployment_target=getattr(ct.target, deployment_target),
+        )
+
+
+def _compress(ct, model, graph: nn.Module, batch_size: int, settings: dict):
+    from coremltools.optimize import coreml as cto
+
+    with _quiet():
+        if settings["activations"] == "int8":
+            from coremltools.optimize.coreml.experimental import OpActivationLinearQuantizerConfig, linear_quantize_activations
+
+            samples = [_feeds(graph, batch_size, seed) for seed in range(CALIBRATION_SAMPLES)]
+            config = cto.OptimizationConfig(global_config=OpActivationLinearQuantizerConfig(mode="linear_symmetric"))
+            model = linear_quantize_activations(model, config, samples)
+        if settings["weights"] == "int8":
+            config = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8"))
+            model = cto.linear_quantize_weights(model, config)
+        elif settings["weights"] == "palettize6":
+            config = cto.OptimizationConfig(global_config=cto.OpPalettizerConfig(mode="kmeans", nbits=6))
+            model = cto.palettize_weights(model, config)
+    return model
+
+
+def _feeds(graph: nn.Module, batch_size: int, seed: int) -> dict:
+    """Calibration inputs: the graph's example inputs with fresh noise (the sampler makes its own trajectory)."""
+    example = [x.cpu().numpy() for x in graph.example_inputs(batch_size)]
+    example[0] = np.random.default_rng(seed).standard_normal(example[0].shape).astype(np.float32)
+    return {name: x.astype(np.int32) if x.dtype == np.int64 else x for name, x in zip(graph.input_names, example)}
+
+
+def _describe(model, kind: str, sidecar: dict) -> None:
+    """Xcode shows these descriptions; apps read the interface, solver and guidance from the metadata."""
+    model.author = "diffusion-compress"
+    model.version = "0.1.0"
+    model.short_description = f"diffusion-compress {kind}; interface in {kind}{SIDECAR_SUFFIX}"
+    for spec in sidecar["inputs"]:
+        model.input_description[spec["name"]] = spec.get("description", "")
+    for spec in sidecar["outputs"]:
+        model.output_description[spec["name"]] = spec.get("description", "")
+    metadata = {
+        "interface": {"inputs": sidecar["inputs"], "outputs": sidecar["outputs"], "batch": sidecar["batch"]},
+        "kind": kind,
+        "prediction_type": sidecar["prediction_type"],
+        "data_range": sidecar["data_range"],
+        "sidecar": f"{kind}{SIDECAR_SUFFIX}",
+    }
+    if kind == "sampler":
+        solver = sidecar["solver"]
+        metadata.update(solver={k: solver[k] for k in ("name", "steps", "spacing", "options", "nfe")},
+                        timesteps=solver["timesteps"], guidance=sidecar["guidance"])
+    for key, value in metadata.items():
+        model.user_defined_metadata[METADATA_PREFIX + key] = json.dumps(value)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """coremltools draws progress bars and warns about untested versions on stderr; the CLI prints its own lines."""
+    with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+# ----------------------------------------------------------------------------- structural checks (any OS)
+
+
+def inspect_package(path: str | Path) -> dict:
+    """What a package holds, read from its spec without Core ML: interface, op counts, weight file size, metadata."""
+    ct = import_coremltools()
+    from coremltools.proto import FeatureTypes_pb2
+
+    path = Path(path)
+    if not (path / "Manifest.json").is_file():
+        raise UserError(f"{path} is not a Core ML package (no Manifest.json)")
+    try:
+        spec = ct.utils.load_spec(str(path))
+    except Exception as e:  # a truncated or foreign protobuf
+        raise UserError(f"{path} is not a readable Core ML package: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    array_type = FeatureTypes_pb2.ArrayFeatureType.ArrayDataType
+
+    def feature(f) -> dict:
+        kind = f.type.WhichOneof("Type")
+        if kind != "multiArrayType":
+            return {"name": f.name, "type": kind}
+        return {"name": f.name, "shape": list(f.type.multiArrayType.shape), "dtype": array_type.Name(f.type.multiArrayType.dataType).lower()}
+
+    ops: Counter = Counter()
+    if spec.WhichOneof("Type") == "mlProgram":
+        for function in spec.mlProgram.functions.values():
+            for block in function.block_specializations.values():
+                _count_ops(block, ops)
+    weight_files = list(path.glob("Data/com.apple.CoreML/weights/*"))
+    return {
+        "spec_version": spec.specificationVersion,
+        "model_type": spec.WhichOneof("Type"),
+        "inputs": [feature(f) for f in spec.description.input],
+        "outputs": [feature(f) for f in spec.description.output],
+        "ops": dict(ops.most_common()),
+        "op_count": sum(ops.values()),
+        "weight_file_bytes": sum(f.stat().st_size for f in weight_files),
+        "metadata": dict(spec.description.metadata.userDefined),
+    }
+
+
+def _count_ops(block, counts: Counter) -> None:
+    for op in block.operations:
+        counts[op.type] += 1
+        for inner in op.blocks:
+            _count_ops(inner, counts)
+
+
+def check_package(structure: dict, sidecar: dict) -> None:
+    """The package's inputs and outputs are the sidecar's, by name, shape and dtype, and it is an ML program."""
+    if structure["model_type"] != "mlProgram":
+        raise RuntimeError(f"{sidecar['file']} is a {structure['model_type']}, not an ML program")
+    for side in ("inputs", "outputs"):
+        found = [(f["name"], f.get("shape"), f.get("dtype")) for f in structure[side]]
+        expected = [(s["name"], s["shape"], s["dtype"]) for s in sidecar[side]]
+        if found != expected:
+            raise RuntimeError(f"{sidecar['file']} has {side} {found}; the sidecar says {expected}")
+
+
+def _check_weights_stored_once(weight_file_bytes: int, weight_bytes: int, kind: str) -> None:
+    factor, slack = WEIGHT_SLACK
+    float16_bytes = weight_bytes // 2
+    if weight_file_bytes > factor * float16_bytes + slack:
+        raise RuntimeError(
+            f"{kind}.mlpackage stores {weight_file_bytes / 1e6:.2f} MB of weights for {float16_bytes / 1e6:.2f} MB of float16 "
+            "parameters: the weights are not shared across the unrolled steps"
+        )
+
+
+def package_files(path: Path) -> list[Path]:
+    return sorted((p for p in Path(path).rglob("*") if p.is_file()), key=lambda p: p.relative_to(path).as_posix())
+
+
+def package_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in package_files(path))
+
+
+def package_sha256(path: Path) -> str:
+    """One digest for a package folder: each file's relative path and bytes, files in sorted order."""
+    digest = hashlib.sha256()
+    for file in package_files(path):
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,99 @@
+"""OpenVINO IR writer: each exported ONNX model (float or int8 QDQ) becomes `<kind>.xml` + `<kind>.bin`.
+
+The IR is converted from the ONNX file rather than traced again, so both formats hold the same
+graph (an int8 QDQ model turns into OpenVINO FakeQuantize ops and stays int8). Float weights are
+kept float32 (`compress_to_fp16=False`): a float IR must agree with onnxruntime to 1e-3, and
+the runtime chooses its own inference precision anyway. The sidecar of the ONNX model is
+reused with format 'openvino'; it is written as `<kind>.openvino.json` because `<kind>.json`
+belongs to the ONNX model in the same folder.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from compress.errors import UserError
+from export.sidecar import write_sidecar
+
+SIDECAR_SUFFIX = ".openvino.json"
+
+
+def export_openvino(onnx_records: list[dict], out_dir: str | Path) -> list[dict]:
+    """Converts every ONNX record (as returned by export_onnx) to IR in ``out_dir``; returns one record per IR."""
+    import openvino as ov
+
+    sources = [r for r in onnx_records if r.get("format") == "onnx"]
+    if not sources:
+        raise UserError("OpenVINO export converts the ONNX models of an export, and none was given")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".openvino-export-", dir=out_dir))
+    try:
+        records = [_convert(ov, record, stage) for record in sources]
+        for item in sorted(stage.iterdir()):
+            os.replace(item, out_dir / item.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    for record in records:
+        for key in ("path", "weights", "sidecar"):
+            record[key] = str(out_dir / record[key])
+    return records
+
+
+def _convert(ov, onnx_record: dict, stage: Path) -> dict:
+    source = Path(onnx_record["path"])
+    kind = onnx_record["kind"]
+    sidecar = _onnx_sidecar(onnx_record)
+    xml, weights = stage / f"{kind}.xml", stage / f"{kind}.bin"
+    sidecar.update(format="openvino", file=xml.name, weights_file=weights.name, converted_from=source.name)
+    model = ov.convert_model(str(source))
+    # The interface travels inside the IR too, for consumers that only have the .xml.
+    model.set_rt_info(json.dumps(sidecar), ["diffusion_compress", "sidecar"])
+    ov.save_model(model, str(xml), compress_to_fp16=False)
+    _check_interface(ov, xml, sidecar, kind)
+    sidecar_path = write_sidecar(stage / f"{kind}{SIDECAR_SUFFIX}", sidecar)
+    return {
+        "path": xml.name,
+        "format": "openvino",
+        "kind": kind,
+        "bytes": xml.stat().st_size + weights.stat().st_size,
+        "sha256": files_sha256([xml, weights]),
+        "sidecar": sidecar_path.name,
+        "weights": weights.name,
+        "source": str(source),
+        "batch_size": onnx_record.get("batch_size"),
+    }
+
+
+def _onnx_sidecar(record: dict) -> dict:
+    path = Path(record["sidecar"]) if record.get("sidecar") else Path(record["path"]).with_suffix(".json")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read the sidecar {path} of {record['path']}: {e}") from None
+
+
+def _check_interface(ov, xml: Path, sidecar: dict, kind: str) -> None:
+    """Reads the saved IR back: its inputs and output must carry the sidecar's names."""
+    model = ov.Core().read_model(str(xml))
+    inputs = [p.get_any_name() for p in model.inputs]
+    outputs = [p.get_any_name() for p in model.outputs]
+    expected_inputs = [i["name"] for i in sidecar["inputs"]]
+    expected_outputs = [o["name"] for o in sidecar["outputs"]]
+    if inputs != expected_inputs or outputs != expected_outputs:
+        raise RuntimeError(f"{kind}.xml has inputs {inputs} and outputs {outputs}; expected {expected_inputs} -> {expected_outputs}")
+
+
+def files_sha256(files: list[Path]) -> str:
+    """One digest over several files (name and bytes of each, in the order given)."""
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
