@@ -40,9 +40,10 @@ def run(recipe, out, force):
 
 @cli.command()
 @click.argument("model")
-@click.option("--solver", default="ddim", show_default=True)
+@click.option("--solver", default="ddim", show_default=True, help="Any solver of `compress solvers`, or 'model' for the model's own scheduler.")
 @click.option("--steps", type=int, default=100, show_default=True)
-@click.option("--spacing", default="trailing", show_default=True)
+@click.option("--spacing", default="trailing", show_default=True, help="linspace, leading, trailing, karras or logsnr.")
+@click.option("--timesteps", default=None, help="Explicit timesteps, comma-separated (e.g. from a schedule search).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--n", "n", type=int, default=64, show_default=True, help="Number of samples.")
 @click.option("--label", type=int, default=None, help="Class label (class-conditional models).")
@@ -51,13 +52,14 @@ def run(recipe, out, force):
 @click.option("--out", "out", default="grid.png", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--save-tensors", type=click.Path(dir_okay=False), default=None, help="Also write the samples as safetensors.")
 @model_options
-def sample(model, solver, steps, spacing, seed, n, label, guidance, device, out, save_tensors, **kw):
+def sample(model, solver, steps, spacing, timesteps, seed, n, label, guidance, device, out, save_tensors, **kw):
     """Sample an image grid from MODEL (zoo:NAME, diffusers:PATH, python:module:factory)."""
     import torch
 
     from compress.images import save_grid
+    from compress.commands.export import parse_timesteps
+    from compress.export_chain import resolve_solver
     from compress.sampling import make_noise, sample as run_sampler
-    from compress.solvers import SolverConfig
 
     if n < 1:
         raise UserError(f"--n must be at least 1, got {n}")
@@ -67,7 +69,8 @@ def sample(model, solver, steps, spacing, seed, n, label, guidance, device, out,
     cond = torch.full((n,), label, dtype=torch.long) if label is not None else None
     if cond is None and denoiser.conditioning == "text":
         cond = torch.zeros((n, *denoiser.cond_shape))
-    config = SolverConfig(solver, steps, spacing, guidance)
+    timesteps = parse_timesteps(timesteps)
+    config = resolve_solver(denoiser, solver, len(timesteps) if timesteps else steps, spacing, guidance, timesteps=timesteps)
     samples = run_sampler(denoiser, config, make_noise(denoiser, n, seed), cond, device=device, seed=seed)
     save_grid(samples, Path(out), denoiser.data_range)
     if save_tensors:
@@ -75,6 +78,16 @@ def sample(model, solver, steps, spacing, seed, n, label, guidance, device, out,
 
         save_file({"samples": samples.contiguous()}, save_tensors)
     click.echo(f"wrote {out} ({n} samples, {solver}-{steps}, seed {seed})")
+
+
+@cli.command()
+def solvers():
+    """List the solvers, their options and network evaluations per K steps."""
+    from compress.solvers import SOLVERS
+
+    for name, spec in SOLVERS.items():
+        options = ", ".join(spec.option_names()) or "-"
+        click.echo(f"{name:<10} order {spec.order}  NFE {spec.evaluations:<14} {spec.summary}  [options: {options}]")
 
 
 @cli.group()

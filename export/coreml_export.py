@@ -76,17 +76,17 @@ def export_coreml(
     _check_options(batch_size, weights, activations, deployment_target)
     target = deployment_target or ("iOS17" if activations == "int8" else "iOS16")
     settings = {"weights": weights, "activations": activations, "deployment_target": target, "compute_precision": "float16"}
-    sampler = SamplerGraph(denoiser, solver_config, guidance)
-    network = DenoiserGraph(denoiser)
+    device = denoiser.device
+    denoiser.to("cpu")  # traced and converted on the CPU; the caller's device is restored at the end
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".coreml-export-", dir=out_dir))
-    device = denoiser.device
-    denoiser.to("cpu")  # torch.export for Core ML traces on the CPU
     try:
+        sampler, network = SamplerGraph(denoiser, solver_config, guidance), DenoiserGraph(denoiser)
+        extra = {"coreml": settings}
         records = [
-            _write_package(sampler, "sampler", "sample", _coreml_sidecar(sampler_sidecar(sampler, "coreml", "sampler.mlpackage", batch_size, {"coreml": settings})), stage, batch_size, settings),
-            _write_package(network, "denoiser", "prediction", _coreml_sidecar(denoiser_sidecar(network, "coreml", "denoiser.mlpackage", batch_size, {"coreml": settings})), stage, batch_size, settings),
+            _write_package(sampler, "sampler", _coreml_sidecar(sampler_sidecar(sampler, "coreml", "sampler.mlpackage", batch_size, extra)), stage, settings),
+            _write_package(network, "denoiser", _coreml_sidecar(denoiser_sidecar(network, "coreml", "denoiser.mlpackage", batch_size, extra)), stage, settings),
         ]
         for item in sorted(stage.iterdir()):
             destination = out_dir / item.name
@@ -125,9 +125,10 @@ def _coreml_sidecar(sidecar: dict) -> dict:
     return sidecar
 
 
-def _write_package(graph: nn.Module, kind: str, output: str, sidecar: dict, stage: Path, batch_size: int, settings: dict) -> dict:
+def _write_package(graph: nn.Module, kind: str, sidecar: dict, stage: Path, settings: dict) -> dict:
     ct = import_coremltools()
-    model = _convert(ct, graph, output, sidecar, batch_size, settings["deployment_target"])
+    batch_size = sidecar["batch"]["size"]
+    model = _convert(ct, graph, sidecar, batch_size, settings["deployment_target"])
     model = _compress(ct, model, graph, batch_size, settings)
     _describe(model, kind, sidecar)
     path = stage / sidecar["file"]
@@ -149,11 +150,12 @@ def _write_package(graph: nn.Module, kind: str, output: str, sidecar: dict, stag
         "weight_bytes": weight_bytes,
         "weight_file_bytes": structure["weight_file_bytes"],
         "ops": structure["op_count"],
+        "op_types": structure["ops"],
         **{k: settings[k] for k in ("weights", "activations", "deployment_target", "compute_precision")},
     }
 
 
-def _convert(ct, graph: nn.Module, output: str, sidecar: dict, batch_size: int, deployment_target: str):
+def _convert(ct, graph: nn.Module, sidecar: dict, batch_size: int, deployment_target: str):
     example = tuple(x.cpu() for x in graph.example_inputs(batch_size))
     dtypes = {"float32": np.float32, "int32": np.int32}
     inputs = [ct.TensorType(name=spec["name"], shape=tuple(x.shape), dtype=dtypes[spec["dtype"]]) for spec, x in zip(sidecar["inputs"], example)]
@@ -162,7 +164,8 @@ def _convert(ct, graph: nn.Module, output: str, sidecar: dict, batch_size: int, 
         return ct.convert(
             program,
             inputs=inputs,
-            outputs=[ct.TensorType(name=output, dtype=np.float32)],
+            # Named here, the output is renamed from its automatic name to the sidecar's.
+            outputs=[ct.TensorType(name=sidecar["outputs"][0]["name"], dtype=np.float32)],
             convert_to="mlprogram",
             compute_precision=ct.precision.FLOAT16,
             minimum_deployment_target=getattr(ct.target, deployment_target),

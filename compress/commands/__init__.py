@@ -2,6 +2,8 @@
 
 
 def STAGE_COMMANDS():
+    from compress.commands.bench import bench
     from compress.commands.export import export
+    from compress.commands.quantize import calibrate, quantize
 
-    return [export]
+    return [export, bench, calibrate, quantize]

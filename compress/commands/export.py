@@ -31,17 +31,21 @@ def parse_timesteps(text: str | None) -> tuple[int, ...] | None:
 @click.option("--guidance", type=float, default=None, help="Default classifier-free guidance scale (conditional models).")
 @click.option("--format", "formats", multiple=True, default=("onnx",), show_default=True, help="onnx, coreml, openvino; repeatable.")
 @click.option("--batch-size", type=int, default=None, help="Static batch size (default: dynamic batch).")
+@click.option("--target", default="generic", show_default=True,
+              help="generic, npu-qnn, npu-qnn-w8a16 or npu-openvino; NPU targets export static shapes (batch 1 unless --batch-size).")
 @click.option("--opset", type=int, default=18, show_default=True)
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False))
 @model_options
-def export(model, solver, steps, spacing, schedule, timesteps, guidance, formats, batch_size, opset, out, **kw):
+def export(model, solver, steps, spacing, schedule, timesteps, guidance, formats, batch_size, target, opset, out, **kw):
     """Export MODEL's whole sampler as one graph (sampler.*) and its denoiser (denoiser.*)."""
     from compress.export_chain import export_artifacts, resolve_solver
     from compress.outputs import staged_folder
+    from export.targets import get_target
 
     for f in formats:
         if f not in FORMATS:
             raise UserError(f"unknown export format {f!r} (available: {', '.join(FORMATS)})")
+    batch_size = get_target(target).batch_size(batch_size)  # NPU targets fix the batch: static shapes
     denoiser = load_from_flags(model, kw)
     config = resolve_solver(denoiser, solver, steps, spacing, guidance, schedule, parse_timesteps(timesteps))
     with staged_folder(Path(out)) as root:

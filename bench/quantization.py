@@ -1,0 +1,271 @@
+"""Timestep-aware post-training quantization: quality, ablation and speed on onnxruntime CPU.
+
+Quality (zoo:digits, and zoo:digits-cond with guidance 3), dpmpp-2m 8 steps, baked sampler.onnx:
+PSNR of the quantized sampler's samples against the float32 sampler's from the same noise, FD on
+the zoo classifier's features against the held-out digits, class agreement (conditional model).
+Ablation: calibration sampler (ndtc, uniform, solver) x granularity (per-step, shared) x scheme.
+Speed: float32 vs W8A8 per-step sampler at batch 1, on zoo:digits and on the DDPM CIFAR-10
+architecture (random weights), both on onnxruntime's CPU provider in this same run.
+
+Writes bench/results/quantization.{json,md}. Run:
+    python bench/quantization.py                       # everything that can run here
+    python bench/quantization.py --models cifar        # speed on the CIFAR-10 architecture only
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from calibration import CalibrationConfig, calibrate
+from compress.denoiser import Denoiser, DiffusersUNet
+from compress.metrics import DigitsJudge, psnr
+from compress.quantize import QuantizeConfig, quantize_
+from compress.schedule import NoiseSchedule
+from compress.solvers import SolverConfig
+from export.onnx_export import export_onnx
+
+RESULTS = Path(__file__).parent / "results"
+SOLVER = dict(name="dpmpp-2m", steps=8)
+GOALS = {"psnr_db": 30.0, "fd_relative": 0.05, "agreement_points": 1.0, "speedup": 1.8}
+
+
+def session(path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_sampler(path, feeds: dict, threads: int, batch: int = 64) -> torch.Tensor:
+    s = session(path, threads)
+    n = len(feeds["noise"])
+    outs = []
+    for start in range(0, n, batch):
+        part = {k: (v if k == "guidance_scale" else v[start : start + batch]) for k, v in feeds.items()}
+        outs.append(s.run(["sample"], part)[0])
+    return torch.from_numpy(np.concatenate(outs))
+
+
+def latency_ms(path, feeds: dict, threads: int, repeats: int) -> dict:
+    s = session(path, threads)
+    one = {k: v[:1] for k, v in feeds.items()}
+    for _ in range(2):
+        s.run(["sample"], one)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        s.run(["sample"], one)
+        times.append((time.perf_counter() - start) * 1000)
+    return {"median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90)), "repeats": repeats}
+
+
+def sampler_feeds(denoiser: Denoiser, n: int, seed: int, guidance: float | None) -> tuple[dict, torch.Tensor | None]:
+    noise = torch.randn((n, *denoiser.sample_shape), generator=torch.Generator().manual_seed(seed))
+    feeds = {"noise": noise.numpy()}
+    labels = None
+    if denoiser.conditioning == "class":
+        labels = torch.arange(n) % denoiser.num_classes
+        feeds["class_labels"] = labels.numpy()
+        feeds["guidance_scale"] = np.array([guidance if guidance is not None else 1.0], dtype=np.float32)
+    return feeds, labels
+
+
+# ----------------------------------------------------------------------------- zoo quality and ablation
+
+
+def zoo_quality(name: str, guidance: float | None, args, work: Path, log) -> dict:
+    from compress.loading import load_model
+    from compress.zoo.data import load_digits_tensors
+
+    denoiser = load_model(f"zoo:{name}")
+    solver = SolverConfig(SOLVER["name"], SOLVER["steps"], guidance_scale=guidance)
+    folder = work / name / "float"
+    export_onnx(denoiser, solver, folder)
+    feeds, labels = sampler_feeds(denoiser, args.samples, seed=1234, guidance=guidance)
+    judge = DigitsJudge()
+    heldout, _ = load_digits_tensors("heldout")
+    reference = run_sampler(folder / "sampler.onnx", feeds, args.threads)
+
+    def metrics(samples: torch.Tensor) -> dict:
+        out = {"psnr_db": psnr(samples, reference), "fd": judge.fd(samples, heldout)}
+        if labels is not None:
+            out["class_agreement"] = judge.agreement(samples, labels)
+        return out
+
+    float_row = {"artifact": "float32", "calibration": "-", "granularity": "-", "scheme": "float32", **metrics(reference),
+                 "bytes": (folder / "sampler.onnx").stat().st_size, **latency_ms(folder / "sampler.onnx", feeds, args.threads, args.repeats)}
+    rows = [float_row]
+    log(f"{name}: float32 FD {float_row['fd']:.3f}")
+    for scheme in ("fp16", "int8-weights"):
+        (record,) = quantize_(folder, None, QuantizeConfig(scheme=scheme, targets=["sampler"]), out_dir=work / name / scheme)
+        rows.append({"artifact": scheme, "calibration": "-", "granularity": "-", "scheme": scheme,
+                     **metrics(run_sampler(record["path"], feeds, args.threads)), "bytes": record["bytes"],
+                     **latency_ms(record["path"], feeds, args.threads, args.repeats)})
+    for sampler in ("ndtc", "uniform", "solver"):
+        start = time.perf_counter()
+        calib = calibrate(denoiser, CalibrationConfig(sampler=sampler, samples=args.calib_samples, guidance_scale=guidance,
+                                                      trajectory_steps=args.trajectory_steps), solver)
+        log(f"{name}: calibration {sampler}: {len(calib)} inputs, {len(calib.noise)} trajectories ({time.perf_counter() - start:.0f} s)")
+        for granularity in ("per-step", "shared"):
+            for scheme in args.schemes:
+                config = QuantizeConfig(scheme=scheme, granularity=granularity, subset_size=args.calib_samples, targets=["sampler"])
+                out = work / name / f"{sampler}-{granularity}-{scheme}"
+                start = time.perf_counter()
+                (record,) = quantize_(folder, calib, config, out_dir=out)
+                seconds = time.perf_counter() - start
+                row = {"artifact": f"{scheme} {granularity}", "calibration": sampler, "granularity": granularity, "scheme": scheme,
+                       **metrics(run_sampler(record["path"], feeds, args.threads)), "bytes": record["bytes"],
+                       **latency_ms(record["path"], feeds, args.threads, args.repeats), "quantize_s": seconds,
+                       "calibration_inputs": record.get("calibration_inputs"), "layers_with_per_step_scales": record.get("layers_with_per_step_scales")}
+                rows.append(row)
+                log(f"{name}: {sampler:8s} {granularity:9s} {scheme}: PSNR {row['psnr_db']:.2f} dB, FD {row['fd']:.3f}"
+                    + (f", agreement {row['class_agreement']:.3f}" if "class_agreement" in row else "") + f", {row['median_ms']:.1f} ms")
+    for row in rows:
+        row["fd_relative"] = row["fd"] / float_row["fd"] - 1
+        if "class_agreement" in row:
+            row["agreement_points"] = 100 * (row["class_agreement"] - float_row["class_agreement"])
+        row["speedup"] = float_row["median_ms"] / row["median_ms"]
+    headline = next(r for r in rows if r["calibration"] == args.headline_calibration and r["granularity"] == "per-step" and r["scheme"] == "w8a8")
+    goals = {"psnr": headline["psnr_db"] >= GOALS["psnr_db"], "fd_within_5_percent": abs(headline["fd_relative"]) <= GOALS["fd_relative"]}
+    if "agreement_points" in headline:
+        goals["agreement_within_1_point"] = abs(headline["agreement_points"]) <= GOALS["agreement_points"]
+    return {"model": f"zoo:{name}", "guidance_scale": guidance, "solver": SOLVER, "samples": args.samples,
+            "calibration_samples": args.calib_samples, "headline": headline, "goals_met": goals, "rows": rows}
+
+
+# ----------------------------------------------------------------------------- speed
+
+
+def cifar_denoiser() -> Denoiser:
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=32, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
+    return Denoiser(DiffusersUNet(unet).eval(), NoiseSchedule.from_betas(), "epsilon", (3, 32, 32), name="ddpm-cifar10-arch")
+
+
+def speed(name: str, denoiser: Denoiser, guidance: float | None, args, work: Path, log) -> dict:
+    solver = SolverConfig(SOLVER["name"], SOLVER["steps"], guidance_scale=guidance)
+    folder = work / f"speed-{name}" / "float"
+    start = time.perf_counter()
+    export_onnx(denoiser, solver, folder)
+    log(f"{name}: exported in {time.perf_counter() - start:.0f} s")
+    calib = calibrate(denoiser, CalibrationConfig(sampler="solver", samples=8 * args.speed_calib_trajectories, trajectory_steps=20,
+                                                  guidance_scale=guidance), solver)
+    start = time.perf_counter()
+    records = {r["kind"]: r for r in quantize_(folder, calib, QuantizeConfig(subset_size=args.speed_calib_trajectories * 8), out_dir=work / f"speed-{name}" / "w8a8")}
+    log(f"{name}: quantized in {time.perf_counter() - start:.0f} s")
+    feeds, _ = sampler_feeds(denoiser, 1, seed=0, guidance=guidance)
+    out = {"model": name, "parameters": sum(p.numel() for p in denoiser.module.parameters()), "batch": 1, "threads": args.threads}
+    for kind in ("float32", "w8a8"):
+        path = folder / "sampler.onnx" if kind == "float32" else records["sampler"]["path"]
+        out[kind] = {"bytes": Path(path).stat().st_size, **latency_ms(path, feeds, args.threads, args.speed_repeats)}
+    out["speedup"] = out["float32"]["median_ms"] / out["w8a8"]["median_ms"]
+    out["size_ratio"] = out["w8a8"]["bytes"] / out["float32"]["bytes"]
+    out["goal_met"] = out["speedup"] >= GOALS["speedup"]
+    log(f"{name}: float32 {out['float32']['median_ms']:.0f} ms, w8a8 {out['w8a8']['median_ms']:.0f} ms -> {out['speedup']:.2f}x, size x{out['size_ratio']:.3f}")
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def markdown(results: dict) -> str:
+    lines = ["# Timestep-aware post-training quantization", "",
+             f"dpmpp-2m, {SOLVER['steps']} steps baked into sampler.onnx; onnxruntime {ort.__version__} CPUExecutionProvider, "
+             f"{results['environment']['threads']} threads, {results['environment']['processor']}. "
+             "PSNR against the float32 sampler from the same noise; FD against held-out digits (zoo classifier features).", ""]
+    for q in results["quality"]:
+        if "skipped" in q:
+            lines += [f"## {q['model']}: skipped ({q['skipped']})", ""]
+            continue
+        h = q["headline"]
+        lines += [f"## {q['model']}" + (f", guidance {q['guidance_scale']:g}" if q["guidance_scale"] else ""), "",
+                  f"Headline W8A8 per-step ({h['calibration']} calibration): PSNR {h['psnr_db']:.2f} dB, FD {h['fd']:.3f} "
+                  f"({100 * h['fd_relative']:+.1f}% vs float32)" + (f", agreement {100 * h['class_agreement']:.1f}% ({h['agreement_points']:+.1f} points)" if "class_agreement" in h else "")
+                  + f". Goals met: {json.dumps(q['goals_met'])}.", "",
+                  "| calibration | granularity | scheme | PSNR dB | FD | FD vs fp32 | agreement | size MB | median ms | speed-up |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in q["rows"]:
+            agree = f"{100 * r['class_agreement']:.1f}%" if "class_agreement" in r else "-"
+            lines.append(f"| {r['calibration']} | {r['granularity']} | {r['scheme']} | {r['psnr_db']:.2f} | {r['fd']:.3f} | {100 * r['fd_relative']:+.1f}% | {agree} "
+                         f"| {r['bytes'] / 1e6:.2f} | {r['median_ms']:.1f} | {r['speedup']:.2f}x |")
+        lines.append("")
+    lines += ["## Speed: float32 vs W8A8 per-step sampler, batch 1", "",
+              "| model | params | float32 ms | w8a8 ms | speed-up | size ratio |", "|---|---|---|---|---|---|"]
+    for s in results["speed"]:
+        if "skipped" in s:
+            lines.append(f"| {s['model']} | skipped: {s['skipped']} | | | | |")
+            continue
+        lines.append(f"| {s['model']} | {s['parameters'] / 1e6:.1f}M | {s['float32']['median_ms']:.0f} | {s['w8a8']['median_ms']:.0f} | {s['speedup']:.2f}x | {s['size_ratio']:.3f} |")
+    lines += ["", "Per-step: NNCF calibrates the unrolled graph from the set's trajectory starts, so each step's scales come from "
+              "that step's own states whatever the timestep sampler. Shared: the denoiser is calibrated once on the set's recorded "
+              "(x_t, t, cond) and its scales are written into every step, so there the timestep sampler decides the ranges.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", default="digits,digits-cond,cifar")
+    parser.add_argument("--samples", type=int, default=512, help="samples for PSNR/FD")
+    parser.add_argument("--calib-samples", type=int, default=256)
+    parser.add_argument("--trajectory-steps", type=int, default=100)
+    parser.add_argument("--schemes", default="w8a8,w8a16")
+    parser.add_argument("--headline-calibration", default="ndtc")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--speed-repeats", type=int, default=10)
+    parser.add_argument("--speed-calib-trajectories", type=int, default=4)
+    parser.add_argument("--work", default=None, help="keep the artifacts here (default: a temporary folder)")
+    args = parser.parse_args()
+    args.schemes = args.schemes.split(",")
+    models = args.models.split(",")
+    torch.set_num_threads(args.threads)
+    from compress.zoo import CHECKPOINTS
+
+    def log(message: str) -> None:
+        print(message, flush=True)
+
+    results = {"environment": {"processor": platform.processor() or platform.machine(), "threads": args.threads,
+                               "onnxruntime": ort.__version__, "torch": torch.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S")},
+               "goals": GOALS, "quality": [], "speed": []}
+    with tempfile.TemporaryDirectory(prefix="bench-quantization-") as scratch:
+        work = Path(args.work or scratch)
+        for name, guidance in (("digits", None), ("digits-cond", 3.0)):
+            if name not in models:
+                continue
+            if not (CHECKPOINTS / f"{name}.safetensors").is_file():
+                results["quality"].append({"model": f"zoo:{name}", "skipped": "checkpoint not trained yet"})
+                results["speed"].append({"model": f"zoo:{name}", "skipped": "checkpoint not trained yet"})
+                continue
+            results["quality"].append(zoo_quality(name, guidance, args, work, log))
+            if name == "digits":
+                from compress.loading import load_model
+
+                results["speed"].append(speed("zoo:digits", load_model("zoo:digits"), None, args, work, log))
+        if "cifar" in models:
+            results["speed"].append(speed("ddpm-cifar10-arch", cifar_denoiser(), None, args, work, log))
+    RESULTS.mkdir(exist_ok=True)
+    previous = RESULTS / "quantization.json"
+    if previous.is_file() and set(models) != {"digits", "digits-cond", "cifar"}:
+        # A partial run keeps the other models' results from the last full one.
+        old = json.loads(previous.read_text())
+        keep = lambda rows, new: [r for r in rows if r["model"] not in {n["model"] for n in new}]  # noqa: E731
+        results["quality"] = keep(old.get("quality", []), results["quality"]) + results["quality"]
+        results["speed"] = keep(old.get("speed", []), results["speed"]) + results["speed"]
+    (RESULTS / "quantization.json").write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / "quantization.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""The same 8-step sampler artifact on torch CPU, onnxruntime CPU and OpenVINO CPU, side by side.
+
+For zoo:digits and for the DDPM CIFAR-10 architecture (google/ddpm-cifar10-32's UNet2DModel
+config, 35.7M parameters, random weights from seed 0), the DPM-Solver++(2M) 8-step sampler is
+exported once (ONNX, dynamic batch, and its OpenVINO IR) and every runtime runs it from the same
+noise at batch 1 and 8, in one process, one runtime after another, with the same thread count.
+torch runs the eager SamplerGraph the artifacts were traced from, so it is the reference the
+others must match: within 1e-3 absolute for zoo:digits (its samples lie in [-1, 1]); the random
+CIFAR network's samples reach hundreds, so there the bound is 1e-3 relative to the largest value.
+
+An int8 row (compress.quantize, W8A8 per step, on onnxruntime and OpenVINO) is added when that
+module imports and quantizes; otherwise the results say why it is missing.
+
+Writes bench/results/runtimes.{json,md}. Run (needs compress/zoo/checkpoints/digits.safetensors):
+    python bench/runtimes.py [--runs 20] [--warmup 3] [--threads 2] [--models digits,cifar10]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+# This script shares its name with the `runtimes` package: run as a file, its own folder would come
+# first on sys.path and `import runtimes` would find the script. The repository root comes first instead.
+HERE = Path(__file__).resolve().parent
+sys.path[:] = [str(HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from compress.denoiser import Denoiser, DiffusersUNet  # noqa: E402
+from compress.schedule import NoiseSchedule  # noqa: E402
+from compress.solvers import SolverConfig  # noqa: E402
+from export.onnx_export import export_onnx  # noqa: E402
+from export.openvino_export import export_openvino  # noqa: E402
+from export.sampler_graph import SamplerGraph  # noqa: E402
+from runtimes.artifacts import example_feeds, open_artifact  # noqa: E402
+from runtimes.bench import benchmark  # noqa: E402
+from runtimes.runners import get_runner  # noqa: E402
+
+RESULTS = HERE / "results"
+SOLVER = SolverConfig("dpmpp-2m", 8)
+BATCHES = (1, 8)
+TOL = 1e-3
+
+
+def digits() -> Denoiser:
+    from compress.loading import load_model
+
+    return load_model("zoo:digits")
+
+
+def ddpm_cifar10() -> Denoiser:
+    """google/ddpm-cifar10-32's architecture with random weights (no download)."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=32, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(128, 256, 256, 256),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6, norm_num_groups=32,
+    )
+    return Denoiser(DiffusersUNet(unet).eval(), NoiseSchedule.from_betas("linear", 1000), "epsilon", (3, 32, 32),
+                    name="ddpm-cifar10-architecture", source="random weights, seed 0")
+
+
+# name -> (builder, how agreement is judged, whether it is large: fewer runs, seconds per call)
+MODELS = {"digits": (digits, "absolute", False), "cifar10": (ddpm_cifar10, "relative", True)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=20, help="timed runs per row (zoo:digits)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--large-runs", type=int, default=5, help="timed runs per row for the CIFAR-10 architecture (1 warm-up)")
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads for every runtime")
+    parser.add_argument("--models", default="digits,cifar10")
+    args = parser.parse_args()
+    rows, notes = [], []
+    with tempfile.TemporaryDirectory(prefix="bench-runtimes-") as work:
+        for name in args.models.split(","):
+            build, tolerance, large = MODELS[name]
+            runs, warmup = (args.large_runs, 1) if large else (args.runs, args.warmup)
+            rows += bench_model(name, build(), tolerance, Path(work) / name, runs, warmup, args.threads, notes)
+    environment = {
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "load_average_at_end": os.getloadavg(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "onnxruntime": __import__("onnxruntime").__version__,
+        "openvino": __import__("openvino").get_version(),
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "runtimes.json").write_text(json.dumps({"environment": environment, "solver": "dpmpp-2m, 8 steps, trailing",
+                                                       "rows": rows, "notes": notes}, indent=2) + "\n")
+    text = markdown(rows, notes, environment)
+    (RESULTS / "runtimes.md").write_text(text)
+    print(text)
+
+
+def bench_model(name: str, denoiser: Denoiser, tolerance: str, work: Path, runs: int, warmup: int, threads: int, notes: list[str]) -> list[dict]:
+    params = sum(p.numel() for p in denoiser.module.parameters())
+    start = time.perf_counter()
+    records = export_onnx(denoiser, SOLVER, work)
+    export_openvino(records, work)
+    export_s = time.perf_counter() - start
+    print(f"{name}: {params / 1e6:.2f}M parameters, exported in {export_s:.0f} s")
+    artifact = open_artifact(work / "sampler.onnx")
+    graph = SamplerGraph(denoiser, SOLVER)
+    int8 = quantized_sampler(denoiser, work, notes)
+    rows = []
+    for batch in BATCHES:
+        feeds = example_feeds(artifact, batch, seed=0)
+        loaders = [("torch", "float32", lambda r: r.load_module(graph)),
+                ("onnxruntime", "float32", lambda r: r.load(work / "sampler.onnx")),
+                ("openvino", "float32", lambda r: r.load(work / "sampler.xml"))]
+        if int8:
+            loaders += [("onnxruntime", "int8", lambda r: r.load(int8 / "sampler.onnx")),
+                     ("openvino", "int8", lambda r: r.load(int8 / "sampler.xml"))]
+        reference = None
+        for runtime, precision, load in loaders:
+            runner = get_runner(runtime, threads)
+            result = benchmark(runner, feeds, runs, warmup, load=lambda: load(runner))
+            output = runner.run(feeds)
+            reference = output if reference is None else reference
+            diff = float(np.abs(output - reference).max())
+            scale = max(1.0, float(np.abs(reference).max())) if tolerance == "relative" else 1.0
+            rows.append({
+                "model": name, "parameters": params, "runtime": runtime, "precision": precision, "batch": batch,
+                "median_ms": result["latency_ms"]["median"], "p90_ms": result["latency_ms"]["p90"],
+                "ms_per_sample": result["ms_per_sample"], "peak_rss_delta_mb": result["memory"]["peak_rss_delta_mb"],
+                "max_abs_diff_vs_torch": diff, "max_abs_torch": float(np.abs(reference).max()),
+                # int8 is compared with float torch for information; the 1e-3 bound is for float artifacts.
+                "agrees": diff <= TOL * scale if precision == "float32" else None,
+                "runs": runs, "warmup": warmup, "export_s": export_s, "memory_method": result["memory"]["method"], "runner": result["runner"],
+            })
+            print(f"  batch {batch} {runtime:<12} {precision:<8} median {result['latency_ms']['median']:9.2f} ms  "
+                  f"p90 {result['latency_ms']['p90']:9.2f} ms  max|diff| {diff:.2e}")
+            del runner
+    return rows
+
+
+def quantized_sampler(denoiser: Denoiser, work: Path, notes: list[str]) -> Path | None:
+    """W8A8 sampler.onnx (+ IR) from compress.quantize, or None with a note saying why not."""
+    try:
+        from calibration import CalibrationConfig, calibrate
+        from compress.quantize import QuantizeConfig, quantize_
+
+        calib = calibrate(denoiser, CalibrationConfig(sampler="solver", samples=64), SOLVER)
+        out = work / "int8"
+        records = quantize_(work, calib, QuantizeConfig(scheme="w8a8", targets=["sampler"]), out_dir=out)
+        export_openvino(records, out)
+        return out
+    except Exception as e:  # the quantizer is developed concurrently: its absence is a result, not a crash
+        notes.append(f"{denoiser.name}: no int8 row, compress.quantize failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        traceback.print_exc()
+        return None
+
+
+def markdown(rows: list[dict], notes: list[str], env: dict) -> str:
+    lines = ["# Runtimes: one 8-step DPM-Solver++(2M) sampler artifact on three CPU runtimes", ""]
+    lines += ["| model | runtime | precision | batch | median ms | p90 ms | ms/sample | peak RSS +MB | max abs diff vs torch | agrees |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        agrees = "" if r["agrees"] is None else ("yes" if r["agrees"] else "NO")
+        lines.append(f"| {r['model']} ({r['parameters'] / 1e6:.1f}M) | {r['runtime']} | {r['precision']} | {r['batch']} | {r['median_ms']:.2f} | "
+                     f"{r['p90_ms']:.2f} | {r['ms_per_sample']:.2f} | {r['peak_rss_delta_mb']:.1f} | {r['max_abs_diff_vs_torch']:.2e} | {agrees} |")
+    lines += ["", f"CPU: {env['processor']}, {env['cpu_count']} cores, {env['threads']} threads per runtime; "
+              f"load average at the end {', '.join(f'{v:.1f}' for v in env['load_average_at_end'])} (the machine is shared).",
+              f"torch {env['torch']} (eager SamplerGraph), onnxruntime {env['onnxruntime']} (CPUExecutionProvider), "
+              f"OpenVINO {env['openvino']} (CPU, f32 inference precision).",
+              "Timed runs per row: see `runs` in runtimes.json (20 after 3 warm-up for zoo:digits, 5 after 1 for CIFAR-10); latency is one call of the whole sampler (8 network "
+              "evaluations) at that batch. Memory: peak RSS during load + runs minus RSS before load "
+              f"({rows[0]['memory_method'] if rows else ''}).",
+              "Agreement: zoo:digits within 1e-3 absolute; the random-weight CIFAR-10 network within 1e-3 of its largest output."]
+    lines += [f"- {note}" for note in notes]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

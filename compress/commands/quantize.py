@@ -1,0 +1,96 @@
+"""`compress calibrate` (record a calibration set) and `compress quantize` (quantize exported graphs)."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import click
+
+from compress.commands.common import load_from_flags, model_options
+from compress.errors import UserError
+
+
+@click.command()
+@click.argument("model")
+@click.option("--sampler", type=click.Choice(["ndtc", "uniform", "solver"]), default="ndtc", show_default=True,
+              help="ndtc: t ~ Normal(mean, std)·T (PTQ4DM); uniform: every --interval timesteps (Q-Diffusion); solver: the baked solver's timesteps.")
+@click.option("--samples", type=int, default=256, show_default=True, help="Recorded states (guidance records each twice).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--mean", type=float, default=0.4, show_default=True, help="ndtc: mean timestep as a fraction of T.")
+@click.option("--std", type=float, default=0.4, show_default=True, help="ndtc: standard deviation as a fraction of T.")
+@click.option("--interval", type=int, default=None, help="uniform: timesteps between recorded states (default T/20).")
+@click.option("--trajectory-steps", type=int, default=100, show_default=True, help="Steps of the full-precision DDIM chain.")
+@click.option("--guidance", type=float, default=None, help="Classifier-free guidance along the chain (conditional models).")
+@click.option("--solver", default="dpmpp-2m", show_default=True, help="The solver to bake (--sampler solver).")
+@click.option("--steps", type=int, default=8, show_default=True)
+@click.option("--spacing", default="trailing", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Output .safetensors file.")
+@model_options
+def calibrate(model, sampler, samples, seed, mean, std, interval, trajectory_steps, guidance, solver, steps, spacing, device, out, **kw):
+    """Record a timestep-aware calibration set from MODEL's own full-precision trajectories."""
+    from calibration import CalibrationConfig, calibrate as record, save_calibration
+    from compress.solvers import SolverConfig
+
+    config = CalibrationConfig(sampler=sampler, samples=samples, seed=seed, mean=mean, std=std, interval=interval,
+                               trajectory_steps=trajectory_steps, guidance_scale=guidance)
+    denoiser = load_from_flags(model, kw)
+    solver_config = SolverConfig(solver, steps, spacing, guidance) if sampler == "solver" else None
+    calib = record(denoiser, config, solver_config, device=device)
+    path = save_calibration(calib, out)
+    counts = calib.header["counts"]
+    click.echo(f"wrote {path} ({counts['inputs']} inputs from {counts['trajectories']} trajectories, "
+               f"{len(calib.header['timesteps']['values'])} timesteps, sampler {sampler})")
+
+
+@click.command()
+@click.argument("model_or_onnx")
+@click.option("--calib", "calib", type=click.Path(dir_okay=False), default=None, help="Calibration set from 'compress calibrate' (w8a8, w8a16).")
+@click.option("--scheme", type=click.Choice(["w8a8", "w8a16", "int8-weights", "int4-weights", "fp16"]), default="w8a8", show_default=True)
+@click.option("--granularity", type=click.Choice(["per-step", "shared"]), default="per-step", show_default=True,
+              help="Activation scales of the unrolled sampler: per step, or one per layer for all steps.")
+@click.option("--shared-from", type=click.Choice(["denoiser", "union"]), default="denoiser", show_default=True,
+              help="shared: the denoiser's scales calibrated on the set, or the union of the per-step ranges.")
+@click.option("--target", "targets", multiple=True, type=click.Choice(["sampler", "denoiser"]), help="Graphs to quantize (default both).")
+@click.option("--subset-size", type=int, default=256, show_default=True)
+@click.option("--ignore", "ignored", multiple=True, help="Extra node-name regex kept in float; repeatable.")
+@click.option("--solver", default="dpmpp-2m", show_default=True, help="For a model reference: the solver to export first.")
+@click.option("--steps", type=int, default=8, show_default=True)
+@click.option("--spacing", default="trailing", show_default=True)
+@click.option("--guidance", type=float, default=None, help="For a model reference: default guidance scale of the export.")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False))
+@model_options
+def quantize(model_or_onnx, calib, scheme, granularity, shared_from, targets, subset_size, ignored, solver, steps, spacing, guidance, out, **kw):
+    """Quantize MODEL_OR_ONNX: an export folder or .onnx file, or a model reference (exported first)."""
+    from calibration import check_calibration_matches, load_calibration, model_identity
+    from compress.outputs import Manifest, staged_folder
+    from compress.quantize import QuantizeConfig, quantize_
+
+    config = QuantizeConfig(scheme=scheme, granularity=granularity, shared_from=shared_from, subset_size=subset_size,
+                            ignored=list(ignored), **({"targets": list(targets)} if targets else {}))
+    calib_set = load_calibration(calib) if calib else None
+    if scheme in ("w8a8", "w8a16") and calib_set is None:
+        raise UserError(f"--scheme {scheme} needs --calib (record a set with 'compress calibrate')")
+    source = Path(model_or_onnx)
+    with staged_folder(Path(out)) as root, tempfile.TemporaryDirectory(prefix="compress-quantize-") as scratch:
+        if not source.exists():
+            if ":" not in model_or_onnx:
+                raise UserError(f"{model_or_onnx} does not exist (expected an export folder, an .onnx file or a model reference)")
+            from compress.export_chain import resolve_solver
+            from export.onnx_export import export_onnx
+
+            denoiser = load_from_flags(model_or_onnx, kw)
+            if calib_set is not None:
+                check_calibration_matches(calib_set, model_identity(denoiser), where=f"model {model_or_onnx!r}")
+            if guidance is None and calib_set is not None and denoiser.supports_guidance:
+                guidance = calib_set.guidance_scale
+            export_onnx(denoiser, resolve_solver(denoiser, solver, steps, spacing, guidance), scratch)
+            source = Path(scratch)
+        records = quantize_(source, calib_set, config, out_dir=root)
+        manifest = Manifest(root, "quantize")
+        for r in records:
+            manifest.add(Path(r["path"]), "onnx", "quantize", config.to_dict(), kind=r["kind"], scheme=scheme)
+        manifest.write()
+    for r in records:
+        click.echo(f"wrote {Path(out) / Path(r['path']).name} ({r['bytes'] / 1e6:.2f} MB, float {r['float_bytes'] / 1e6:.2f} MB, {r['scheme']}"
+                   + (f", {r['granularity']}" if r.get("granularity") else "") + ")")

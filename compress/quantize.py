@@ -1,0 +1,656 @@
+"""Post-training quantization of exported artifacts: one call, one config.
+
+    records = quantize_("out/export", load_calibration("calib.safetensors"), QuantizeConfig(scheme="w8a8"), out_dir="out/int8")
+
+NNCF is the engine (``nncf.quantize`` for W8A8, ``nncf.compress_weights`` for weight-only); what
+is ours is how a diffusion sampler is fed to it:
+
+- **per-step** (the unrolled sampler.onnx): NNCF calibrates the whole unrolled graph by running
+  it from the calibration set's trajectory starts (x_T, condition, guidance scale). Every step has
+  its own nodes, so every step's activations get their own scales, computed on exactly the states
+  the baked solver produces, at no runtime cost.
+- **shared**: one scale per layer for all steps. ``shared_from="denoiser"`` (default) quantizes
+  denoiser.onnx once on the calibration set's recorded (x_t, t, cond) and writes each layer's
+  scales into every step of the sampler (the classic PTQ4DM / Q-Diffusion setting, where the
+  timestep sampler matters); ``"union"`` gives each layer the union of its per-step ranges.
+  Quantizers are matched by the layer they feed (node name without the step prefix).
+- The solver's own arithmetic (the state x, guidance mixing) stays float32: only nodes inside
+  the network are quantized. Input/output convs, timestep and class embeddings, DiT's patch
+  embedding and final layers (`DEFAULT_IGNORED`), and the attention MatMul that reads softmax
+  probabilities stay float. A 1x1 conv on a channel concat (UNet skip connections) is split
+  into one conv per half (exact in float) so each half gets its own quantizer.
+- Bias correction is off for the unrolled sampler: its steps share bias initializers, and NNCF
+  writes each node's corrected bias into that one initializer, so the last step's correction
+  would apply to all steps. The denoiser keeps NNCF's fast bias correction.
+- Weights are real integers (int8 initializers + DequantizeLinear, stored once for all steps).
+  w8a16 turns the activation quantizers into int16 (com.microsoft QuantizeLinear, which
+  onnxruntime runs); fp16 stores float16 weights with a Cast (onnxruntime folds it at load).
+
+Each quantized artifact gets the float sidecar plus a ``quantization`` section.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from compress.errors import UserError
+
+SCHEMES = ("w8a8", "w8a16", "int8-weights", "int4-weights", "fp16")
+GRANULARITIES = ("per-step", "shared")
+SHARED_FROM = ("denoiser", "union")
+PRESETS = ("mixed", "performance")
+TARGETS = ("sampler", "denoiser")
+# Node-name patterns (regex, searched) kept in float: first/last layers and the conditioning path.
+DEFAULT_IGNORED = (
+    r"(^|/)conv_in/", r"(^|/)conv_out/", r"(^|/)conv_norm_out/",
+    r"(^|/)time_proj/", r"(^|/)time_embedding/", r"time_emb_proj/", r"(^|/)class_embedding/",
+    r"(^|/)add_embedding/", r"(^|/)label_embedding/",
+    r"(^|/)pos_embed/", r"(^|/)proj_out(_\d)?/", r"(^|/)norm_out/", r"\.emb/", r"(^|/)emb/",
+)
+STEP_PREFIX = re.compile(r"^s(\d+)/")
+CALIBRATED = ("w8a8", "w8a16")
+
+
+@dataclass
+class QuantizeConfig:
+    """The recipe's ``quantize`` section: ``QuantizeConfig(**section)``.
+
+    scheme       w8a8 | w8a16 (int16 activations) | int8-weights | int4-weights | fp16
+    granularity  per-step (own scales per unrolled step) | shared (one scale per layer for all steps)
+    shared_from  denoiser (scales of the denoiser calibrated once on the set) | union (of per-step ranges)
+    ignored      extra node-name regexes kept in float, added to `DEFAULT_IGNORED` (set
+                 ``default_ignored: false`` to drop the defaults)
+    keep_softmax the MatMul reading attention probabilities stays float (Q-Diffusion keeps them 16-bit)
+    split_concat a conv on a channel concat gets one quantizer per input (Q-Diffusion's shortcut splitting)
+    elementwise  let NNCF quantize residual adds too; onnxruntime's CPU int8 kernels need it for speed
+    smooth_quant SmoothQuant alpha for transformer denoisers (DiT); None: 0.8 for transformers, off for UNets
+    preset       NNCF preset: mixed (asymmetric activations) or performance (symmetric)
+    subset_size  calibration inputs NNCF uses (trajectories for the sampler, states for the denoiser)
+    targets      which graphs of an export folder to quantize
+    """
+
+    scheme: str = "w8a8"
+    granularity: str = "per-step"
+    shared_from: str = "denoiser"
+    ignored: list[str] = field(default_factory=list)
+    default_ignored: bool = True
+    keep_softmax: bool = True
+    split_concat: bool = True
+    elementwise: bool = True
+    smooth_quant: float | None = None
+    preset: str = "mixed"
+    subset_size: int = 256
+    targets: list[str] = field(default_factory=lambda: list(TARGETS))
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> "QuantizeConfig":
+        for name, value, allowed in (("scheme", self.scheme, SCHEMES), ("granularity", self.granularity, GRANULARITIES),
+                                     ("shared_from", self.shared_from, SHARED_FROM), ("preset", self.preset, PRESETS)):
+            if value not in allowed:
+                close = difflib.get_close_matches(str(value), allowed, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise UserError(f"unknown quantize {name} {value!r}{hint} (expected one of {', '.join(allowed)})")
+        self.targets = list(self.targets)
+        for target in self.targets:
+            if target not in TARGETS:
+                raise UserError(f"unknown quantize target {target!r} (expected {' or '.join(TARGETS)})")
+        if not isinstance(self.subset_size, int) or self.subset_size < 1:
+            raise UserError(f"quantize subset_size must be a positive integer, got {self.subset_size!r}")
+        if self.smooth_quant is not None and not 0 <= self.smooth_quant <= 1:
+            raise UserError(f"quantize smooth_quant alpha must lie in [0, 1], got {self.smooth_quant!r}")
+        for pattern in self.ignored:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise UserError(f"quantize ignored pattern {pattern!r} is not a valid regex: {e}") from None
+        return self
+
+    @classmethod
+    def from_dict(cls, section: dict | None) -> "QuantizeConfig":
+        section = dict(section or {})
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in section:
+            if key not in names:
+                close = difflib.get_close_matches(str(key), names, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f" (valid: {', '.join(names)})"
+                raise UserError(f"quantize: unknown key {key!r}{hint}")
+        return cls(**section)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def ignored_patterns(self) -> list[str]:
+        return (list(DEFAULT_IGNORED) if self.default_ignored else []) + list(self.ignored)
+
+
+# ----------------------------------------------------------------------------- the entry point
+
+
+def quantize_(target, calib, config: QuantizeConfig | None = None, out_dir: str | Path | None = None) -> list[dict]:
+    """Quantizes ``target`` and returns one record per written artifact.
+
+    target  an export folder (sampler.onnx / denoiser.onnx with their sidecars) or one .onnx file
+            (ONNX backend, written into ``out_dir``), or a `Denoiser` (torch backend: its module
+            is replaced in place by NNCF's quantized module; w8a8 only).
+    calib   a `CalibrationSet`, a path to one, or None for the data-free schemes (weights-only, fp16).
+    """
+    from calibration import CalibrationSet, load_calibration
+
+    config = (config or QuantizeConfig()).validate()
+    if isinstance(calib, (str, Path)):
+        calib = load_calibration(calib)
+    if config.scheme in CALIBRATED and not isinstance(calib, CalibrationSet):
+        raise UserError(f"quantization scheme {config.scheme!r} needs a calibration set (record one with 'compress calibrate')")
+    from compress.denoiser import Denoiser
+
+    if isinstance(target, Denoiser):
+        return _quantize_torch(target, calib, config)
+    if out_dir is None:
+        raise UserError("quantize_ needs out_dir for ONNX artifacts")
+    artifacts = _find_artifacts(Path(target), config)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".quantize-", dir=out_dir))
+    try:
+        chosen = [p for p, s in artifacts.items() if s["kind"] in config.targets and (Path(target).is_dir() or p == Path(target))]
+        records = [_quantize_artifact(path, artifacts[path], artifacts, calib, config, stage) for path in chosen]
+        for item in sorted(stage.iterdir()):
+            os.replace(item, out_dir / item.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    for r in records:
+        r["path"], r["sidecar"] = str(out_dir / r["path"]), str(out_dir / r["sidecar"])
+    return records
+
+
+def _find_artifacts(target: Path, config: QuantizeConfig) -> dict[Path, dict]:
+    """{onnx path: its sidecar} for a folder from `compress export`, or for one .onnx file."""
+    if target.is_dir():
+        paths = [p for p in (target / "sampler.onnx", target / "denoiser.onnx") if p.is_file()]
+        if not paths:
+            raise UserError(f"{target} holds no sampler.onnx or denoiser.onnx; export the model first with 'compress export'")
+    elif target.is_file() and target.suffix == ".onnx":
+        paths = [target]
+        if target.name == "sampler.onnx" and (target.parent / "denoiser.onnx").is_file():
+            paths.append(target.parent / "denoiser.onnx")  # the source of shared scales
+    else:
+        raise UserError(f"{target} is neither an export folder nor an .onnx file")
+    artifacts = {}
+    for path in paths:
+        sidecar_path = path.with_suffix(".json")
+        try:
+            sidecar = json.loads(sidecar_path.read_text())
+            sidecar["kind"], sidecar["model"]  # noqa: B018  (both are required)
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f"{path} has no readable sidecar {sidecar_path.name}; quantize artifacts written by 'compress export'") from None
+        if sidecar.get("quantization"):
+            raise UserError(f"{path} is already quantized ({sidecar['quantization'].get('scheme')}); quantize the float export")
+        artifacts[path] = sidecar
+    if not any(s["kind"] in config.targets and (target.is_dir() or p == target) for p, s in artifacts.items()):
+        raise UserError(f"{target} holds no {' or '.join(config.targets)} graph to quantize")
+    return artifacts
+
+
+def _quantize_artifact(path: Path, sidecar: dict, artifacts: dict, calib, config: QuantizeConfig, stage: Path) -> dict:
+    kind = sidecar["kind"]
+    model = onnx.load(str(path))
+    info: dict = {"scheme": config.scheme}
+    if calib is not None:
+        from calibration import check_calibration_matches
+
+        check_calibration_matches(calib, sidecar["model"], where=f"{path.name}'s model")
+    if config.scheme == "fp16":
+        model = _to_fp16_weights(model)
+    elif config.scheme in ("int8-weights", "int4-weights"):
+        model = _compress_weights(model, config)
+    else:
+        model, info = _quantize_activations(model, kind, sidecar, path, artifacts, calib, config)
+        if config.scheme == "w8a16":
+            model = _activations_to_int16(model)
+            _check_runs(model, path.name, "int16 activations (w8a16)")
+    weights = _weight_summary(model)
+    quantization = {
+        **info,
+        "scheme": config.scheme,
+        "config": config.to_dict(),
+        "weights": weights,
+        "float_bytes": path.stat().st_size,
+        "calibration": None if calib is None else {k: calib.header[k] for k in ("sampler", "seed", "counts", "config", "solver")}
+        | {"model_hash": calib.header["model"].get("hash"), "timesteps": calib.header["timesteps"]["values"][:64]},
+        "engine": f"nncf {_nncf_version()}" if config.scheme != "fp16" else "diffusion-compress",
+    }
+    out_sidecar = {**sidecar, "quantization": quantization}
+    model.producer_name = "diffusion-compress"
+    helper.set_model_props(model, {"diffusion_compress.sidecar": json.dumps(out_sidecar)})
+    out_path = stage / path.name
+    onnx.save_model(model, str(out_path))
+    onnx.checker.check_model(str(out_path))
+    quantization["bytes"] = out_path.stat().st_size
+    from export.sidecar import write_sidecar
+
+    sidecar_path = write_sidecar(out_path.with_suffix(".json"), {**out_sidecar, "quantization": quantization})
+    return {
+        "path": out_path.name,
+        "format": "onnx",
+        "kind": kind,
+        "scheme": config.scheme,
+        "granularity": info.get("granularity"),
+        "bytes": quantization["bytes"],
+        "float_bytes": quantization["float_bytes"],
+        "sha256": _sha256(out_path),
+        "sidecar": sidecar_path.name,
+        **{k: v for k, v in info.items() if k not in ("scheme", "granularity")},
+    }
+
+
+# ----------------------------------------------------------------------------- W8A8 through NNCF
+
+
+def _quantize_activations(model, kind, sidecar, path, artifacts, calib, config: QuantizeConfig):
+    """NNCF on the graph itself; for shared sampler scales, also on the denoiser (or a union)."""
+    condition = sidecar.get("conditioning", {}).get("input")
+    transformer = _is_transformer(model)
+    if kind == "denoiser":
+        items = calib.denoiser_inputs(condition, config.subset_size)
+        quantized = _nncf_quantize(model, items, config, transformer, bias_correction=True)
+        return quantized, {"granularity": "shared", "calibration_inputs": len(items), "activation_quantizers": _count_activation_quantizers(quantized)}
+
+    guidance = sidecar.get("guidance", {})
+    scale = calib.guidance_scale if calib.guidance_scale is not None else guidance.get("default_scale")
+    items = calib.sampler_inputs(condition, scale if guidance.get("enabled") else None, config.subset_size)
+    quantized = _nncf_quantize(model, items, config, transformer, bias_correction=False)
+    info = {"granularity": config.granularity, "calibration_inputs": len(items), "guidance_scale": scale if guidance.get("enabled") else None}
+    if config.granularity == "shared":
+        source = None
+        if config.shared_from == "denoiser":
+            denoiser_path = next((p for p, s in artifacts.items() if s["kind"] == "denoiser"), None)
+            if denoiser_path is None:
+                raise UserError(f"shared scales from the denoiser need denoiser.onnx next to {path.name}; pass the export folder or shared_from='union'")
+            denoiser_items = calib.denoiser_inputs(condition, config.subset_size)
+            source = _nncf_quantize(onnx.load(str(denoiser_path)), denoiser_items, config, transformer, bias_correction=False)
+            info["denoiser_calibration_inputs"] = len(denoiser_items)
+        info.update(share_scales(quantized, source))
+    info["activation_quantizers"] = _count_activation_quantizers(quantized)
+    info["layers_with_per_step_scales"] = distinct_step_scales(quantized)
+    return quantized, info
+
+
+def _nncf_quantize(model: onnx.ModelProto, items: list[dict], config: QuantizeConfig, transformer: bool, bias_correction: bool) -> onnx.ModelProto:
+    import nncf
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+
+    if not items:
+        raise UserError("the calibration set is empty")
+    _quiet_nncf()
+    if config.split_concat:
+        model = split_concat_convs(model)
+    alpha = config.smooth_quant if config.smooth_quant is not None else (0.8 if transformer else None)
+    advanced = AdvancedQuantizationParameters(disable_bias_correction=not bias_correction)
+    if alpha is not None:
+        advanced.smooth_quant_alphas = AdvancedSmoothQuantParameters(matmul=alpha)
+    elif not transformer:
+        advanced.smooth_quant_alphas = AdvancedSmoothQuantParameters(matmul=-1)
+    preset = nncf.QuantizationPreset.MIXED if config.preset == "mixed" else nncf.QuantizationPreset.PERFORMANCE
+    return nncf.quantize(
+        model,
+        nncf.Dataset(items),
+        preset=preset,
+        model_type=nncf.ModelType.TRANSFORMER if transformer else None,
+        subset_size=len(items),
+        ignored_scope=nncf.IgnoredScope(names=ignored_nodes(model, config), validate=False),
+        advanced_parameters=advanced,
+    )
+
+
+def _is_transformer(model: onnx.ModelProto) -> bool:
+    return any(re.search(r"(^|/)transformer/", n.name) for n in model.graph.node[:200])
+
+
+def module_path(node_name: str) -> str:
+    """'s3/unet/down_blocks.0/resnets.0/conv1/Conv' -> 'unet/down_blocks.0/resnets.0/conv1/Conv'."""
+    return STEP_PREFIX.sub("", node_name)
+
+
+def ignored_nodes(model: onnx.ModelProto, config: QuantizeConfig) -> list[str]:
+    """Names of the nodes NNCF must leave in float.
+
+    Everything outside the network (the solver's arithmetic on the state, guidance mixing,
+    output scaling: nodes with no module path), the configured patterns, the MatMul that reads
+    softmax probabilities, and (elementwise=False) every add and multiply.
+    """
+    patterns = [re.compile(p) for p in config.ignored_patterns]
+    producer = {o: n for n in model.graph.node for o in n.output}
+    names = []
+    for node in model.graph.node:
+        path = module_path(node.name)
+        outside = "/" not in path
+        matched = any(p.search(path) for p in patterns)
+        softmax = config.keep_softmax and node.op_type == "MatMul" and any(
+            _source_op(producer, i) == "Softmax" for i in node.input)
+        elementwise = not config.elementwise and node.op_type in ("Add", "Sub", "Mul", "Div")
+        if outside or matched or softmax or elementwise:
+            names.append(node.name)
+    return names
+
+
+def _source_op(producer: dict, tensor: str) -> str | None:
+    """The op behind ``tensor``, looking through shape-only ops."""
+    node = producer.get(tensor)
+    while node is not None and node.op_type in ("Reshape", "Transpose", "Cast", "Squeeze", "Unsqueeze"):
+        node = producer.get(node.input[0])
+    return None if node is None else node.op_type
+
+
+# ----------------------------------------------------------------------------- skip-connection splitting
+
+
+def split_concat_convs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Conv(Concat(a, b, axis=1), W, B) -> Conv(a, W[:, :Ca], B) + Conv(b, W[:, Ca:]): exact in float.
+
+    A UNet's up blocks concatenate the upsampled features with the skip connection, two tensors of
+    very different ranges; a quantizer on the concat would cover both with one scale. After the
+    split each half has its own input quantizer. Split weights are made once per weight and shared
+    by every unrolled step.
+    """
+    model = onnx.shape_inference.infer_shapes(model)
+    graph = model.graph
+    channels = {}
+    for v in list(graph.value_info) + list(graph.input):
+        dims = v.type.tensor_type.shape.dim
+        if len(dims) == 4 and dims[1].HasField("dim_value"):
+            channels[v.name] = dims[1].dim_value
+    inits = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    made: dict[tuple, tuple[str, str]] = {}
+    new_nodes = []
+    for node in graph.node:
+        concat = producer.get(node.input[0]) if node.op_type == "Conv" else None
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (concat is None or concat.op_type != "Concat" or len(concat.input) != 2 or node.input[1] not in inits
+                or attrs.get("group", 1) != 1 or {a.name: helper.get_attribute_value(a) for a in concat.attribute}.get("axis") not in (1, -3)
+                or not all(i in channels for i in concat.input)):
+            new_nodes.append(node)
+            continue
+        ca = channels[concat.input[0]]
+        key = (node.input[1], ca)
+        if key not in made:
+            w = numpy_helper.to_array(inits[node.input[1]])
+            names = (f"{node.input[1]}.a{ca}", f"{node.input[1]}.b{ca}")
+            graph.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(w[:, :ca]), names[0]),
+                                      numpy_helper.from_array(np.ascontiguousarray(w[:, ca:]), names[1])])
+            made[key] = names
+        wa, wb = made[key]
+        out = node.output[0]
+        conv_a = helper.make_node("Conv", [concat.input[0], wa] + list(node.input[2:3]), [out + ".a"], name=node.name + "/a")
+        conv_b = helper.make_node("Conv", [concat.input[1], wb], [out + ".b"], name=node.name + "/b")
+        for conv in (conv_a, conv_b):
+            conv.attribute.extend(node.attribute)
+        new_nodes += [conv_a, conv_b, helper.make_node("Add", [out + ".a", out + ".b"], [out], name=node.name + "/sum")]
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    del graph.value_info[:]
+    _drop_unused_initializers(model)
+    return model
+
+
+def _drop_unused_initializers(model: onnx.ModelProto) -> None:
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    if len(keep) != len(model.graph.initializer):
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+
+
+# ----------------------------------------------------------------------------- per-step and shared scales
+
+
+@dataclass
+class _Quantizer:
+    node: onnx.NodeProto  # the QuantizeLinear
+    dequantizers: list  # its DequantizeLinear nodes
+    key: tuple  # the layers it feeds, without step prefixes
+    step: int | None
+
+
+def activation_quantizers(model: onnx.ModelProto) -> list[_Quantizer]:
+    """QuantizeLinear nodes on activations (not weights), each keyed by the layer inputs it feeds."""
+    graph = model.graph
+    inits = {i.name for i in graph.initializer}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for j, i in enumerate(n.input):
+            consumers.setdefault(i, []).append((n, j))
+    found = []
+    for q in graph.node:
+        if q.op_type != "QuantizeLinear" or q.input[0] in inits:
+            continue
+        dqs = [n for n, _ in consumers.get(q.output[0], []) if n.op_type == "DequantizeLinear"]
+        users = [(n, j) for dq in dqs for n, j in consumers.get(dq.output[0], [])]
+        key = tuple(sorted((module_path(n.name), j) for n, j in users))
+        steps = {int(m.group(1)) for n, _ in users if (m := STEP_PREFIX.match(n.name))}
+        found.append(_Quantizer(q, dqs, key, min(steps) if steps else None))
+    return found
+
+
+def _count_activation_quantizers(model) -> int:
+    return len(activation_quantizers(model))
+
+
+def _params(model, q: _Quantizer) -> tuple[np.ndarray, np.ndarray]:
+    inits = {i.name: i for i in model.graph.initializer}
+    return numpy_helper.to_array(inits[q.node.input[1]]), numpy_helper.to_array(inits[q.node.input[2]])
+
+
+def _set_params(model, q: _Quantizer, scale: np.ndarray, zero_point: np.ndarray) -> None:
+    """Gives q (and its dequantizers) their own scale and zero point initializers."""
+    base = f"{q.node.name}_shared"
+    model.graph.initializer.extend([numpy_helper.from_array(np.asarray(scale, dtype=np.float32), base + "_scale"),
+                                    numpy_helper.from_array(np.asarray(zero_point), base + "_zp")])
+    for node in [q.node, *q.dequantizers]:
+        node.input[1], node.input[2] = base + "_scale", base + "_zp"
+
+
+def _range(scale, zp) -> tuple[float, float]:
+    info = np.iinfo(zp.dtype)
+    s, z = float(scale), float(zp)
+    return (info.min - z) * s, (info.max - z) * s
+
+
+def _params_for_range(lo: float, hi: float, dtype, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    info = np.iinfo(dtype)
+    if symmetric:
+        return np.float32(max(-lo / -info.min, hi / info.max, 1e-12)), np.zeros((), dtype)
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = max((hi - lo) / (info.max - info.min), 1e-12)
+    return np.float32(scale), np.asarray(np.clip(np.round(info.min - lo / scale), info.min, info.max), dtype=dtype)
+
+
+def per_step_scales(model) -> dict[tuple, dict[int, float]]:
+    """{layer key: {step: scale}} for the activation quantizers of an unrolled sampler."""
+    out: dict[tuple, dict[int, float]] = {}
+    for q in activation_quantizers(model):
+        if q.step is not None:
+            out.setdefault(q.key, {})[q.step] = float(_params(model, q)[0])
+    return out
+
+
+def distinct_step_scales(model) -> int:
+    """How many layers have a different activation scale in at least two steps."""
+    return sum(1 for steps in per_step_scales(model).values() if len(set(steps.values())) > 1)
+
+
+def share_scales(sampler: onnx.ModelProto, denoiser: onnx.ModelProto | None) -> dict:
+    """One scale per layer for every step: the denoiser's where it has the layer, else the union of ranges."""
+    groups: dict[tuple, list[_Quantizer]] = {}
+    for q in activation_quantizers(sampler):
+        groups.setdefault(q.key, []).append(q)
+    reference = {q.key: _params(denoiser, q) for q in activation_quantizers(denoiser)} if denoiser is not None else {}
+    from_denoiser = from_union = 0
+    for key, members in groups.items():
+        params = [_params(sampler, q) for q in members]
+        if key in reference and reference[key][1].dtype == params[0][1].dtype:
+            scale, zp = reference[key]
+            from_denoiser += len(members)
+        else:
+            ranges = [_range(s, z) for s, z in params]
+            symmetric = all(int(z) == 0 for _, z in params) and np.iinfo(params[0][1].dtype).min < 0
+            scale, zp = _params_for_range(min(r[0] for r in ranges), max(r[1] for r in ranges), params[0][1].dtype, symmetric)
+            from_union += len(members)
+        for q in members:
+            _set_params(sampler, q, scale, zp)
+    _drop_unused_initializers(sampler)
+    return {"shared_from": "denoiser" if denoiser is not None else "union",
+            "quantizers_from_denoiser": from_denoiser, "quantizers_from_union": from_union}
+
+
+# ----------------------------------------------------------------------------- w8a16, weight-only, fp16
+
+
+def _activations_to_int16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Every activation quantizer keeps its range but gets 16 bits (com.microsoft Q/DQ run int16 on onnxruntime)."""
+    for q in activation_quantizers(model):
+        scale, zp = _params(model, q)
+        lo, hi = _range(scale, zp)
+        symmetric = int(zp) == 0 and np.iinfo(zp.dtype).min < 0
+        scale16, zp16 = _params_for_range(lo, hi, np.int16, symmetric)
+        _set_params(model, q, scale16, zp16)
+        for node in [q.node, *q.dequantizers]:
+            node.domain = "com.microsoft"
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    _drop_unused_initializers(model)
+    return model
+
+
+def _check_runs(model: onnx.ModelProto, name: str, what: str) -> None:
+    import onnxruntime as ort
+
+    try:
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise UserError(f"onnxruntime {ort.__version__} (CPUExecutionProvider) cannot run {name} with {what}: {str(e).splitlines()[0][:200]}") from None
+
+
+def _compress_weights(model: onnx.ModelProto, config: QuantizeConfig) -> onnx.ModelProto:
+    """nncf.compress_weights: int8 per-channel everywhere, or int4 (opset 21) for MatMul/Gemm with int8 convs."""
+    import nncf
+
+    _quiet_nncf()
+    # Weight noise alone is small: only the user's own patterns stay float here, not the activation defaults.
+    scope = nncf.IgnoredScope(names=[n.name for n in model.graph.node if any(re.search(p, module_path(n.name)) for p in config.ignored)], validate=False)
+    if config.scheme == "int8-weights":
+        out = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_SYM, ignored_scope=scope)
+    else:
+        from onnx import version_converter
+
+        model = version_converter.convert_version(model, 21)  # int4 DequantizeLinear is opset 21
+        out = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT4_SYM, group_size=-1, ratio=1.0,
+                                    all_layers=True, ignored_scope=scope)
+    _flatten_per_axis_scales(out)
+    _check_runs(out, "the model", f"{config.scheme} weights")
+    return out
+
+
+def _flatten_per_axis_scales(model: onnx.ModelProto) -> None:
+    """NNCF writes conv weight scales as [C, 1, 1]; per-axis DequantizeLinear needs them 1-D."""
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or not any(a.name == "axis" for a in node.attribute):
+            continue
+        for name in node.input[1:3]:
+            t = inits.get(name)
+            if t is not None and len(t.dims) > 1:
+                flat = numpy_helper.to_array(t).reshape(-1)
+                t.CopyFrom(numpy_helper.from_array(flat, name))
+
+
+def _to_fp16_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Float weights stored as float16, each read through a Cast to float32 (folded by the runtime at load)."""
+    graph = model.graph
+    big = [t for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT and np.prod(t.dims) >= 16]
+    casts = []
+    for t in big:
+        half = numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name + ".fp16")
+        t.CopyFrom(half)
+        casts.append(helper.make_node("Cast", [t.name], [t.name[: -len(".fp16")]], name=f"cast_{len(casts)}", to=onnx.TensorProto.FLOAT))
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(casts + nodes)
+    return model
+
+
+# ----------------------------------------------------------------------------- torch backend
+
+
+def _quantize_torch(denoiser, calib, config: QuantizeConfig) -> list[dict]:
+    """NNCF's torch backend on the denoiser module, in place (fake-quantized; export it for real int8)."""
+    import nncf
+    import torch
+
+    if config.scheme != "w8a8":
+        raise UserError(f"the torch backend quantizes w8a8 only; export the model and quantize the ONNX for {config.scheme!r}")
+    from calibration import check_calibration_matches, model_identity
+
+    check_calibration_matches(calib, model_identity(denoiser), where=f"model {denoiser.name!r}")
+    n = min(config.subset_size, len(calib))
+    items = [(calib.sample[k : k + 1], calib.timestep[k : k + 1], None if calib.condition is None else calib.condition[k : k + 1]) for k in range(n)]
+    module = denoiser.module.eval()
+    names = [name for name, _ in module.named_modules() if name and any(re.search(p.replace("/", r"\."), name + ".") for p in config.ignored_patterns)]
+    with torch.no_grad():
+        quantized = nncf.quantize(module, nncf.Dataset(items, lambda item: item), subset_size=n,
+                                  preset=nncf.QuantizationPreset.MIXED if config.preset == "mixed" else nncf.QuantizationPreset.PERFORMANCE,
+                                  ignored_scope=nncf.IgnoredScope(patterns=[f".*{re.escape(n)}.*" for n in names], validate=False))
+    denoiser.module = quantized
+    return [{"kind": "denoiser", "format": "torch", "scheme": "w8a8", "backend": "torch", "calibration_inputs": n}]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _weight_summary(model: onnx.ModelProto) -> dict:
+    """Bytes of initializers by dtype: shows that the weights really are integers."""
+    out: dict[str, int] = {}
+    for t in model.graph.initializer:
+        dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+        count = int(np.prod(t.dims, dtype=np.int64))
+        nbytes = count // 2 if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) else count * dtype.itemsize
+        name = helper.tensor_dtype_to_string(t.data_type).removeprefix("TensorProto.").lower()
+        out[name] = out.get(name, 0) + nbytes
+    return out
+
+
+def _quiet_nncf() -> None:
+    import logging
+
+    import nncf
+
+    nncf.set_log_level(logging.ERROR)
+
+
+def _nncf_version() -> str:
+    import nncf
+
+    return nncf.__version__
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

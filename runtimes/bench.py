@@ -1,0 +1,136 @@
+"""Latency and memory of one runner on one set of inputs.
+
+Latency: wall-clock time of each `runner.run` call (perf_counter) after `warmup` untimed calls;
+the median and the 90th percentile of `runs` calls, per call and per sample.
+
+Memory: resident set size (RSS) of this process, the memory the OS really holds for the
+runtime, weights and activations included (tracemalloc would miss every native allocation of
+onnxruntime, OpenVINO and torch). On Linux the kernel's peak-RSS counter (VmHWM) is reset
+through /proc/self/clear_refs just before the runner loads, so the peak covers exactly load,
+warm-up and timed runs; elsewhere a thread samples RSS every 2 ms with psutil. `peak_rss_delta_mb`
+is that peak minus the RSS before loading: what running this artifact added to the process.
+"""
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from runtimes.runners import Runner
+
+MB = 2**20
+
+
+def benchmark(runner: Runner, feeds: dict[str, np.ndarray], runs: int = 20, warmup: int = 3, load: Callable[[], object] | None = None) -> dict:
+    """Loads (``load()``, inside the memory window), warms up, then times ``runs`` calls of ``runner.run(feeds)``."""
+    gc.collect()
+    with PeakRSS() as memory:
+        start = time.perf_counter()
+        if load is not None:
+            load()
+        load_s = time.perf_counter() - start
+        loaded = current_rss()
+        for _ in range(warmup):
+            runner.run(feeds)
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            runner.run(feeds)
+            times.append((time.perf_counter() - start) * 1000)
+    batch = int(next(iter(feeds.values())).shape[0])
+    median = float(np.median(times))
+    result = {
+        "runtime": runner.name,
+        "device": runner.device,
+        "batch": batch,
+        "runs": runs,
+        "warmup": warmup,
+        "threads": runner.threads,
+        "latency_ms": {
+            "median": median,
+            "p90": float(np.percentile(times, 90)),
+            "mean": float(np.mean(times)),
+            "min": float(np.min(times)),
+            "max": float(np.max(times)),
+        },
+        "ms_per_sample": median / batch,
+        "samples_per_s": 1000 * batch / median,
+        "load_s": load_s,
+        "memory": {**memory.result(), "rss_loaded_mb": loaded / MB if loaded is not None else None},
+        "device_peak_mb": runner.peak_device_memory_mb(),
+        "runner": runner.describe(),
+    }
+    return result
+
+
+def current_rss() -> int | None:
+    """Resident bytes of this process now (None where neither /proc nor psutil can tell)."""
+    if Path("/proc/self/status").is_file():
+        return _proc_status_kb("VmRSS") * 1024
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil.Process().memory_info().rss
+
+
+def _proc_status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+class PeakRSS:
+    """Peak RSS of this process between __enter__ and __exit__ (see the module docstring for how)."""
+
+    def __enter__(self) -> "PeakRSS":
+        self.before = current_rss()
+        self.peak = self.before
+        self._stop = threading.Event()
+        self._sampler = None
+        if _reset_kernel_peak():
+            self.method = "linux VmHWM, reset through /proc/self/clear_refs"
+        elif self.before is not None:
+            self.method = "psutil RSS sampled every 2 ms"
+            self._sampler = threading.Thread(target=self._sample, daemon=True)
+            self._sampler.start()
+        else:
+            self.method = "not measured: install psutil"
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, current_rss())
+
+    def __exit__(self, *exc) -> None:
+        if self._sampler is not None:
+            self._stop.set()
+            self._sampler.join()
+            self.peak = max(self.peak, current_rss())
+        elif self.before is not None:
+            self.peak = _proc_status_kb("VmHWM") * 1024
+
+    def result(self) -> dict:
+        measured = self.before is not None
+        return {
+            "method": self.method,
+            "rss_before_mb": self.before / MB if measured else None,
+            "peak_rss_mb": self.peak / MB if measured else None,
+            "peak_rss_delta_mb": (self.peak - self.before) / MB if measured else None,
+        }
+
+
+def _reset_kernel_peak() -> bool:
+    """Linux resets VmHWM (peak RSS) to the current RSS when "5" is written to clear_refs."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _proc_status_kb("VmHWM")
+        return True
+    except (OSError, KeyError):
+        return False

@@ -1,0 +1,106 @@
+"""The OpenVINO runner: CPU, GPU or NPU, each only where `openvino.Core().available_devices` lists it.
+
+It reads OpenVINO IR (.xml) and ONNX files alike. On the CPU the inference precision is pinned
+to float32: OpenVINO otherwise picks bf16 on CPUs that have it, and a float artifact would no
+longer agree with torch to 1e-3. GPU and NPU keep their default (f16), which `describe` reports.
+The NPU compiles static shapes only, so a dynamic-batch model is reshaped to the batch of the
+first call and recompiled when another batch comes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from compress.errors import UserError
+from runtimes.runners import Runner, first_line
+
+INSTALL = {
+    "CPU": "pip install openvino",
+    "GPU": "an Intel GPU with its compute runtime (intel-opencl-icd or the Level Zero driver) next to pip install openvino",
+    "NPU": "an Intel Core Ultra NPU with the intel-npu driver next to pip install openvino",
+}
+STATIC_ONLY = ("NPU",)
+
+
+class OpenVINORunner(Runner):
+    formats = ("openvino", "onnx")
+
+    def __init__(self, device: str = "CPU", threads: int | None = None):
+        super().__init__(threads)
+        self.device = device
+        self.name = "openvino" if device == "CPU" else f"openvino-{device.lower()}"
+        self.model = None
+        self.compiled: dict[tuple, object] = {}  # input shapes -> (compiled model, infer request)
+
+    def available(self) -> tuple[bool, str]:
+        try:
+            import openvino as ov
+        except ImportError:
+            return False, f"OpenVINO is not installed ({INSTALL['CPU']})"
+        devices = ov.Core().available_devices
+        if not any(d.split(".")[0] == self.device for d in devices):
+            return False, f"OpenVINO {ov.get_version().split('-')[0]} here lists devices {', '.join(devices) or 'none'}; {self.device} needs {INSTALL[self.device]}"
+        return True, f"OpenVINO {ov.get_version().split('-')[0]} on {self.device}"
+
+    def load(self, artifact_path: str | Path) -> "OpenVINORunner":
+        import openvino as ov
+
+        artifact = self.open_artifact(artifact_path)
+        self.core = ov.Core()
+        try:
+            self.model = self.core.read_model(str(artifact.path))
+        except Exception as e:  # a corrupt IR or ONNX file
+            raise UserError(f"OpenVINO cannot read {artifact.path}: {first_line(e)}") from None
+        self.compiled = {}
+        if not (self.model.is_dynamic() and self.device in STATIC_ONLY):
+            self._compile(None)
+        return self
+
+    def _config(self) -> dict:
+        config = {"PERFORMANCE_HINT": "LATENCY"}
+        if self.device == "CPU":
+            config["INFERENCE_PRECISION_HINT"] = "f32"
+            if self.threads:
+                config["INFERENCE_NUM_THREADS"] = self.threads
+        return config
+
+    def _compile(self, shapes: dict | None):
+        model = self.model
+        if shapes is not None:
+            model = self.model.clone()
+            model.reshape({name: list(shape) for name, shape in shapes.items()})
+        try:
+            compiled = self.core.compile_model(model, self.device, self._config())
+        except Exception as e:
+            raise UserError(f"OpenVINO cannot compile the model for {self.device}: {first_line(e)}") from None
+        key = None if shapes is None else tuple(sorted(shapes.items()))
+        self.compiled[key] = (compiled, compiled.create_infer_request())
+        return self.compiled[key]
+
+    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        if self.model is None:
+            raise RuntimeError("load an artifact before run")
+        if None in self.compiled:
+            compiled, request = self.compiled[None]
+        else:
+            shapes = {name: tuple(np.shape(inputs[name])) for name in self._input_names()}
+            compiled, request = self.compiled.get(tuple(sorted(shapes.items()))) or self._compile(shapes)
+        feeds = {}
+        for port in compiled.inputs:
+            name = port.get_any_name()
+            feeds[name] = np.ascontiguousarray(inputs[name], dtype=port.get_element_type().to_dtype())
+        request.infer(feeds)
+        return request.get_output_tensor(0).data.copy()
+
+    def _input_names(self) -> list[str]:
+        return [port.get_any_name() for port in self.model.inputs]
+
+    def describe(self) -> dict:
+        import openvino as ov
+
+        info = {"library": f"OpenVINO {ov.get_version().split('-')[0]}", "device": self.device}
+        if self.compiled:
+            compiled = next(iter(self.compiled.values()))[0]
+            info["precision"] = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+        return info

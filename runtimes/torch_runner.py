@@ -1,0 +1,151 @@
+"""The torch runner: the reference every exported artifact is compared with.
+
+It runs the eager module that the exporters trace (`SamplerGraph` / `DenoiserGraph`), so it is
+the float baseline by construction. From a file it rebuilds that module: the artifact's sidecar
+names the model it came from (zoo:, diffusers:, python:) and the solver baked into it, and the
+rebuilt solver must reproduce the sidecar's timesteps and sigmas exactly, else loading fails.
+An ExportedProgram or TorchScript file would be one more artifact to write and keep in step,
+and would no longer be the module that the other formats are checked against. In-process
+callers (benchmarks, the pipeline) hand the module over directly with `load_module`.
+
+A compressed artifact's sidecar still names its float source model: the torch runner then runs
+that float model, and `describe()` says so.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+
+from compress.errors import UserError
+from runtimes.runners import Runner
+
+
+class TorchRunner(Runner):
+    formats = ("onnx", "openvino", "coreml")  # any artifact whose sidecar names its source model
+
+    def __init__(self, device: str = "cpu", threads: int | None = None):
+        super().__init__(threads)
+        self.device = device
+        self.name = "torch" if device == "cpu" else f"torch-{device}"
+        self.graph = None
+        self.input_names: list[str] = []
+        self.rebuilt_from: str | None = None
+
+    def available(self) -> tuple[bool, str]:
+        import torch
+
+        if self.device == "cpu":
+            return True, f"torch {torch.__version__} eager on the CPU"
+        if torch.version.cuda is None:
+            return False, (f"torch {torch.__version__} is a CPU-only build; install a CUDA build of torch "
+                           "(pip install torch --index-url https://download.pytorch.org/whl/cu128) on a machine with an NVIDIA GPU")
+        if not torch.cuda.is_available():
+            return False, "torch was built with CUDA but sees no GPU (check the NVIDIA driver and CUDA_VISIBLE_DEVICES)"
+        return True, f"torch {torch.__version__} on {torch.cuda.get_device_name()}"
+
+    def load(self, artifact_path: str | Path) -> "TorchRunner":
+        artifact = self.open_artifact(artifact_path)
+        graph = rebuild_graph(artifact.sidecar)
+        self.rebuilt_from = artifact.sidecar["model"]["source"]
+        return self.load_module(graph, artifact.input_names)
+
+    def load_module(self, module, input_names: list[str] | None = None) -> "TorchRunner":
+        """Runs an in-memory graph called with its inputs in ``input_names`` order (default: its own `input_names`)."""
+        import torch
+
+        self.graph = module.to(self.device).eval()
+        self.input_names = list(input_names or module.input_names)
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        import torch
+
+        if self.graph is None:
+            raise RuntimeError("load an artifact or a module before run")
+        args = []
+        for name in self.input_names:
+            value = np.ascontiguousarray(inputs[name])
+            if value.dtype.kind in "iu":
+                value = value.astype(np.int64)  # labels index embeddings, which take int64
+            args.append(torch.from_numpy(value).to(self.device))
+        with torch.inference_mode(), _threads(self.threads):
+            out = self.graph(*args)
+        return out.float().cpu().numpy()
+
+    def describe(self) -> dict:
+        import torch
+
+        info = {"library": f"torch {torch.__version__}", "mode": "eager", "precision": "float32"}
+        if self.rebuilt_from:
+            info["rebuilt_from"] = self.rebuilt_from  # a compressed artifact's float source model
+        if self.device == "cuda":
+            info["gpu"] = torch.cuda.get_device_name()
+        return info
+
+    def peak_device_memory_mb(self) -> float | None:
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20 if self.device == "cuda" else None
+
+
+@contextlib.contextmanager
+def _threads(threads: int | None):
+    import torch
+
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def rebuild_graph(sidecar: dict):
+    """The SamplerGraph / DenoiserGraph an artifact was exported from, checked against its sidecar."""
+    from compress.loading import ScheduleFlags, load_model
+    from export.sampler_graph import DenoiserGraph, SamplerGraph
+
+    model = sidecar.get("model") or {}
+    source = model.get("source")
+    if not source:
+        raise UserError("the artifact's sidecar names no source model; the torch runtime rebuilds the graph from it")
+    flags = ScheduleFlags(num_train_timesteps=model.get("num_train_timesteps", 1000), prediction_type=model.get("prediction_type", "epsilon"),
+                          sample_shape=tuple(model["sample_shape"]) if model.get("sample_shape") else None)
+    denoiser = load_model(source, flags)
+    if model.get("schedule_fingerprint") and denoiser.schedule.fingerprint() != model["schedule_fingerprint"]:
+        raise UserError(f"{source} loads with another noise schedule than the artifact was exported with; the torch runtime cannot rebuild it")
+    if sidecar.get("kind") == "denoiser":
+        return DenoiserGraph(denoiser)
+    guidance = sidecar.get("guidance") or {}
+    return SamplerGraph(denoiser, _solver(sidecar, denoiser), guidance=bool(guidance.get("enabled")))
+
+
+def _solver(sidecar: dict, denoiser):
+    """The solver settings that reproduce the sidecar's timesteps and sigmas (named spacing first, then explicit timesteps)."""
+    from compress.solvers import SolverConfig, compile_solver
+
+    baked = sidecar["solver"]
+    guidance = sidecar.get("guidance") or {}
+    scale = guidance.get("default_scale") if guidance.get("enabled") else None
+    candidates = [SolverConfig(baked["name"], baked["steps"], baked["spacing"], scale, dict(baked.get("options") or {}))]
+    if all(float(t).is_integer() for t in baked["timesteps"]):
+        candidates.append(SolverConfig(baked["name"], baked["steps"], baked["spacing"], scale, dict(baked.get("options") or {}),
+                                       timesteps=tuple(int(t) for t in baked["timesteps"])))
+    for config in candidates:
+        try:
+            plan = config.plan(denoiser.schedule)
+            table = compile_solver(config.name, plan, denoiser.prediction_type, **config.options)
+        except UserError:
+            continue
+        sigmas = [float(s) for s in plan.sigma]
+        if np.allclose([float(t) for t in table.timesteps], baked["timesteps"]) and np.allclose(sigmas, [s if s is not None else np.inf for s in baked["sigmas"]], rtol=1e-9):
+            return config
+    raise UserError(f"cannot rebuild the artifact's {baked['name']}-{baked['steps']} solver exactly from its sidecar; "
+                    "compare it with a runtime that reads the artifact itself")
