@@ -113,14 +113,16 @@ def zoo_list():
 @click.argument("name")
 @click.option("--out", "out", type=click.Path(file_okay=False), default=None, help="Folder for the checkpoint (default: the package's zoo).")
 @click.option("--iterations", type=int, default=None, help="Training iterations (diffusion models).")
-def zoo_train(name, out, iterations):
+@click.option("--resume", is_flag=True, help="Continue the checkpoint in --out for another phase (lower learning rate).")
+@click.option("--lr", type=float, default=None, help="Peak learning rate (default 2e-3, or 5e-4 with --resume).")
+def zoo_train(name, out, iterations, resume, lr):
     """Retrain a zoo model from scratch (minutes on 2 CPU cores)."""
     from compress.zoo import CHECKPOINTS, ZOO
     from compress.zoo.train import train_zoo_model
 
     if name not in ZOO:
         raise UserError(f"unknown zoo model {name!r} (available: {', '.join(ZOO)})")
-    path = train_zoo_model(name, Path(out) if out else CHECKPOINTS, iterations)
+    path = train_zoo_model(name, Path(out) if out else CHECKPOINTS, iterations, resume, lr)
     click.echo(f"wrote {path}")
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import heapq
 import json
 import os
 import re
@@ -76,6 +77,8 @@ class QuantizeConfig:
     split_concat a conv on a channel concat gets one quantizer per input (Q-Diffusion's shortcut splitting)
     elementwise  let NNCF quantize residual adds too; onnxruntime's CPU int8 kernels need it for speed
     smooth_quant SmoothQuant alpha for transformer denoisers (DiT); None: 0.8 for transformers, off for UNets
+    fuse_outputs give int8 convs that feed only float ops an output quantizer (min-max), so that
+                 onnxruntime fuses every conv into QLinearConv (without it such convs run slower than float)
     preset       NNCF preset: mixed (asymmetric activations) or performance (symmetric)
     subset_size  calibration inputs NNCF uses (trajectories for the sampler, states for the denoiser)
     targets      which graphs of an export folder to quantize
@@ -90,6 +93,7 @@ class QuantizeConfig:
     split_concat: bool = True
     elementwise: bool = True
     smooth_quant: float | None = None
+    fuse_outputs: bool = True
     preset: str = "mixed"
     subset_size: int = 256
     targets: list[str] = field(default_factory=lambda: list(TARGETS))
@@ -163,11 +167,16 @@ def quantize_(target, calib, config: QuantizeConfig | None = None, out_dir: str 
     if out_dir is None:
         raise UserError("quantize_ needs out_dir for ONNX artifacts")
     artifacts = _find_artifacts(Path(target), config)
+    chosen = [p for p, s in artifacts.items() if s["kind"] in config.targets and (Path(target).is_dir() or p == Path(target))]
+    if calib is not None:  # before any long work, and before anything is written
+        from calibration import check_calibration_matches
+
+        for path in chosen:
+            check_calibration_matches(calib, artifacts[path]["model"], where=f"{path.name}'s model")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".quantize-", dir=out_dir))
     try:
-        chosen = [p for p, s in artifacts.items() if s["kind"] in config.targets and (Path(target).is_dir() or p == Path(target))]
         records = [_quantize_artifact(path, artifacts[path], artifacts, calib, config, stage) for path in chosen]
         for item in sorted(stage.iterdir()):
             os.replace(item, out_dir / item.name)
@@ -210,10 +219,6 @@ def _quantize_artifact(path: Path, sidecar: dict, artifacts: dict, calib, config
     kind = sidecar["kind"]
     model = onnx.load(str(path))
     info: dict = {"scheme": config.scheme}
-    if calib is not None:
-        from calibration import check_calibration_matches
-
-        check_calibration_matches(calib, sidecar["model"], where=f"{path.name}'s model")
     if config.scheme == "fp16":
         model = _to_fp16_weights(model)
     elif config.scheme in ("int8-weights", "int4-weights"):
@@ -306,7 +311,7 @@ def _nncf_quantize(model: onnx.ModelProto, items: list[dict], config: QuantizeCo
     elif not transformer:
         advanced.smooth_quant_alphas = AdvancedSmoothQuantParameters(matmul=-1)
     preset = nncf.QuantizationPreset.MIXED if config.preset == "mixed" else nncf.QuantizationPreset.PERFORMANCE
-    return nncf.quantize(
+    quantized = nncf.quantize(
         model,
         nncf.Dataset(items),
         preset=preset,
@@ -315,6 +320,128 @@ def _nncf_quantize(model: onnx.ModelProto, items: list[dict], config: QuantizeCo
         ignored_scope=nncf.IgnoredScope(names=ignored_nodes(model, config), validate=False),
         advanced_parameters=advanced,
     )
+    if config.fuse_outputs:
+        quantize_conv_outputs(quantized, items[:OUTPUT_CALIBRATION_ITEMS])
+    return quantized
+
+
+OUTPUT_CALIBRATION_ITEMS = 16
+
+
+def quantize_conv_outputs(model: onnx.ModelProto, items: list[dict]) -> int:
+    """Adds an output quantizer (min-max over ``items``) to int8 convs whose output only feeds float ops.
+
+    onnxruntime runs DQ -> Conv -> Q as one QLinearConv; a conv whose output goes straight to a
+    float op (GroupNorm, or a resnet's conv1 once the sampler has folded the time embedding into
+    its bias) has no Q after it and runs as a float conv on dequantized weights: slower than
+    float32. Returns how many outputs were quantized.
+    """
+    import onnxruntime as ort
+
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    outputs = {o.name for o in graph.output}
+    int8_convs = [n for n in graph.node if n.op_type == "Conv" and n.output[0] not in outputs and consumers.get(n.output[0])
+                  and all(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in n.input[:2])]
+    targets = []
+    inits = {t.name: t for t in graph.initializer}
+    for conv in int8_convs:
+        users = consumers[conv.output[0]]
+        quantizers = [u for u in users if u.op_type == "QuantizeLinear"]
+        if not quantizers:
+            targets.append(conv)
+            continue
+        quantizer = quantizers[0]
+        if len(quantizers) > 1:  # one Q per consumer (NNCF does that): merge them into one over the union of their ranges
+            params = [(numpy_helper.to_array(inits[q.input[1]]), numpy_helper.to_array(inits[q.input[2]])) for q in quantizers]
+            if len({z.dtype for _, z in params}) == 1 and all(s.ndim == 0 for s, _ in params):
+                ranges = [_range(sc, z) for sc, z in params]
+                scale, zp = _params_for_range(min(r[0] for r in ranges), max(r[1] for r in ranges), params[0][1].dtype,
+                                              symmetric=all(int(z) == 0 for _, z in params) and np.iinfo(params[0][1].dtype).min < 0)
+                base = conv.name + "/merged"
+                graph.initializer.extend([numpy_helper.from_array(scale, base + "_scale"), numpy_helper.from_array(zp, base + "_zp")])
+                quantizer.input[1], quantizer.input[2] = base + "_scale", base + "_zp"
+                for other in quantizers[1:]:
+                    for dq in consumers.get(other.output[0], []):
+                        dq.input[0] = quantizer.output[0]
+                    graph.node.remove(other)
+                for dq in (d for q in quantizers for d in consumers.get(q.output[0], []) if d.op_type == "DequantizeLinear"):
+                    dq.input[1], dq.input[2] = base + "_scale", base + "_zp"
+                consumers[quantizer.output[0]] = [d for q in quantizers for d in consumers.get(q.output[0], [])]
+                users = [u for u in users if u not in quantizers[1:]]
+        # Already quantized for some consumers: the float ones read its dequantized value too, so the conv's only consumer is a Q.
+        dq = next((d for d in consumers.get(quantizer.output[0], []) if d.op_type == "DequantizeLinear"), None)
+        for user in users:
+            if user.op_type != "QuantizeLinear" and dq is not None:
+                for j, i in enumerate(user.input):
+                    if i == conv.output[0]:
+                        user.input[j] = dq.output[0]
+    _drop_unused_initializers(model)
+    if not targets or not items:
+        return 0
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(helper.make_tensor_value_info(n.output[0], onnx.TensorProto.FLOAT, None) for n in targets)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = min(4, os.cpu_count() or 1)
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [n.output[0] for n in targets]
+    lo, hi = np.full(len(names), np.inf), np.full(len(names), -np.inf)
+    for item in items:
+        for k, value in enumerate(session.run(names, item)):
+            lo[k], hi[k] = min(lo[k], float(value.min())), max(hi[k], float(value.max()))
+    added = {}
+    for k, conv in enumerate(targets):
+        scale, zp = _params_for_range(lo[k], hi[k], np.uint8, symmetric=False)
+        base = conv.name + "/out"
+        graph.initializer.extend([numpy_helper.from_array(scale, base + "_scale"), numpy_helper.from_array(zp, base + "_zp")])
+        tensor = conv.output[0]
+        added[conv.name] = [
+            helper.make_node("QuantizeLinear", [tensor, base + "_scale", base + "_zp"], [tensor + "_oq"], name=base + "/QuantizeLinear"),
+            helper.make_node("DequantizeLinear", [tensor + "_oq", base + "_scale", base + "_zp"], [tensor + "_odq"], name=base + "/DequantizeLinear"),
+        ]
+        for user in consumers[tensor]:
+            for j, i in enumerate(user.input):
+                if i == tensor:
+                    user.input[j] = tensor + "_odq"
+    nodes = []
+    for n in graph.node:
+        nodes.append(n)
+        nodes.extend(added.get(n.name, []))
+    del graph.node[:]
+    graph.node.extend(_topological(nodes, {i.name for i in graph.input} | {t.name for t in graph.initializer}))
+    return len(targets)
+
+
+def _topological(nodes: list, available: set) -> list:
+    """The nodes in an order where each comes after the producers of its inputs (stable otherwise)."""
+    available = set(available) | {""}
+    waiting: dict[str, list] = {}
+    ready, order = [], []
+    missing = {}
+    for k, n in enumerate(nodes):
+        need = {i for i in n.input if i not in available}
+        missing[k] = need
+        for i in need:
+            waiting.setdefault(i, []).append(k)
+        if not need:
+            ready.append(k)
+    heapq.heapify(ready)
+    while ready:
+        k = heapq.heappop(ready)
+        order.append(nodes[k])
+        for out in nodes[k].output:
+            for j in waiting.pop(out, []):
+                missing[j].discard(out)
+                if not missing[j]:
+                    heapq.heappush(ready, j)
+    if len(order) != len(nodes):
+        raise RuntimeError("quantized graph has a cycle or a dangling input")
+    return order
 
 
 def _is_transformer(model: onnx.ModelProto) -> bool:

@@ -32,6 +32,7 @@ class TorchRunner(Runner):
         self.graph = None
         self.input_names: list[str] = []
         self.rebuilt_from: str | None = None
+        self.runs_float_of: str | None = None  # the artifact's quantization scheme, when it has one
 
     def available(self) -> tuple[bool, str]:
         import torch
@@ -49,6 +50,7 @@ class TorchRunner(Runner):
         artifact = self.open_artifact(artifact_path)
         graph = rebuild_graph(artifact.sidecar)
         self.rebuilt_from = artifact.sidecar["model"]["source"]
+        self.runs_float_of = (artifact.sidecar.get("quantization") or {}).get("scheme")
         return self.load_module(graph, artifact.input_names)
 
     def load_module(self, module, input_names: list[str] | None = None) -> "TorchRunner":
@@ -81,7 +83,9 @@ class TorchRunner(Runner):
 
         info = {"library": f"torch {torch.__version__}", "mode": "eager", "precision": "float32"}
         if self.rebuilt_from:
-            info["rebuilt_from"] = self.rebuilt_from  # a compressed artifact's float source model
+            info["rebuilt_from"] = self.rebuilt_from
+        if self.runs_float_of:
+            info["note"] = f"runs the float source model of a {self.runs_float_of} artifact"
         if self.device == "cuda":
             info["gpu"] = torch.cuda.get_device_name()
         return info

@@ -60,4 +60,4 @@ def test_invalid_settings_exit_2(args, fragment, tmp_path, cli):
 
 
 def test_sample_cli_rejects_guidance_on_unconditional(tmp_path, cli):
-    assert_one_line_error(cli("sample", TINY, "--guidance", "3", "--out", tmp_path / "g.png"), "classifier-free guidance")
+    assert_one_line_error(cli("sample", TINY, "--guidance", "3", "--out", tmp_path / "g.png"), "guidance needs a conditional model")

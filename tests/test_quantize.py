@@ -111,6 +111,27 @@ def test_skip_concatenations_get_one_quantizer_per_half(per_step):
                    for n in model.graph.node)
 
 
+def test_every_int8_conv_can_run_as_qlinearconv_on_onnxruntime(per_step, tmp_path):
+    """onnxruntime fuses DQ -> Conv -> Q into QLinearConv only when the conv's one consumer is a QuantizeLinear;
+    convs feeding float ops (GroupNorm, a bias-folded conv1) or several quantizers are given one, so that no int8
+    conv falls back to a float conv on dequantized weights."""
+    model = onnx.load(per_step["sampler"]["path"])
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n.op_type)
+    int8_convs = [n for n in model.graph.node if n.op_type == "Conv" and producer.get(n.input[1]) is not None
+                  and producer[n.input[1]].op_type == "DequantizeLinear"]
+    assert int8_convs and all(consumers[n.output[0]] == ["QuantizeLinear"] for n in int8_convs)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(per_step["sampler"]["path"], options, providers=["CPUExecutionProvider"])
+    fused = [n for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node if n.op_type == "QLinearConv"]
+    assert len(fused) >= 0.6 * len(int8_convs)
+
+
 def test_int8_weights_are_real_and_a_quarter_of_float(per_step, exported):
     """The sampler folds the time MLP into constants; the denoiser keeps it (float, ignored) and so is larger."""
     for kind, share in (("sampler", 0.3), ("denoiser", 0.45)):

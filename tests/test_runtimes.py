@@ -253,6 +253,7 @@ def test_targets_fix_the_batch_and_describe_their_qdq_layout():
         get_target("npu-qn")
 
 
+@pytest.mark.slow
 def test_export_cli_writes_static_shapes_for_an_npu_target(tmp_path):
     out = tmp_path / "npu"
     result = run_cli("export", FACTORY, "--steps", "1", "--solver", "ddim", "--target", "npu-qnn",

@@ -24,6 +24,7 @@ from compress.zoo.models import (
 
 LABEL_DROPOUT = 0.1
 DIFFUSION_ITERATIONS = 2000
+RESUME_LR = 5e-4  # a second, gentler phase: what `compress zoo train NAME --resume` continues with
 
 
 def _lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
@@ -38,11 +39,14 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
         e.lerp_(p, 1 - decay)
 
 
-def train_diffusion(conditional: bool, iterations: int, batch_size: int = 64, lr: float = 2e-3, seed: int = 0):
+def train_diffusion(conditional: bool, iterations: int, batch_size: int = 64, lr: float = 2e-3, seed: int = 0, init: dict | None = None):
+    """Epsilon-prediction training; ``init`` (a state dict) continues from earlier weights."""
     torch.manual_seed(seed)
     images, labels = load_digits_tensors("train")
     schedule = NoiseSchedule.from_betas("linear", 1000)
     model = build_digits_cond_unet() if conditional else build_digits_unet()
+    if init is not None:
+        model.load_state_dict(init)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
@@ -101,20 +105,34 @@ def save_checkpoint(model: torch.nn.Module, path: Path, metadata: dict) -> None:
     save_file(state, str(path), metadata={k: json.dumps(v) for k, v in metadata.items()})
 
 
-def train_zoo_model(name: str, out_dir: Path, iterations: int | None = None) -> Path:
+def train_zoo_model(name: str, out_dir: Path, iterations: int | None = None, resume: bool = False, lr: float | None = None) -> Path:
+    """Trains a zoo model into out_dir; ``resume`` continues a diffusion model's checkpoint there (a second phase)."""
     start = time.time()
+    path = out_dir / f"{name}.safetensors"
+    phases = []
     if name == "digits-classifier":
         model, info = train_classifier()
         config = {}
     elif name in ("digits", "digits-cond"):
         conditional = name == "digits-cond"
-        model, info = train_diffusion(conditional, iterations or DIFFUSION_ITERATIONS)
+        init = None
+        if resume:
+            from safetensors.torch import load_file
+
+            from compress.zoo import read_metadata
+
+            init, earlier = load_file(str(path)), read_metadata(path)["training"]
+            phases = earlier.get("phases", [earlier])
+        model, info = train_diffusion(conditional, iterations or DIFFUSION_ITERATIONS, lr=lr or (RESUME_LR if resume else 2e-3), init=init)
         config = DIGITS_COND_UNET if conditional else DIGITS_UNET
     else:
         raise ValueError(name)
     info["train_seconds"] = round(time.time() - start, 1)
     info["threads"] = torch.get_num_threads()
+    if phases:
+        info = {"phases": phases + [info], "train_seconds": round(sum(p["train_seconds"] for p in phases) + info["train_seconds"], 1)}
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}.safetensors"
-    save_checkpoint(model, path, {"name": name, "config": config, "training": info})
+    staging = path.with_suffix(".partial")
+    save_checkpoint(model, staging, {"name": name, "config": config, "training": info})
+    staging.replace(path)
     return path
