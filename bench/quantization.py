@@ -249,6 +249,19 @@ def main() -> None:
     results = {"environment": {"processor": platform.processor() or platform.machine(), "threads": args.threads,
                                "onnxruntime": ort.__version__, "torch": torch.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S")},
                "goals": GOALS, "quality": [], "speed": []}
+    previous = RESULTS / "quantization.json"
+
+    def save() -> None:
+        """After every model: a run that is cut short keeps what it measured (and the other models' last results)."""
+        old = json.loads(previous.read_text()) if previous.is_file() else {}
+        merged = dict(results)
+        for part in ("quality", "speed"):
+            done = {r["model"] for r in results[part]}
+            merged[part] = [r for r in old.get(part, []) if r["model"] not in done] + results[part]
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "quantization.json").write_text(json.dumps(merged, indent=2) + "\n")
+        (RESULTS / "quantization.md").write_text(markdown(merged))
+
     with tempfile.TemporaryDirectory(prefix="bench-quantization-") as scratch:
         work = Path(args.work or scratch)
         for name, guidance in (("digits", None), ("digits-cond", 3.0)):
@@ -259,23 +272,16 @@ def main() -> None:
                 results["speed"].append({"model": f"zoo:{name}", "skipped": "checkpoint not trained yet"})
                 continue
             results["quality"].append(zoo_quality(name, guidance, args, work, log))
+            save()
             if name == "digits":
                 from compress.loading import load_model
 
                 results["speed"].append(speed("zoo:digits", load_model("zoo:digits"), None, args, work, log))
+                save()
         if "cifar" in models:
             results["speed"].append(speed("ddpm-cifar10-arch", cifar_denoiser(), None, args, work, log))
-    RESULTS.mkdir(exist_ok=True)
-    previous = RESULTS / "quantization.json"
-    if previous.is_file() and set(models) != {"digits", "digits-cond", "cifar"}:
-        # A partial run keeps the other models' results from the last full one.
-        old = json.loads(previous.read_text())
-        keep = lambda rows, new: [r for r in rows if r["model"] not in {n["model"] for n in new}]  # noqa: E731
-        results["quality"] = keep(old.get("quality", []), results["quality"]) + results["quality"]
-        results["speed"] = keep(old.get("speed", []), results["speed"]) + results["speed"]
-    (RESULTS / "quantization.json").write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / "quantization.md").write_text(markdown(results))
-    print(markdown(results))
+        save()
+    print((RESULTS / "quantization.md").read_text())
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ others must match: within 1e-3 absolute for zoo:digits (its samples lie in [-1, 
 CIFAR network's samples reach hundreds, so there the bound is 1e-3 relative to the largest value.
 
 An int8 row (compress.quantize, W8A8 per step, on onnxruntime and OpenVINO) is added when that
-module imports and quantizes; otherwise the results say why it is missing.
+module imports and quantizes (in a child process); otherwise the results say why it is missing.
 
 Writes bench/results/runtimes.{json,md}. Run (needs compress/zoo/checkpoints/digits.safetensors):
     python bench/runtimes.py [--runs 20] [--warmup 3] [--threads 2] [--models digits,cifar10]
@@ -21,9 +21,9 @@ import json
 import os
 import platform
 import sys
+import subprocess
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 # This script shares its name with the `runtimes` package: run as a file, its own folder would come
@@ -82,18 +82,28 @@ def main() -> None:
     parser.add_argument("--large-runs", type=int, default=5, help="timed runs per row for the CIFAR-10 architecture (1 warm-up)")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads for every runtime")
     parser.add_argument("--models", default="digits,cifar10")
+    parser.add_argument("--quantize-into", nargs=2, metavar=("MODEL", "FOLDER"), help=argparse.SUPPRESS)  # the int8 child process
     args = parser.parse_args()
+    if args.quantize_into:
+        name, folder = args.quantize_into
+        quantize_sampler(MODELS[name][0](), Path(folder))
+        return
     rows, notes = [], []
     with tempfile.TemporaryDirectory(prefix="bench-runtimes-") as work:
         for name in args.models.split(","):
             build, tolerance, large = MODELS[name]
             runs, warmup = (args.large_runs, 1) if large else (args.runs, args.warmup)
             rows += bench_model(name, build(), tolerance, Path(work) / name, runs, warmup, args.threads, notes)
+            write_results(rows, notes, args.threads)  # after each model: a later crash keeps what was measured
+    print(write_results(rows, notes, args.threads))
+
+
+def write_results(rows: list[dict], notes: list[str], threads: int) -> str:
     environment = {
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "load_average_at_end": os.getloadavg(),
-        "threads": args.threads,
+        "threads": threads,
         "torch": torch.__version__,
         "onnxruntime": __import__("onnxruntime").__version__,
         "openvino": __import__("openvino").get_version(),
@@ -103,28 +113,27 @@ def main() -> None:
                                                        "rows": rows, "notes": notes}, indent=2) + "\n")
     text = markdown(rows, notes, environment)
     (RESULTS / "runtimes.md").write_text(text)
-    print(text)
+    return text
 
 
 def bench_model(name: str, denoiser: Denoiser, tolerance: str, work: Path, runs: int, warmup: int, threads: int, notes: list[str]) -> list[dict]:
     params = sum(p.numel() for p in denoiser.module.parameters())
     start = time.perf_counter()
-    records = export_onnx(denoiser, SOLVER, work)
-    export_openvino(records, work)
+    export_openvino(export_onnx(denoiser, SOLVER, work), work)
     export_s = time.perf_counter() - start
-    print(f"{name}: {params / 1e6:.2f}M parameters, exported in {export_s:.0f} s")
+    print(f"{name}: {params / 1e6:.2f}M parameters, exported in {export_s:.0f} s", flush=True)
     artifact = open_artifact(work / "sampler.onnx")
     graph = SamplerGraph(denoiser, SOLVER)
-    int8 = quantized_sampler(denoiser, work, notes)
+    int8 = quantized_sampler(name, work, notes)
     rows = []
     for batch in BATCHES:
         feeds = example_feeds(artifact, batch, seed=0)
         loaders = [("torch", "float32", lambda r: r.load_module(graph)),
-                ("onnxruntime", "float32", lambda r: r.load(work / "sampler.onnx")),
-                ("openvino", "float32", lambda r: r.load(work / "sampler.xml"))]
+                   ("onnxruntime", "float32", lambda r: r.load(work / "sampler.onnx")),
+                   ("openvino", "float32", lambda r: r.load(work / "sampler.xml"))]
         if int8:
             loaders += [("onnxruntime", "int8", lambda r: r.load(int8 / "sampler.onnx")),
-                     ("openvino", "int8", lambda r: r.load(int8 / "sampler.xml"))]
+                        ("openvino", "int8", lambda r: r.load(int8 / "sampler.xml"))]
         reference = None
         for runtime, precision, load in loaders:
             runner = get_runner(runtime, threads)
@@ -143,27 +152,40 @@ def bench_model(name: str, denoiser: Denoiser, tolerance: str, work: Path, runs:
                 "runs": runs, "warmup": warmup, "export_s": export_s, "memory_method": result["memory"]["method"], "runner": result["runner"],
             })
             print(f"  batch {batch} {runtime:<12} {precision:<8} median {result['latency_ms']['median']:9.2f} ms  "
-                  f"p90 {result['latency_ms']['p90']:9.2f} ms  max|diff| {diff:.2e}")
+                  f"p90 {result['latency_ms']['p90']:9.2f} ms  max|diff| {diff:.2e}", flush=True)
             del runner
     return rows
 
 
-def quantized_sampler(denoiser: Denoiser, work: Path, notes: list[str]) -> Path | None:
-    """W8A8 sampler.onnx (+ IR) from compress.quantize, or None with a note saying why not."""
-    try:
-        from calibration import CalibrationConfig, calibrate
-        from compress.quantize import QuantizeConfig, quantize_
+def quantized_sampler(name: str, work: Path, notes: list[str]) -> Path | None:
+    """W8A8 sampler.onnx (+ IR) in work/int8, made by a child process; None with a note saying why not.
 
-        # The baked solver's own levels on 8 trajectories, from a 50-step chain: enough for a latency row.
-        calib = calibrate(denoiser, CalibrationConfig(sampler="solver", samples=64, trajectory_steps=50), SOLVER)
-        out = work / "int8"
-        records = quantize_(work, calib, QuantizeConfig(scheme="w8a8", targets=["sampler"]), out_dir=out)
-        export_openvino(records, out)
+    Calibrating and quantizing the unrolled CIFAR-10 sampler takes gigabytes: in a child process an
+    out-of-memory kill costs the int8 rows, not the float ones.
+    """
+    out = work / "int8"
+    child = subprocess.run([sys.executable, __file__, "--quantize-into", name, str(work)], capture_output=True, text=True)
+    if child.returncode == 0 and (out / "sampler.onnx").is_file() and (out / "sampler.xml").is_file():
         return out
-    except Exception as e:  # the quantizer is developed concurrently: its absence is a result, not a crash
-        notes.append(f"{denoiser.name}: no int8 row, compress.quantize failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-        traceback.print_exc()
-        return None
+    if child.returncode < 0:
+        reason = f"killed by signal {-child.returncode}" + (" (likely out of memory)" if child.returncode == -9 else "")
+    else:
+        lines = [line for line in child.stderr.splitlines() if line.strip()]
+        reason = lines[-1] if lines else f"exit code {child.returncode}"
+    notes.append(f"{name}: no int8 row; quantizing with compress.quantize failed: {reason}")
+    print(notes[-1], flush=True)
+    return None
+
+
+def quantize_sampler(denoiser: Denoiser, work: Path) -> None:
+    """The child's work: calibrate on the baked solver's levels, quantize work/sampler.onnx (W8A8 per step), convert to IR."""
+    from calibration import CalibrationConfig, calibrate
+    from compress.quantize import QuantizeConfig, quantize_
+
+    # 4 trajectories recorded from a 50-step chain at the solver's 8 levels: enough for a latency row.
+    calib = calibrate(denoiser, CalibrationConfig(sampler="solver", samples=32, trajectory_steps=50), SOLVER)
+    out = work / "int8"
+    export_openvino(quantize_(work, calib, QuantizeConfig(scheme="w8a8", targets=["sampler"]), out_dir=out), out)
 
 
 def markdown(rows: list[dict], notes: list[str], env: dict) -> str:
