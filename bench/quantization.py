@@ -236,6 +236,7 @@ def main() -> None:
     parser.add_argument("--speed-repeats", type=int, default=10)
     parser.add_argument("--speed-calib-trajectories", type=int, default=4)
     parser.add_argument("--work", default=None, help="keep the artifacts here (default: a temporary folder)")
+    parser.add_argument("--skip-zoo-speed", action="store_true", help="no separate float32 vs w8a8 speed run on zoo:digits")
     parser.add_argument("--reuse", action="store_true", help="speed: reuse the float (and w8a8) samplers already in --work")
     args = parser.parse_args()
     args.schemes = args.schemes.split(",")
@@ -273,7 +274,7 @@ def main() -> None:
                 continue
             results["quality"].append(zoo_quality(name, guidance, args, work, log))
             save()
-            if name == "digits":
+            if name == "digits" and not args.skip_zoo_speed:
                 from compress.loading import load_model
 
                 results["speed"].append(speed("zoo:digits", load_model("zoo:digits"), None, args, work, log))

@@ -73,6 +73,7 @@ def ddpm_cifar10() -> Denoiser:
 
 # name -> (builder, how agreement is judged, whether it is large: fewer runs, seconds per call)
 MODELS = {"digits": (digits, "absolute", False), "cifar10": (ddpm_cifar10, "relative", True)}
+LABELS = {"digits": "zoo:digits", "cifar10": "DDPM CIFAR-10 arch., random"}
 
 
 def main() -> None:
@@ -194,7 +195,7 @@ def markdown(rows: list[dict], notes: list[str], env: dict) -> str:
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         agrees = "" if r["agrees"] is None else ("yes" if r["agrees"] else "NO")
-        lines.append(f"| {r['model']} ({r['parameters'] / 1e6:.1f}M) | {r['runtime']} | {r['precision']} | {r['batch']} | {r['median_ms']:.2f} | "
+        lines.append(f"| {LABELS.get(r['model'], r['model'])} ({r['parameters'] / 1e6:.1f}M) | {r['runtime']} | {r['precision']} | {r['batch']} | {r['median_ms']:.2f} | "
                      f"{r['p90_ms']:.2f} | {r['ms_per_sample']:.2f} | {r['peak_rss_delta_mb']:.1f} | {r['max_abs_diff_vs_torch']:.2e} | {agrees} |")
     lines += ["", f"CPU: {env['processor']}, {env['cpu_count']} cores, {env['threads']} threads per runtime; "
               f"load average at the end {', '.join(f'{v:.1f}' for v in env['load_average_at_end'])} (the machine is shared).",

@@ -213,7 +213,9 @@ def test_weight_only_and_fp16(exported, tmp_path, scheme, smaller):
 
 
 def test_errors(exported, tmp_path):
-    _, folder, calib = exported
+    denoiser, folder, calib = exported
+    with pytest.raises(UserError, match="export the model first"):
+        quantize_(denoiser, calib, QuantizeConfig(), out_dir=tmp_path / "t")
     other = calibrate(tiny_denoiser(), CalibrationConfig(samples=2, trajectory_steps=4))
     with pytest.raises(UserError, match="recorded from"):
         quantize_(folder, other, QuantizeConfig(), out_dir=tmp_path / "a")
