@@ -5,6 +5,7 @@
                              a bare model folder (schedule from flags), or a hub id where there is internet
     python:module:factory    any torch denoiser; the factory returns a Denoiser or an nn.Module
                              called as module(sample, timestep, cond)
+    PATH                     a model folder the toolkit wrote (pruned, slim; see compress.model_folder)
 """
 from __future__ import annotations
 
@@ -45,9 +46,13 @@ def load_model(reference: str, flags: ScheduleFlags | None = None) -> Denoiser:
     flags = flags or ScheduleFlags()
     if flags.prediction_type not in PREDICTION_TYPES:
         raise UserError(f"unknown prediction type {flags.prediction_type!r}; expected one of {', '.join(PREDICTION_TYPES)}")
+    from compress.model_folder import is_model_folder, load_model_folder
+
+    if is_model_folder(reference):
+        return load_model_folder(reference)
     scheme, sep, rest = reference.partition(":")
     if not sep or scheme not in SCHEMES or not rest:
-        raise UserError(f"bad model reference {reference!r}: expected zoo:NAME, diffusers:PATH or python:module:factory")
+        raise UserError(f"bad model reference {reference!r}: expected zoo:NAME, diffusers:PATH, python:module:factory or a model folder written by compress")
     if scheme == "zoo":
         from compress.zoo import load_denoiser
 

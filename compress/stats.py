@@ -1,0 +1,23 @@
+"""Size and cost of a denoiser: parameters and multiply-accumulates of one network evaluation."""
+from __future__ import annotations
+
+import torch
+
+
+def example_inputs(denoiser, batch: int = 1) -> tuple:
+    """(sample, timestep, cond) for one evaluation of ``denoiser.module``; cond is the null condition."""
+    x = torch.zeros((batch, *denoiser.sample_shape))
+    t = torch.full((batch,), denoiser.schedule.num_train_timesteps // 2, dtype=torch.float32)
+    return (x, t, denoiser.null_condition(batch))
+
+
+def count_macs(denoiser) -> dict:
+    """MACs per sample of one denoiser call (torch-pruning's counter) and the parameter count."""
+    import torch_pruning as tp
+
+    module = denoiser.module
+    device = next(module.parameters()).device
+    inputs = tuple(None if v is None else v.to(device) for v in example_inputs(denoiser))
+    with torch.no_grad():
+        macs, params = tp.utils.count_ops_and_params(module, example_inputs=inputs)
+    return {"macs": int(macs), "parameters": int(params)}
