@@ -68,7 +68,7 @@ def save_model_folder(denoiser, folder: str | Path, builder: str, builder_args: 
 
 
 def load_model_folder(path: str | Path):
-    from safetensors import SafetensorsError
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from compress.denoiser import Denoiser
@@ -90,7 +90,7 @@ def load_model_folder(path: str | Path):
         raise UserError(f"model folder {folder} has no {WEIGHTS_FILE}")
     try:
         tensors = load_file(str(folder / WEIGHTS_FILE))
-    except (SafetensorsError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"cannot read {folder / WEIGHTS_FILE}: {str(e).splitlines()[0]}") from None
     module_name, _, function = BUILDERS[builder].partition(":")
     build = getattr(importlib.import_module(module_name), function)

@@ -1,0 +1,158 @@
+"""Spectral slim students of zoo:digits: widths 0.75 / 0.5 / 0.25 and the ablation (wavelet gating on/off x
+frequency loss on/off) at width 0.5, plus the headline student trained for the full 30-minute budget.
+
+    python bench/slim.py train NAME [NAME...]   # trains students into bench/results/slim_models/NAME
+    python bench/slim.py report [--n 256]       # samples, measures, writes bench/results/slim.{json,md}
+
+Each training runs with one thread (the machine is shared); FD is the zoo classifier's Fréchet distance
+against the held-out digits; PSNR and the high-frequency energy error compare each student with the
+teacher sampled from the same noise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+MODELS = RESULTS / "slim_models"
+TEACHER = "zoo:digits"
+SHORT_STEPS = 600  # the equal, shorter budget of the ablation and the non-headline widths
+HEADLINE_MINUTES = 28.0  # training loop budget; data loading and MAC counting fill the rest of 30 minutes
+
+RUNS = {
+    "headline-w0.5": dict(width=0.5, steps=100000, max_minutes=HEADLINE_MINUTES),
+    "w0.75": dict(width=0.75, steps=SHORT_STEPS),
+    "w0.5": dict(width=0.5, steps=SHORT_STEPS),
+    "w0.25": dict(width=0.25, steps=SHORT_STEPS),
+    "w0.5-nogate": dict(width=0.5, steps=SHORT_STEPS, wavelet_gating=False),
+    "w0.5-nofreq": dict(width=0.5, steps=SHORT_STEPS, lambda_freq=0.0),
+    "w0.5-nogate-nofreq": dict(width=0.5, steps=SHORT_STEPS, wavelet_gating=False, lambda_freq=0.0),
+}
+
+
+def train(names: list[str]) -> None:
+    from compress.loading import load_model
+    from compress.progress import progress
+    from compress.slim import SlimConfig, save_student, slim
+
+    teacher = load_model(TEACHER)
+    for name in names:
+        config = SlimConfig(**RUNS[name])
+        student = slim(teacher, config, progress=progress)
+        save_student(student, MODELS / name)
+        info = student.extra["slim"]
+        print(f"{name}: {info['steps']} steps in {info['train_seconds']:.0f} s, MACs {info['macs_student']:,} "
+              f"({info['mac_reduction']:.2f}x fewer), final {info['final_losses']}", flush=True)
+
+
+def report(n: int, steps: int) -> None:
+    from compress.loading import load_model
+    from compress.metrics import DigitsJudge, psnr
+    from compress.sampling import make_noise, sample
+    from compress.slim import network_cost
+    from compress.solvers import SolverConfig
+    from compress.spectral_loss import high_frequency_share
+    from compress.zoo.data import load_digits_tensors
+
+    judge = DigitsJudge()
+    held_out, _ = load_digits_tensors("heldout")
+    solver = SolverConfig("ddim", steps)
+    teacher = load_model(TEACHER)
+    noise = make_noise(teacher, n, seed=0)
+    start = time.perf_counter()
+    reference = sample(teacher, solver, noise, show_progress=False)
+    teacher_seconds = time.perf_counter() - start
+    hf_teacher = high_frequency_share(reference).mean().item()
+    cost = network_cost(teacher)
+    rows = [{"name": "teacher", "model": TEACHER, "macs": cost["macs"], "parameters": cost["parameters"], "mac_reduction": 1.0,
+             "fd": judge.fd(reference, held_out), "psnr_vs_teacher": None, "hf_share": hf_teacher, "hf_error": 0.0,
+             "sample_seconds": round(teacher_seconds, 1)}]
+    for name in RUNS:
+        folder = MODELS / name
+        if not folder.is_dir():
+            print(f"skipping {name}: not trained")
+            continue
+        student = load_model(str(folder))
+        info = student.extra["slim"]
+        start = time.perf_counter()
+        out = sample(student, solver, noise, show_progress=False)
+        hf = high_frequency_share(out).mean().item()
+        rows.append({
+            "name": name, "width": info["width"], "wavelet_gating": info["wavelet_gating"],
+            "frequency_loss": info["config"]["lambda_freq"] > 0, "block_out_channels": info["block_out_channels"],
+            "macs": info["macs_student"], "parameters": info["params_student"], "mac_reduction": info["mac_reduction"],
+            "fd": judge.fd(out, held_out), "psnr_vs_teacher": psnr(out, reference),
+            "hf_share": hf, "hf_error": abs(hf - hf_teacher) / hf_teacher,
+            "steps": info["steps"], "train_minutes": round(info["train_seconds"] / 60, 1), "threads": info["threads"],
+            "final_losses": info["final_losses"], "sample_seconds": round(time.perf_counter() - start, 1),
+        })
+        print(rows[-1], flush=True)
+    env = {"processor": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+           "torch": torch.__version__, "load_average": os.getloadavg(), "solver": f"ddim-{steps}", "samples": n}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "slim.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2) + "\n")
+    (RESULTS / "slim.md").write_text(markdown(rows, env))
+    print((RESULTS / "slim.md").read_text())
+
+
+def markdown(rows: list[dict], env: dict) -> str:
+    by = {r["name"]: r for r in rows}
+    teacher = by["teacher"]
+
+    def line(r, label):
+        psnr = f"{r['psnr_vs_teacher']:.2f}" if r.get("psnr_vs_teacher") is not None else "—"
+        train = f"{r['train_minutes']} min / {r['steps']} steps" if "steps" in r else "—"
+        return (f"| {label} | {r['macs'] / 1e6:.1f}M | {r['mac_reduction']:.2f}x | {r['parameters'] / 1e6:.3f}M | {r['fd']:.1f} "
+                f"| {r['fd'] / teacher['fd']:.2f} | {psnr} | {r['hf_share']:.4f} | {r['hf_error']:.1%} | {train} |")
+
+    head = ("| model | MACs | fewer MACs | params | FD | FD / teacher | PSNR vs teacher (dB) | HF share | HF error | training |\n"
+            "|---|---|---|---|---|---|---|---|---|---|")
+    out = ["# Spectral slim students of zoo:digits", "",
+           f"Samples: {env['samples']} per model, {env['solver']} from the same seed-0 noise; FD against the 359 held-out digits "
+           "(zoo classifier features); PSNR and HF against the teacher's samples from the same noise. HF share: the share of "
+           "spectral energy (mean removed) above half the Nyquist frequency; HF error: |student - teacher| / teacher.", ""]
+    if "headline-w0.5" in by:
+        h = by["headline-w0.5"]
+        out += ["## Headline: width 0.5, wavelet gating, spectrum-aware distillation, 30-minute budget", "", head,
+                line(teacher, "teacher zoo:digits"), line(h, "student width 0.5"), "",
+                f"{h['mac_reduction']:.2f}x fewer MACs, FD {h['fd']:.1f} vs the teacher's {teacher['fd']:.1f} "
+                f"({h['fd'] / teacher['fd'] - 1:+.0%}); trained {h['train_minutes']} minutes ({h['steps']} steps, batch 64) "
+                f"with {h['threads']} thread on a 2-core machine shared with other jobs.", ""]
+    out += [f"## Widths (equal short budget: {SHORT_STEPS} steps each)", "", head, line(teacher, "teacher")]
+    out += [line(by[k], f"width {by[k]['width']}") for k in ("w0.75", "w0.5", "w0.25") if k in by]
+    out += ["", f"## Ablation at width 0.5 (equal short budget: {SHORT_STEPS} steps each)", "",
+            "| wavelet gating | frequency loss | MACs | FD | FD / teacher | PSNR vs teacher (dB) | HF share | HF error |", "|---|---|---|---|---|---|---|---|"]
+    for k in ("w0.5", "w0.5-nofreq", "w0.5-nogate", "w0.5-nogate-nofreq"):
+        if k in by:
+            r = by[k]
+            out.append(f"| {'on' if r['wavelet_gating'] else 'off'} | {'on' if r['frequency_loss'] else 'off'} | {r['macs'] / 1e6:.1f}M "
+                       f"| {r['fd']:.1f} | {r['fd'] / teacher['fd']:.2f} | {r['psnr_vs_teacher']:.2f} | {r['hf_share']:.4f} | {r['hf_error']:.1%} |")
+    out += ["", f"CPU: {env['processor']}, {env['cores']} cores shared with other jobs (load average at the end "
+            f"{', '.join(f'{v:.1f}' for v in env['load_average'])}); torch {env['torch']}; every training used 1 thread.", ""]
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("names", nargs="+", choices=list(RUNS))
+    r = sub.add_parser("report")
+    r.add_argument("--n", type=int, default=256)
+    r.add_argument("--steps", type=int, default=100)
+    args = parser.parse_args()
+    if args.command == "train":
+        train(args.names)
+    else:
+        report(args.n, args.steps)
+
+
+if __name__ == "__main__":
+    main()
