@@ -22,22 +22,22 @@ MAGNITUDE_FLOOR = 0.05
 
 
 def spectral_weights(x0: torch.Tensor, alpha: float = -1.0) -> torch.Tensor:
-    """w = |DFT(x0)|^alpha per image and channel over the spatial rfft2 bins, normalised to mean 1."""
-    magnitude = torch.fft.rfft2(x0.float(), norm="ortho").abs()
+    """w = |DFT(x0)|^alpha per image and channel over the spatial DFT bins, normalised to mean 1."""
+    magnitude = torch.fft.fft2(x0.float(), norm="ortho").abs()
     floor = MAGNITUDE_FLOOR * magnitude.mean(dim=(-2, -1), keepdim=True)
     w = torch.maximum(magnitude, floor) ** alpha
     return w / w.mean(dim=(-2, -1), keepdim=True)
 
 
 def frequency_loss(student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Mean over images of sum_bins w * |DFT(teacher) - DFT(student)|^2, divided by the pixel count.
+    """Mean over images and channels of sum_bins w * |DFT(teacher) - DFT(student)|^2 / pixels.
 
-    With orthonormal DFTs and w = 1 this equals the pixel MSE (Parseval, up to the rfft's
-    half spectrum), so lambda_freq reads on the same scale as the denoising loss.
+    The DFT is orthonormal, so with w = 1 this is exactly the pixel MSE (Parseval): lambda_freq
+    reads on the same scale as the denoising loss.
     """
-    diff = torch.fft.rfft2(teacher.float() - student.float(), norm="ortho")
+    diff = torch.fft.fft2(teacher.float() - student.float(), norm="ortho")
     per_bin = weights * diff.abs() ** 2
-    return per_bin.sum(dim=(-2, -1)).mean() / (student.shape[-1] * student.shape[-2] / 2)
+    return per_bin.sum(dim=(-2, -1)).mean() / (student.shape[-1] * student.shape[-2])
 
 
 def feature_loss(student_features: list[torch.Tensor], teacher_features: list[torch.Tensor], projections: nn.ModuleList) -> torch.Tensor:
