@@ -1,0 +1,240 @@
+"""Recovery fine-tune by distillation from the original model: output matching, optional feature
+matching, EMA weights. Any student `Denoiser` whose calling convention matches its teacher's works
+(a pruned network, a slim student).
+
+The loop runs under `accelerate`: single process on a CPU as is, and unchanged on several
+processes or GPUs (``accelerate launch --num_processes 2 --cpu -m compress.distill ...``).
+Training inputs are x_t = alpha_t x0 + sigma_t eps at uniform timesteps, with x0 drawn from the
+teacher's own samples (data-free) unless ``data`` is given.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class DistillConfig:
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-3
+    ema: float = 0.999  # 0: no EMA
+    feature_weight: float = 0.0  # > 0: also match block features (through learned 1x1 projections)
+    data_samples: int = 512
+    data_solver: str = "dpmpp-2m"
+    data_steps: int = 20
+    seed: int = 0
+    max_seconds: float | None = None  # stop early at this wall-clock budget (benchmarks)
+
+    @classmethod
+    def from_prune(cls, config) -> "DistillConfig":
+        return cls(steps=config.finetune_steps, batch_size=config.batch_size, lr=config.lr, ema=config.ema,
+                   feature_weight=config.feature_weight, data_samples=config.data_samples,
+                   data_solver=config.data_solver, data_steps=config.data_steps, seed=config.seed,
+                   max_seconds=config.finetune_seconds)
+
+
+def feature_layers(module: nn.Module) -> list[nn.Module]:
+    """The blocks whose outputs feature matching compares: a UNet's mid and up blocks, a DiT's transformer blocks."""
+    inner = getattr(module, "unet", None) or getattr(module, "transformer", None) or module
+    if hasattr(inner, "up_blocks"):
+        return [inner.mid_block, *inner.up_blocks] if inner.mid_block is not None else list(inner.up_blocks)
+    if hasattr(inner, "transformer_blocks"):
+        return list(inner.transformer_blocks)
+    return []
+
+
+class _Recorder:
+    def __init__(self, layers):
+        self.features: list[torch.Tensor] = []
+        self.handles = [layer.register_forward_hook(self._hook) for layer in layers]
+
+    def _hook(self, module, args, output):
+        self.features.append(output[0] if isinstance(output, tuple) else output)
+
+    def take(self) -> list[torch.Tensor]:
+        out, self.features = self.features, []
+        return out
+
+
+class _Trainee(nn.Module):
+    """The student plus the projections that map its (narrower) features onto the teacher's."""
+
+    def __init__(self, student: nn.Module, adapters: nn.ModuleList):
+        super().__init__()
+        self.student, self.adapters = student, adapters
+        self.recorder = _Recorder(feature_layers(student)) if len(adapters) else None
+
+    def forward(self, x, t, cond):
+        out = self.student(x, t, cond)
+        if self.recorder is None:
+            return out, []
+        return out, [adapt(f) for adapt, f in zip(self.adapters, self.recorder.take())]
+
+
+def _adapter(student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> nn.Module:
+    if student_feature.dim() == 4:
+        return nn.Conv2d(student_feature.shape[1], teacher_feature.shape[1], 1)
+    return nn.Linear(student_feature.shape[-1], teacher_feature.shape[-1])
+
+
+def distill(student, teacher, config: DistillConfig, data: torch.Tensor | None = None, cond: torch.Tensor | None = None,
+            log=lambda m: None, accelerator=None) -> dict:
+    """Fine-tunes ``student.module`` in place towards ``teacher``; returns a summary of the run."""
+    from accelerate import Accelerator
+
+    from compress.prune import _conditions, _self_samples, training_target
+
+    accelerator = accelerator or Accelerator()
+    started = time.time()
+    teacher_module = teacher.module.to(accelerator.device).eval()
+    for p in teacher_module.parameters():
+        p.requires_grad_(False)
+    source = "given" if data is not None else "teacher samples"
+    if data is None:
+        # Every process draws the same pool (same seed): no communication needed.
+        data, cond = _self_samples(teacher, config.data_samples, config.seed + 7, config.data_solver, config.data_steps)
+    data = data.cpu()
+    module = student.module.to(accelerator.device).train()
+    teacher_recorder = _Recorder(feature_layers(teacher_module)) if config.feature_weight > 0 else None
+    adapters = nn.ModuleList()
+    if teacher_recorder is not None:
+        probe = _Recorder(feature_layers(module))
+        x = data[:2].to(accelerator.device)
+        t = torch.full((2,), teacher.schedule.num_train_timesteps // 2, dtype=torch.float32, device=accelerator.device)
+        c = None if cond is None else cond[:2].to(accelerator.device)
+        with torch.no_grad():
+            module(x, t, c)
+            teacher_module(x, t, c)
+        adapters = nn.ModuleList(_adapter(s, f) for s, f in zip(probe.take(), teacher_recorder.take())).to(accelerator.device)
+        for h in probe.handles:
+            h.remove()
+    trainee = _Trainee(module, adapters)
+    optimizer = torch.optim.AdamW(trainee.parameters(), lr=config.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config.steps))
+    trainee, optimizer, scheduler = accelerator.prepare(trainee, optimizer, scheduler)
+    ema = [p.detach().clone() for p in module.parameters()] if config.ema > 0 else None
+    generator = torch.Generator().manual_seed(config.seed * 1000 + accelerator.process_index)
+    T = teacher.schedule.num_train_timesteps
+    losses, step = [], 0
+    for step in range(1, config.steps + 1):
+        idx = torch.randint(0, data.shape[0], (config.batch_size,), generator=generator)
+        x0 = data[idx]
+        c = None if cond is None else cond[idx].to(accelerator.device)
+        if c is not None and teacher.supports_guidance:
+            # Teach the null condition too, so classifier-free guidance keeps working after pruning.
+            drop = torch.rand(c.shape[0], generator=generator) < 0.1
+            c = torch.where(drop.view(-1, *[1] * (c.dim() - 1)).to(c.device), teacher.null_condition(c.shape[0], c.device), c)
+        t = torch.randint(0, T, (config.batch_size,), generator=generator)
+        eps = torch.randn(x0.shape, generator=generator)
+        xt, _ = training_target(teacher, x0, eps, t)
+        xt, tf = xt.to(accelerator.device), t.float().to(accelerator.device)
+        with torch.no_grad():
+            target = teacher_module(xt, tf, c)
+            teacher_features = teacher_recorder.take() if teacher_recorder else []
+        out, features = trainee(xt, tf, c)
+        loss = nn.functional.mse_loss(out, target)
+        if features:
+            loss = loss + config.feature_weight * sum(nn.functional.mse_loss(f, g) for f, g in zip(features, teacher_features)) / len(features)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(trainee.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        if ema is not None:
+            decay = min(config.ema, (1 + step) / (10 + step))  # short runs: a warm-up keeps EMA from lagging at the start
+            with torch.no_grad():
+                for e, p in zip(ema, module.parameters()):
+                    e.lerp_(p.detach(), 1 - decay)
+        losses.append(loss.item())
+        if step % max(1, config.steps // 10) == 0 or step == config.steps:
+            log(f"finetune {step}/{config.steps}: distillation loss {sum(losses[-50:]) / len(losses[-50:]):.4g}")
+        if config.max_seconds is not None and time.time() - started > config.max_seconds:
+            log(f"finetune stopped at step {step}: time budget of {config.max_seconds:.0f} s reached")
+            break
+    if ema is not None:
+        with torch.no_grad():
+            for e, p in zip(ema, module.parameters()):
+                p.copy_(e)
+    if teacher_recorder:
+        for h in teacher_recorder.handles:
+            h.remove()
+    if trainee.recorder is not None:
+        for h in trainee.recorder.handles:
+            h.remove()
+    student.module = accelerator.unwrap_model(trainee).student.eval()
+    return {
+        "steps": step,
+        "seconds": round(time.time() - started, 1),
+        "final_loss": float(sum(losses[-50:]) / max(1, len(losses[-50:]))),
+        "processes": accelerator.num_processes,
+        "ema": config.ema,
+        "feature_weight": config.feature_weight,
+        "data": source,
+    }
+
+
+def _lr_factor(step: int, total: int) -> float:
+    warmup = max(1, total // 20)
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def parameter_checksum(module: nn.Module) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, value in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def main(argv=None) -> int:
+    """``accelerate launch [--num_processes N --cpu] -m compress.distill STUDENT_FOLDER TEACHER --steps N --out DIR``"""
+    import argparse
+    import json
+    from pathlib import Path
+
+    from accelerate import Accelerator
+
+    from compress.loading import load_model
+    from compress.model_folder import CONFIG_FILE, save_model_folder
+
+    parser = argparse.ArgumentParser(prog="python -m compress.distill", description="Distillation fine-tune of a saved student.")
+    parser.add_argument("student", help="a model folder (pruned or slim)")
+    parser.add_argument("teacher", help="the original model reference")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--ema", type=float, default=0.999)
+    parser.add_argument("--feature-weight", type=float, default=0.0)
+    parser.add_argument("--data-samples", type=int, default=64)
+    parser.add_argument("--data-steps", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    accelerator = Accelerator()
+    student, teacher = load_model(args.student), load_model(args.teacher)
+    folder_config = json.loads(Path(args.student, CONFIG_FILE).read_text())
+    config = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, ema=args.ema, feature_weight=args.feature_weight,
+                           data_samples=args.data_samples, data_steps=args.data_steps)
+    summary = distill(student, teacher, config, log=accelerator.print, accelerator=accelerator)
+    print(f"rank {accelerator.process_index} of {accelerator.num_processes}: checksum {parameter_checksum(student.module)}", flush=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        student.extra = {**student.extra, "finetune": summary}
+        save_model_folder(student, args.out, folder_config["builder"], folder_config["builder_args"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,531 @@
+"""Structured pruning of diffusion denoisers, with torch-pruning as the engine. One call:
+
+    pruned = prune(load_model("zoo:digits"), PruneConfig(method="taylor", ratio=0.3, finetune_steps=2000))
+
+- ``magnitude``: L2 norm of each channel's weights across its dependency group.
+- ``taylor``: |w * dL/dw| with the gradient of the denoising loss accumulated over timesteps
+  t = 0, dt, 2dt, ... and stopped once the loss falls below ``taylor_threshold`` x its maximum
+  (Diff-Pruning, Fang et al. 2023). The model's own samples stand in for training data.
+- ``mask``: learned hard-concrete gates over the whole few-step sampling trajectory
+  (`compress.trajectory_mask`, EcoDiff); the gates rank attention heads and resnet / feed-forward
+  hidden channels, every other group is ranked by magnitude.
+
+The output conv is kept, attention heads go whole (``num_heads`` is given to the pruner, head
+dims stay), and afterwards every module attribute that still describes the old widths
+(sampler channels, attention heads, norm channels) is set from the pruned weights, so the model
+runs, exports and can be saved as a model folder (`rebuild_module` rebuilds it from JSON).
+A recovery fine-tune by distillation from the original model follows when ``finetune_steps`` > 0
+(`compress.distill`).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from compress.errors import UserError
+
+METHODS = ("magnitude", "taylor", "mask")
+WRAPPERS = ("diffusers-unet", "class-token-unet", "diffusers-transformer")
+
+
+@dataclass
+class PruneConfig:
+    """The recipe's ``prune`` section.
+
+    method          magnitude | taylor | mask
+    ratio           share of channels removed per group (0 < ratio < 1); params fall by about 1-(1-ratio)^2
+    global_pruning  rank channels across layers instead of the same ratio in every layer
+    round_to        keep pruned widths multiples of this (None: only what GroupNorm needs)
+    prune_heads     remove whole attention heads at the same ratio (head dims are never cut)
+    taylor_*        Diff-Pruning's rule: timesteps 0, T/taylor_steps, ... until loss < threshold * max
+    taylor_samples  samples (from the model itself) the Taylor gradients are taken on
+    mask_*          the trajectory-mask search: solver and steps of the trajectory, optimisation
+                    iterations, batch, learning rate, L1 sparsity weight, time-step checkpointing
+    finetune_*      the recovery distillation (0 steps: none; finetune_seconds caps its wall-clock time);
+                    feature_weight > 0 adds feature matching; data_* the original's own samples it trains on
+    """
+
+    method: str = "magnitude"
+    ratio: float = 0.3
+    global_pruning: bool = False
+    round_to: int | None = None
+    prune_heads: bool = True
+    taylor_threshold: float = 0.05
+    taylor_steps: int = 100
+    taylor_samples: int = 64
+    mask_solver: str = "ddim"
+    mask_steps: int = 10
+    mask_iterations: int = 100
+    mask_batch: int = 8
+    mask_lr: float = 0.05
+    mask_sparsity: float = 0.01
+    mask_checkpointing: bool = True
+    finetune_steps: int = 0
+    finetune_seconds: float | None = None  # stop the fine-tune at this wall-clock budget
+    batch_size: int = 64
+    lr: float = 1e-3
+    ema: float = 0.999
+    feature_weight: float = 0.0
+    data_samples: int = 512
+    data_solver: str = "dpmpp-2m"
+    data_steps: int = 20
+    seed: int = 0
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> "PruneConfig":
+        if self.method not in METHODS:
+            close = difflib.get_close_matches(str(self.method), METHODS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise UserError(f"unknown pruning method {self.method!r}{hint} (expected one of {', '.join(METHODS)})")
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 < self.ratio < 1:
+            raise UserError(f"pruning ratio must lie strictly between 0 and 1, got {self.ratio!r}")
+        if self.round_to is not None and (not isinstance(self.round_to, int) or self.round_to < 1):
+            raise UserError(f"prune round_to must be a positive integer or null, got {self.round_to!r}")
+        if not 0 < self.taylor_threshold < 1:
+            raise UserError(f"prune taylor_threshold must lie in (0, 1), got {self.taylor_threshold!r}")
+        for name in ("taylor_steps", "taylor_samples", "mask_steps", "mask_iterations", "mask_batch", "batch_size", "data_samples", "data_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"prune {name} must be a positive integer, got {value!r}")
+        if isinstance(self.finetune_steps, bool) or not isinstance(self.finetune_steps, int) or self.finetune_steps < 0:
+            raise UserError(f"prune finetune_steps must be a non-negative integer, got {self.finetune_steps!r}")
+        if self.finetune_seconds is not None and not self.finetune_seconds > 0:
+            raise UserError(f"prune finetune_seconds must be positive or null, got {self.finetune_seconds!r}")
+        if not 0 <= self.ema < 1:
+            raise UserError(f"prune ema must lie in [0, 1), got {self.ema!r}")
+        for name in ("lr", "mask_lr"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"prune {name} must be positive, got {getattr(self, name)!r}")
+        for name in ("mask_sparsity", "feature_weight"):
+            if not getattr(self, name) >= 0:
+                raise UserError(f"prune {name} must be non-negative, got {getattr(self, name)!r}")
+        return self
+
+    @classmethod
+    def from_dict(cls, section: dict | None) -> "PruneConfig":
+        section = dict(section or {})
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in section:
+            if key not in names:
+                close = difflib.get_close_matches(str(key), names, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f" (valid: {', '.join(names)})"
+                raise UserError(f"prune: unknown key {key!r}{hint}")
+        return cls(**section)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- the entry point
+
+
+def prune(denoiser, config: PruneConfig | None = None, progress: Callable[[str], None] | None = None):
+    """A pruned (and, with ``finetune_steps``, fine-tuned) copy of ``denoiser``; the input is left untouched."""
+    from compress.denoiser import Denoiser
+    from compress.stats import count_macs
+
+    config = (config or PruneConfig()).validate()
+    log = progress or (lambda message: None)
+    if not isinstance(denoiser, Denoiser):
+        raise UserError(f"prune() takes a Denoiser, got {type(denoiser).__name__}")
+    started = time.time()
+    teacher = denoiser
+    device = teacher.device
+    before = _safe_macs(teacher)
+    student = dataclasses.replace(teacher, module=copy.deepcopy(teacher.module).to(device), extra=dict(teacher.extra))
+    module = student.module
+    head_dims = attention_head_dims(module)
+    gates = None
+    if config.method == "taylor":
+        used = accumulate_taylor_gradients(student, config, log)
+        log(f"taylor: gradients accumulated over {len(used)} timesteps ({used[0]}..{used[-1]})")
+    elif config.method == "mask":
+        from compress.trajectory_mask import search_mask
+
+        gates = search_mask(student, config, log)
+    importance = _importance(config, gates)
+    with torch.enable_grad():  # the dependency graph is traced through autograd
+        pruner = _make_pruner(student, config, importance)
+        pruner.step()
+    module.zero_grad(set_to_none=True)
+    if gates is not None:
+        gates.remove()
+    sync_attributes(module, head_dims)
+    _check_runs(student)
+    after = _safe_macs(student)
+    if after["parameters"] >= before["parameters"]:
+        raise UserError(f"pruning ratio {config.ratio} removed nothing from model {teacher.name!r}: its layers are too narrow "
+                        "for that ratio (or round_to / norm groups forbid it); use a larger ratio")
+    log(f"pruned: {before['macs'] / 1e6:.1f}M -> {after['macs'] / 1e6:.1f}M MACs, {before['parameters'] / 1e6:.3f}M -> {after['parameters'] / 1e6:.3f}M params")
+    finetune = None
+    if config.finetune_steps > 0:
+        from compress.distill import DistillConfig, distill
+
+        finetune = distill(student, teacher, DistillConfig.from_prune(config), log=log)
+    student.extra = {
+        **{k: v for k, v in teacher.extra.items() if k != "pruning"},
+        "pruning": {
+            "method": config.method,
+            "ratio": config.ratio,
+            "config": config.to_dict(),
+            "macs_before": before["macs"],
+            "macs_after": after["macs"],
+            "parameters_before": before["parameters"],
+            "parameters_after": after["parameters"],
+            "finetune": finetune,
+            "seconds": round(time.time() - started, 1),
+        },
+    }
+    student.name = f"{teacher.name}-pruned"
+    student.module.eval()
+    return student
+
+
+def _safe_macs(denoiser) -> dict:
+    from compress.stats import count_macs
+
+    try:
+        return count_macs(denoiser)
+    except Exception as e:  # a model the MAC counter cannot run is a model torch-pruning cannot trace either
+        raise UserError(f"cannot trace model {denoiser.name!r} for pruning: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def _check_runs(denoiser) -> None:
+    from compress.stats import example_inputs
+
+    try:
+        with torch.no_grad():
+            denoiser.module(*[None if v is None else v.to(denoiser.device) for v in example_inputs(denoiser, 2)])
+    except Exception as e:
+        raise UserError(f"the pruned model no longer runs ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                        "its architecture needs an attribute fix that compress.prune does not know") from None
+
+
+# ----------------------------------------------------------------------------- driving torch-pruning
+
+
+def _attention_modules(module: nn.Module):
+    from diffusers.models.attention_processor import Attention
+
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, Attention)]
+
+
+def attention_head_dims(module: nn.Module) -> dict[str, int]:
+    """{attention module name: head dim}; heads are pruned whole, so head dims never change."""
+    return {name: a.inner_dim // a.heads for name, a in _attention_modules(module)}
+
+
+def _kept_layers(module: nn.Module) -> list[nn.Module]:
+    """Layers whose output channels must stay: the output conv of a UNet, the final projections of a DiT,
+    and, in a DiT, everything writing the residual stream (its positional embedding is a buffer that
+    torch-pruning cannot narrow), so only heads and feed-forward hidden channels are pruned there."""
+    kept = []
+    for name, m in module.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("conv_out", "proj_out_2"):
+            kept.append(m)
+    if _find_inner(module)[0] == "diffusers-transformer":
+        for name, m in module.named_modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and not _is_transformer_prunable(name):
+                kept.append(m)
+    return kept
+
+
+def _is_transformer_prunable(name: str) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf in ("to_q", "to_k", "to_v") or name.endswith("ff.net.0.proj")
+
+
+def _make_pruner(denoiser, config: PruneConfig, importance):
+    import torch_pruning as tp
+
+    from compress.stats import example_inputs
+
+    module = denoiser.module
+    device = denoiser.device
+    inputs = tuple(None if v is None else v.to(device) for v in example_inputs(denoiser))
+    num_heads = {}
+    for _, a in _attention_modules(module):
+        for layer in (a.to_q, a.to_k, a.to_v):
+            num_heads[layer] = a.heads
+    # torch-pruning follows the autograd graph from the output back to the weights: without one there is nothing to follow.
+    out = module(*inputs)
+    if not isinstance(out, torch.Tensor) or out.grad_fn is None:
+        raise UserError(f"torch-pruning cannot trace model {denoiser.name!r}: its output is not on the autograd graph "
+                        "(does its forward run under torch.no_grad or return a non-tensor?)")
+    del out
+    try:
+        pruner = tp.pruner.BasePruner(
+            module,
+            inputs,
+            importance,
+            global_pruning=config.global_pruning,
+            pruning_ratio=config.ratio,
+            ignored_layers=_kept_layers(module),
+            round_to=config.round_to,
+            num_heads=num_heads,
+            prune_num_heads=config.prune_heads and bool(num_heads),
+            prune_head_dims=False,
+            head_pruning_ratio=config.ratio if config.prune_heads else 0.0,
+        )
+    except Exception as e:
+        raise UserError(f"torch-pruning cannot trace model {denoiser.name!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    return pruner
+
+
+def _importance(config: PruneConfig, gates):
+    import torch_pruning as tp
+
+    if config.method == "taylor":
+        return tp.importance.GroupTaylorImportance()
+    magnitude = tp.importance.GroupMagnitudeImportance(p=2)
+    if config.method == "mask":
+        return GateImportance(gates, magnitude)
+    return magnitude
+
+
+class GateImportance:
+    """Importance from learned gates where a group holds a gated layer, magnitude elsewhere.
+
+    Within a gated group the gate order decides which channels go (magnitude only breaks ties); with
+    global pruning, gate scores (in [0, 1]) and mean-normalised magnitudes (about 1) are on similar scales.
+    """
+
+    def __init__(self, gates, fallback):
+        self.by_layer = gates.scores_by_layer() if gates is not None else {}
+        self.fallback = fallback
+
+    @torch.no_grad()
+    def __call__(self, group):
+        import torch_pruning as tp
+
+        base = self.fallback(group)
+        for i, (dep, idxs) in enumerate(group):
+            scores = self.by_layer.get(dep.layer)
+            if scores is None or dep.pruning_fn not in (tp.prune_conv_in_channels, tp.prune_linear_in_channels):
+                continue
+            root_idxs = group[i].root_idxs
+            if any(r is None for r in root_idxs) or base is None:
+                continue
+            out = torch.zeros_like(base)
+            out[torch.as_tensor(root_idxs)] = scores.to(out)[torch.as_tensor(idxs)]
+            # Keep magnitude as a tie breaker among equally (un)gated channels.
+            return out + 1e-6 * base / (base.max() + 1e-12)
+        return base
+
+
+# ----------------------------------------------------------------------------- Taylor (Diff-Pruning)
+
+
+def diff_pruning_timesteps(loss_at: Callable[[int], float], timesteps, threshold: float) -> list[int]:
+    """Diff-Pruning's rule: visit t = timesteps[0], timesteps[1], ... (from 0 upward), keep each one,
+    and stop after the first whose loss falls below ``threshold`` x the largest loss seen so far.
+    ``loss_at(t)`` computes the loss (and accumulates its gradient) for timestep t."""
+    used, largest = [], 0.0
+    for t in timesteps:
+        loss = float(loss_at(int(t)))
+        used.append(int(t))
+        largest = max(largest, loss)
+        if loss < threshold * largest:
+            break
+    return used
+
+
+def _self_samples(denoiser, count: int, seed: int, solver: str = "dpmpp-2m", steps: int = 20):
+    """Samples of the model itself: data-free stand-ins for its training set."""
+    from compress.sampling import make_noise, sample
+    from compress.solvers import SolverConfig
+
+    cond = _conditions(denoiser, count, seed)
+    x0 = sample(denoiser, SolverConfig(solver, steps), make_noise(denoiser, count, seed + 1), cond, device=denoiser.device, show_progress=False)
+    return x0, cond
+
+
+def _conditions(denoiser, count: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    if denoiser.conditioning == "class":
+        return torch.randint(0, denoiser.num_classes, (count,), generator=generator)
+    if denoiser.conditioning == "text":
+        return torch.randn((count, *denoiser.cond_shape), generator=generator)
+    return None
+
+
+def training_target(denoiser, x0, eps, t):
+    """What the network should output at x_t for the model's prediction type."""
+    a = torch.as_tensor(denoiser.schedule.alpha(t.numpy()), dtype=torch.float32).view(-1, 1, 1, 1)
+    s = torch.as_tensor(denoiser.schedule.sigma(t.numpy()), dtype=torch.float32).view(-1, 1, 1, 1)
+    xt = a * x0 + s * eps
+    target = {"epsilon": eps, "v_prediction": a * eps - s * x0, "sample": x0}[denoiser.prediction_type]
+    return xt, target
+
+
+def accumulate_taylor_gradients(denoiser, config: PruneConfig, log=lambda m: None) -> list[int]:
+    """Accumulates dL/dw in ``.grad`` over Diff-Pruning's timesteps; returns the timesteps used."""
+    module = denoiser.module
+    device = denoiser.device
+    x0, cond = _self_samples(denoiser, config.taylor_samples, config.seed, config.data_solver, config.data_steps)
+    T = denoiser.schedule.num_train_timesteps
+    stride = max(1, T // config.taylor_steps)
+    generator = torch.Generator().manual_seed(config.seed + 2)
+    eps = torch.randn(x0.shape, generator=generator)
+    module.zero_grad(set_to_none=True)
+    module.eval()
+
+    def loss_at(t: int) -> float:
+        ts = torch.full((x0.shape[0],), t, dtype=torch.long)
+        xt, target = training_target(denoiser, x0, eps, ts)
+        with torch.enable_grad():
+            out = module(xt.to(device), ts.float().to(device), None if cond is None else cond.to(device))
+            loss = torch.nn.functional.mse_loss(out, target.to(device))
+            loss.backward()
+        return loss.item()
+
+    return diff_pruning_timesteps(loss_at, range(0, T, stride), config.taylor_threshold)
+
+
+# ----------------------------------------------------------------------------- stale attributes
+
+
+def sync_attributes(module: nn.Module, head_dims: dict[str, int]) -> None:
+    """Sets every width-describing attribute from the (pruned) weights, so forward passes and exports agree."""
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.downsampling import Downsample2D
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.upsampling import Upsample2D
+
+    for name, m in module.named_modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            if m.transposed:
+                m.in_channels, m.out_channels = m.weight.shape[0], m.weight.shape[1] * m.groups
+            else:
+                m.out_channels, m.in_channels = m.weight.shape[0], m.weight.shape[1] * m.groups
+        elif isinstance(m, nn.Linear):
+            m.out_features, m.in_features = m.weight.shape
+        elif isinstance(m, nn.GroupNorm) and m.weight is not None:
+            m.num_channels = m.weight.shape[0]
+            if m.num_channels % m.num_groups:
+                raise UserError(f"pruning left {name} with {m.num_channels} channels, not divisible into its {m.num_groups} groups")
+        elif isinstance(m, nn.LayerNorm) and m.weight is not None:
+            m.normalized_shape = tuple(m.weight.shape)
+        elif isinstance(m, nn.Embedding):
+            m.num_embeddings, m.embedding_dim = m.weight.shape
+    for name, m in module.named_modules():
+        if isinstance(m, (Downsample2D, Upsample2D)):
+            conv = getattr(m, "conv", None) or getattr(m, "Conv2d_0", None)
+            if isinstance(conv, nn.modules.conv._ConvNd):
+                m.channels, m.out_channels = conv.in_channels, conv.out_channels
+            elif isinstance(getattr(m, "norm", None), nn.LayerNorm):
+                m.channels = m.out_channels = m.norm.normalized_shape[0]
+        elif isinstance(m, ResnetBlock2D):
+            m.in_channels, m.out_channels = m.conv1.in_channels, m.conv2.out_channels
+        elif isinstance(m, Attention):
+            head_dim = head_dims[name]
+            m.heads = m.to_q.out_features // head_dim
+            m.sliceable_head_dim = m.heads
+            m.inner_dim = m.to_q.out_features
+            m.inner_kv_dim = m.to_k.out_features
+            m.query_dim = m.to_q.in_features
+            m.out_dim = m.to_out[0].out_features
+            if m.heads < 1:
+                raise UserError(f"pruning removed every head of {name}")
+
+
+# ----------------------------------------------------------------------------- saving and rebuilding
+
+
+def _find_inner(module: nn.Module):
+    from compress.denoiser import ClassTokenUNet, DiffusersTransformer, DiffusersUNet
+
+    if isinstance(module, ClassTokenUNet):
+        return "class-token-unet", module.unet
+    if isinstance(module, DiffusersUNet):
+        return "diffusers-unet", module.unet
+    if isinstance(module, DiffusersTransformer):
+        return "diffusers-transformer", module.transformer
+    return None, None
+
+
+def _plain_config(config) -> dict:
+    def plain(v):
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return {k: plain(v) for k, v in dict(config).items() if not k.startswith("_")}
+
+
+def builder_args(pruned_module: nn.Module) -> dict:
+    """JSON that `rebuild_module` turns back into the pruned architecture (random weights)."""
+    wrapper, inner = _find_inner(pruned_module)
+    if wrapper is None:
+        raise UserError(f"a pruned {type(pruned_module).__name__} cannot be saved as a model folder: only diffusers UNets and "
+                        "DiT transformers (zoo:, diffusers: models) can be rebuilt without pickles")
+    reference = _build(wrapper, inner.__class__.__name__, _plain_config(inner.config), getattr(pruned_module, "num_classes", None))
+    original = reference.state_dict()
+    shapes = {k: list(v.shape) for k, v in pruned_module.state_dict().items() if k in original and tuple(original[k].shape) != tuple(v.shape)}
+    heads = {name: a.heads for name, a in _attention_modules(pruned_module)}
+    return {
+        "wrapper": wrapper,
+        "class_name": inner.__class__.__name__,
+        "config": _plain_config(inner.config),
+        "num_classes": getattr(pruned_module, "num_classes", None),
+        "shapes": shapes,
+        "heads": heads,
+    }
+
+
+def _build(wrapper: str, class_name: str, config: dict, num_classes) -> nn.Module:
+    import diffusers
+
+    from compress.denoiser import ClassTokenUNet, DiffusersTransformer, DiffusersUNet
+
+    supported = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "Transformer2DModel")
+    if class_name not in supported or wrapper not in WRAPPERS:
+        raise UserError(f"pruned model folder names an unsupported architecture {wrapper}/{class_name!r}")
+    inner = getattr(diffusers, class_name).from_config(config)
+    if wrapper == "class-token-unet":
+        return ClassTokenUNet(inner, int(num_classes))
+    if wrapper == "diffusers-unet":
+        return DiffusersUNet(inner)
+    return DiffusersTransformer(inner)
+
+
+def rebuild_module(args: dict) -> nn.Module:
+    """The pruned architecture described by `builder_args`, with random weights of the pruned shapes."""
+    try:
+        module = _build(args["wrapper"], args["class_name"], args["config"], args.get("num_classes"))
+        head_dims = attention_head_dims(module)
+        for key, shape in args.get("shapes", {}).items():
+            owner_name, _, leaf = key.rpartition(".")
+            owner = module.get_submodule(owner_name)
+            if leaf in owner._parameters:
+                owner._parameters[leaf] = nn.Parameter(torch.empty(shape))
+            elif leaf in owner._buffers:
+                owner._buffers[leaf] = torch.empty(shape)
+            else:
+                raise KeyError(key)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise UserError(f"pruned model description is inconsistent: {type(e).__name__}: {e}") from None
+    sync_attributes(module, head_dims)
+    for name, a in _attention_modules(module):
+        if name in args.get("heads", {}) and args["heads"][name] != a.heads:
+            raise UserError(f"pruned model description: {name} should have {args['heads'][name]} heads, its weights give {a.heads}")
+    return module.eval()
+
+
+def save_pruned(denoiser, folder) -> None:
+    from compress.model_folder import save_model_folder
+
+    save_model_folder(denoiser, folder, "pruned", builder_args(denoiser.module))
