@@ -7,6 +7,7 @@ tests stay fast; the zoo teacher is only used where the figures are about it (MA
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -255,8 +256,8 @@ def exported(trained, tmp_path_factory):
     _, student = trained
     out = tmp_path_factory.mktemp("slim-onnx")
     solver = SolverConfig("ddim", 2)
-    export_onnx(student, solver, out)
-    return student, solver, out
+    records = export_onnx(student, solver, out)
+    return student, solver, out, records
 
 
 def test_student_sampler_exports_with_standard_ops_and_matches_torch(exported):
@@ -265,7 +266,7 @@ def test_student_sampler_exports_with_standard_ops_and_matches_torch(exported):
 
     from compress.sampling import sample
 
-    student, solver, out = exported
+    student, solver, out, _ = exported
     model = onnx.load(str(out / "sampler.onnx"))
     for node in model.graph.node:
         assert node.domain in ("", "ai.onnx"), (node.op_type, node.domain)
@@ -286,7 +287,7 @@ def test_student_quantizes_w8a8(exported, tmp_path):
     from calibration import CalibrationConfig, calibrate
     from compress.quantize import QuantizeConfig, quantize_
 
-    student, solver, out = exported
+    student, solver, out, _ = exported
     calib = calibrate(student, CalibrationConfig(sampler="solver", samples=8, trajectory_steps=10), solver)
     records = {r["kind"]: r for r in quantize_(out, calib, QuantizeConfig(scheme="w8a8"), out_dir=tmp_path)}
     sampler = onnx.load(records["sampler"]["path"])
@@ -304,6 +305,28 @@ def test_student_goes_through_torch_export(trained):
     program = torch.export.export(student.module.eval(), (x, t, None)).run_decompositions({})
     with torch.no_grad():
         assert torch.allclose(program.module()(x, t, None), student.module(x, t, None), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_student_converts_to_coreml_and_openvino(exported, tmp_path):
+    import openvino as ov
+
+    from compress.solvers import SolverConfig
+    from export.coreml_export import export_coreml
+    from export.openvino_export import export_openvino
+
+    student, solver, _, onnx_records = exported
+    packages = export_coreml(student, SolverConfig("ddim", 2), tmp_path / "coreml")
+    assert {r["kind"] for r in packages} == {"sampler", "denoiser"}
+    assert all(Path(r["path"]).is_dir() for r in packages)
+    irs = {r["kind"]: r for r in export_openvino(onnx_records, tmp_path / "openvino")}
+    noise = np.random.default_rng(3).standard_normal((2, 1, 8, 8)).astype(np.float32)
+    compiled = ov.Core().compile_model(irs["sampler"]["path"], "CPU")
+    got = compiled({"noise": noise})[compiled.output(0)]
+    from compress.sampling import sample
+
+    expected = sample(student, solver, torch.from_numpy(noise), device="cpu", show_progress=False).numpy()
+    assert np.abs(got - expected).max() < 1e-3
 
 
 # ----------------------------------------------------------------------------- CLI
