@@ -3,7 +3,7 @@ matching, EMA weights. Any student `Denoiser` whose calling convention matches i
 (a pruned network, a slim student).
 
 The loop runs under `accelerate`: single process on a CPU as is, and unchanged on several
-processes or GPUs (``accelerate launch --num_processes 2 --cpu -m compress.distill ...``).
+processes or GPUs (``torchrun --nproc_per_node 2 -m compress.distill ...`` on CPUs, ``accelerate launch`` on GPUs).
 Training inputs are x_t = alpha_t x0 + sigma_t eps at uniform timesteps, with x0 drawn from the
 teacher's own samples (data-free) unless ``data`` is given.
 """
@@ -91,7 +91,7 @@ def distill(student, teacher, config: DistillConfig, data: torch.Tensor | None =
 
     from compress.prune import _conditions, _self_samples, training_target
 
-    accelerator = accelerator or Accelerator()
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     started = time.time()
     teacher_module = teacher.module.to(accelerator.device).eval()
     for p in teacher_module.parameters():
@@ -165,10 +165,11 @@ def distill(student, teacher, config: DistillConfig, data: torch.Tensor | None =
     if teacher_recorder:
         for h in teacher_recorder.handles:
             h.remove()
-    if trainee.recorder is not None:
-        for h in trainee.recorder.handles:
+    inner = accelerator.unwrap_model(trainee)  # under DDP the trainee is wrapped
+    if inner.recorder is not None:
+        for h in inner.recorder.handles:
             h.remove()
-    student.module = accelerator.unwrap_model(trainee).student.eval()
+    student.module = inner.student.eval()
     return {
         "steps": step,
         "seconds": round(time.time() - started, 1),
@@ -198,7 +199,8 @@ def parameter_checksum(module: nn.Module) -> str:
 
 
 def main(argv=None) -> int:
-    """``accelerate launch [--num_processes N --cpu] -m compress.distill STUDENT_FOLDER TEACHER --steps N --out DIR``"""
+    """``accelerate launch -m compress.distill STUDENT_FOLDER TEACHER --steps N --out DIR`` (GPUs), or on CPU processes
+    ``torchrun --nproc_per_node N -m compress.distill ...`` (``accelerate launch --cpu`` starts only one without an MPI setup)."""
     import argparse
     import json
     from pathlib import Path
@@ -222,7 +224,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    accelerator = Accelerator()
+    # cpu=True on a machine without GPUs: only then does Accelerator join the other CPU processes (gloo).
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     student, teacher = load_model(args.student), load_model(args.teacher)
     folder_config = json.loads(Path(args.student, CONFIG_FILE).read_text())
     config = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, ema=args.ema, feature_weight=args.feature_weight,

@@ -336,15 +336,25 @@ def test_finetune_distills_towards_the_original_with_ema():
     assert summary["steps"] == 60 and summary["processes"] == 1 and summary["ema"] == 0.9
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.slow
-def test_finetune_under_accelerate_launch_with_two_cpu_processes(tmp_path):
+def test_finetune_under_accelerate_with_two_cpu_processes(tmp_path):
     teacher = unet_denoiser()
     save_pruned(teacher, tmp_path / "teacher")  # an unpruned UNet is a valid (trivially pruned) model folder
     save_pruned(prune(teacher, PruneConfig(ratio=0.5)), tmp_path / "student")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "-m", "compress.distill", str(tmp_path / "student"), str(tmp_path / "teacher"),
+        # `accelerate launch --cpu` starts one process (several CPU processes need an MPI config); torchrun starts two
+        # and Accelerator picks them up from its environment (MULTI_CPU, gloo), exactly as under a multi-GPU launch.
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         "-m", "compress.distill", str(tmp_path / "student"), str(tmp_path / "teacher"),
          "--steps", "6", "--batch-size", "4", "--data-samples", "8", "--data-steps", "2", "--out", str(tmp_path / "tuned")],
         capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
