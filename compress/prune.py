@@ -525,7 +525,12 @@ def rebuild_module(args: dict) -> nn.Module:
     return module.eval()
 
 
+def rebuild_args(denoiser) -> dict:
+    """`builder_args` of a pruned Denoiser: ``save_model_folder(d, folder, "pruned", rebuild_args(d))``."""
+    return builder_args(denoiser.module)
+
+
 def save_pruned(denoiser, folder) -> None:
     from compress.model_folder import save_model_folder
 
-    save_model_folder(denoiser, folder, "pruned", builder_args(denoiser.module))
+    save_model_folder(denoiser, folder, "pruned", rebuild_args(denoiser))
