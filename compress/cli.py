@@ -27,12 +27,13 @@ def cli(ctx, debug):
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Output folder (replaced atomically).")
 @click.option("--force", is_flag=True, help="Replace --out even when it is not a compress output folder.")
-def run(recipe, out, force):
+@click.option("--resume", is_flag=True, help="Reuse the stages of the run already in --out whose inputs and files are unchanged.")
+def run(recipe, out, force, resume):
     """Run a recipe: baseline, solver, compression, export, validation, report."""
     from compress.pipeline import run as run_recipe
     from compress.recipe import load_recipe
 
-    report = run_recipe(load_recipe(recipe), Path(out), force=force, log=lambda m: click.echo(m, err=True))
+    report = run_recipe(load_recipe(recipe), Path(out), force=force, resume=resume, log=lambda m: click.echo(m, err=True))
     click.echo(Path(out, "report", "report.md").read_text())
     if any(not c["passed"] for c in report.get("checks", [])):
         raise ChecksFailed(", ".join(c["check"] for c in report["checks"] if not c["passed"]))
@@ -133,10 +134,13 @@ def report(folder, checks):
     """Show a run's report and apply --check gates to it."""
     from compress.checks import evaluate_checks, parse_checks
 
+    from compress.outputs import verify_manifest
+
     parsed = parse_checks(list(checks))
     path = Path(folder) / "report" / "report.json"
     if not path.is_file():
         raise UserError(f"{folder} has no report/report.json; is it a 'compress run' output folder?")
+    verify_manifest(Path(folder))
     try:
         data = json.loads(path.read_text())
         rows = [r for r in data["rows"] if r["artifact"] != "baseline"]

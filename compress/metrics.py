@@ -1,4 +1,4 @@
-"""Sample-quality metrics: Fréchet distance on zoo-classifier features, classifier agreement, PSNR."""
+"""Sample-quality metrics: Fréchet distance on zoo-classifier features, classifier agreement, PSNR, SSIM."""
 from __future__ import annotations
 
 import numpy as np
@@ -23,6 +23,28 @@ def psnr(samples: torch.Tensor, reference: torch.Tensor, data_range: float = 2.0
     """PSNR over the whole batch, for data in a range of width ``data_range`` ([-1, 1] -> 2)."""
     mse = torch.mean((samples.double() - reference.double()) ** 2).item()
     return float("inf") if mse == 0 else 10 * np.log10(data_range**2 / mse)
+
+
+def ssim(samples: torch.Tensor, reference: torch.Tensor, data_range: float = 2.0, sigma: float = 1.5) -> float:
+    """Mean structural similarity (Wang et al. 2004: Gaussian window, K1=0.01, K2=0.03) over the batch.
+
+    The window is 11 pixels as in the paper, or the image size when that is smaller (16x16 digits).
+    """
+    x, y = samples.double(), reference.double()
+    channels, size = x.shape[1], min(11, x.shape[-2], x.shape[-1])
+    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    g = g / g.sum()
+    window = (g[:, None] * g[None, :]).expand(channels, 1, size, size)
+
+    def blur(t):
+        return torch.nn.functional.conv2d(t, window, groups=channels)
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mu_x, mu_y = blur(x), blur(y)
+    var_x, var_y, cov = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2, blur(x * y) - mu_x * mu_y
+    index = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return float(index.mean())
 
 
 class DigitsJudge:

@@ -93,3 +93,21 @@ class Manifest:
 
     def write(self, **header) -> Path:
         return write_json(self.root / MANIFEST, {"recipe": self.recipe_name, **header, "artifacts": self.artifacts})
+
+
+def verify_manifest(root: Path) -> None:
+    """Every file the manifest lists is present with its recorded sha256; the first that is not is named."""
+    path = root / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{root} has no {MANIFEST}; is it a 'compress run' output folder?")
+    try:
+        entries = json.loads(path.read_text())["artifacts"]
+        listed = [(e["path"], e["sha256"]) for e in entries]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is corrupt: {e}") from None
+    for relative, digest in listed:
+        file = root / relative
+        if not file.is_file():
+            raise UserError(f"{file} is listed in {MANIFEST} but missing")
+        if sha256_of(file) != digest:
+            raise UserError(f"{file} is corrupt: its sha256 differs from the one in {MANIFEST}")

@@ -1,13 +1,26 @@
-"""`compress run`: the recipe's stages, top to bottom, into one output folder."""
+"""`compress run`: the recipe's stages, top to bottom, into one output folder.
+
+    baseline   the float32 model with the reference solver, from the recipe's seed
+    prune/slim compressed variants of the model (model folders under models/)
+    export     each variant with the few-step solver baked in: artifacts/<variant>/sampler.*
+    quantize   calibration from each variant's own trajectories, then artifacts/<variant>-<scheme>/
+    validate   every variant's module on torch and every artifact on every runtime that runs here,
+               from the baseline's noise
+    report     report/report.json, report.md, report.html, the Pareto plot, sample grids; checks
+
+Every stage has a key (see compress.stage_cache); with ``resume`` a stage whose key and files are
+unchanged is copied from the previous folder instead of being run again.
+"""
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
+import re
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from compress.checks import evaluate_checks, parse_checks
 from compress.denoiser import Denoiser
@@ -15,13 +28,47 @@ from compress.errors import UserError
 from compress.export_chain import export_artifacts, resolve_solver
 from compress.images import save_grid
 from compress.loading import ScheduleFlags, load_model
-from compress.metrics import psnr
-from compress.outputs import Manifest, staged_folder, write_json
+from compress.outputs import MANIFEST, Manifest, staged_folder, write_json
 from compress.recipe import Recipe
 from compress.sampling import default_device, make_noise, sample
 from compress.solvers import SolverConfig
+from compress.stage_cache import StageCache, stage_key
 
-NOT_YET = ("calibration", "quantize", "prune", "slim", "bench")
+GRID_SAMPLES = 64
+
+
+@dataclasses.dataclass
+class StageConfigs:
+    """The compression sections of the recipe as the engines' own config objects, validated up front."""
+
+    prune: object | None = None
+    slim: object | None = None
+    calibration: object | None = None
+    quantize: object | None = None
+
+
+def stage_configs(recipe: Recipe) -> StageConfigs:
+    configs = StageConfigs()
+    if recipe.prune is not None:
+        from compress.prune import PruneConfig
+
+        configs.prune = PruneConfig.from_dict(recipe.prune)
+    if recipe.slim is not None:
+        from compress.slim import SlimConfig
+
+        configs.slim = SlimConfig.from_dict(recipe.slim)
+    if recipe.quantize is not None:
+        from calibration import CalibrationConfig
+        from compress.quantize import CALIBRATED, QuantizeConfig
+
+        configs.quantize = QuantizeConfig.from_dict({"targets": ["sampler"], **recipe.quantize})
+        if configs.quantize.scheme in CALIBRATED:
+            configs.calibration = CalibrationConfig.from_dict(recipe.calibration)
+        if not recipe.export:
+            raise UserError("recipe: 'quantize' works on exported graphs; add an 'export' section")
+    elif recipe.calibration is not None:
+        raise UserError("recipe: a 'calibration' section needs a 'quantize' section that uses it")
+    return configs
 
 
 def model_from_recipe(recipe: Recipe) -> Denoiser:
@@ -31,122 +78,294 @@ def model_from_recipe(recipe: Recipe) -> Denoiser:
 
 
 def validation_conditioning(denoiser: Denoiser, recipe: Recipe) -> torch.Tensor | None:
-    if denoiser.conditioning != "class":
-        return None
-    labels = recipe.validate_.labels or list(range(denoiser.num_classes))
-    return torch.tensor([labels[i % len(labels)] for i in range(recipe.validate_.samples)])
+    n = recipe.validate_.samples
+    if denoiser.conditioning == "class":
+        labels = recipe.validate_.labels or list(range(denoiser.num_classes))
+        return torch.tensor([labels[i % len(labels)] for i in range(n)])
+    if denoiser.conditioning == "text":
+        return torch.zeros((n, *denoiser.cond_shape))
+    return None
 
 
-def timed_sample(denoiser, solver, noise, cond, device) -> tuple[torch.Tensor, float]:
-    start = time.perf_counter()
-    out = sample(denoiser, solver, noise, cond, device=device)
-    return out, (time.perf_counter() - start) * 1000
+def run(recipe: Recipe, out: Path, force: bool = False, resume: bool = False, log=print) -> dict:
+    from calibration import model_hash
 
-
-def run(recipe: Recipe, out: Path, force: bool = False, log=print) -> dict:
-    for name in NOT_YET:
-        if getattr(recipe, name):
-            raise UserError(f"recipe section '{name}' is not available in this version of compress")
+    configs = stage_configs(recipe)
     checks = parse_checks(recipe.report.checks)
     denoiser = model_from_recipe(recipe)
-    v = recipe.validate_
-    guidance = recipe.solver.guidance_scale
-    cond = validation_conditioning(denoiser, recipe)
-    noise = make_noise(denoiser, v.samples, v.seed)
+    v, s = recipe.validate_, recipe.solver
+    guidance = s.guidance_scale if s.guidance_scale is not None else v.guidance_scale
     reference = SolverConfig(v.reference.name, v.reference.steps, v.reference.spacing, guidance)
     reference.plan(denoiser.schedule)
-    s = recipe.solver
     solver = resolve_solver(denoiser, s.name, s.steps, s.spacing, guidance, s.schedule, tuple(s.timesteps) if s.timesteps else None, s.options, log)
+    solver_record = _solver_record(solver)
     device = default_device()
+    out = Path(out)
+    previous = out if resume and (out / MANIFEST).is_file() else None
+    if resume and previous is None:
+        log(f"resume: {out} holds no earlier run; running every stage")
 
     with staged_folder(out, force) as root:
+        cache = StageCache(root, previous, log)
         manifest = Manifest(root, recipe.name)
-        log(f"baseline: {reference.name}-{reference.steps} on {device} ({v.samples} samples)")
-        baseline, baseline_ms = timed_sample(denoiser, reference, noise, cond, device)
-        (root / "baseline").mkdir()
-        save_file({"samples": baseline.contiguous(), "noise": noise.contiguous()}, str(root / "baseline" / "samples.safetensors"))
-        manifest.add(root / "baseline" / "samples.safetensors", "safetensors", "baseline", recipe.section("validate"), device=str(device))
-        save_grid(baseline, root / "baseline" / "grid.png", denoiser.data_range)
+        model_key = model_hash(denoiser.module)
 
-        log(f"solver: {solver.name}-{solver.steps} on {device}")
-        few_step, few_ms = timed_sample(denoiser, solver, noise, cond, device)
-        save_grid(few_step, root / "samples" / f"{solver.name}-{solver.steps}.png", denoiser.data_range)
+        key = stage_key(model=model_key, validate=recipe.section("validate"), guidance=guidance)
+        baseline_dir = root / "baseline"
+        if not cache.reuse("baseline", key):
+            log(f"baseline: float32 {reference.name}-{reference.steps} on {device} ({v.samples} samples, seed {v.seed})")
+            files = _baseline(denoiser, reference, recipe, guidance, device).save(baseline_dir)
+            save_grid(_load_baseline(baseline_dir, denoiser).samples[:GRID_SAMPLES], baseline_dir / "grid.png", denoiser.data_range)
+            cache.done("baseline", key, [*files, baseline_dir / "grid.png"])
+        baseline = _load_baseline(baseline_dir, denoiser)
+        for path in sorted(baseline_dir.iterdir()):
+            manifest.add(path, path.suffix.lstrip("."), "baseline", recipe.section("validate"), device=baseline.info["device"])
 
-        rows = [
-            _row("baseline", reference, "torch", device, baseline_ms, baseline, baseline, denoiser, cond),
-            _row(f"{solver.name}-{solver.steps}", solver, "torch", device, few_ms, few_step, baseline, denoiser, cond),
-        ]
-        if recipe.export:
-            log(f"export: {', '.join(recipe.export.formats)}")
-            records = export_artifacts(denoiser, solver, root / "artifacts", recipe.export.formats, recipe.export.batch_size, recipe.export.opset)
-            for record in records:
-                manifest.add(Path(record["path"]), record["format"], "export", recipe.section("export"), kind=record["kind"])
-                manifest.add(Path(record["sidecar"]), "json", "export", recipe.section("export"), kind=f"{record['kind']}-sidecar")
+        variants = {"float32": (denoiser, model_key)}
+        for stage in ("prune", "slim"):
+            config = getattr(configs, stage)
+            if config is not None:
+                variants[_variant_name(stage)] = _transform(stage, config, denoiser, model_key, root, cache, manifest, recipe, log)
 
-        report = {"recipe": recipe.name, "environment": environment(device), "rows": rows}
-        verdict = evaluate_checks(checks, [r for r in rows if r["artifact"] != "baseline"])
-        report["checks"] = verdict
+        rows = [_baseline_row(baseline, denoiser, reference, device)]
+        grids = {"baseline": "../baseline/grid.png"}
+        artifacts: list[tuple[str, Path, Denoiser]] = []
+        for name, (model, weights_key) in variants.items():
+            row, samples = _torch_row(name, model, solver, baseline, recipe.bench, log)
+            rows.append(row)
+            grids[_label(row)] = _grid(root, row, samples, model)
+            if recipe.export:
+                artifacts += _export(name, model, weights_key, solver, solver_record, recipe, configs, root, cache, manifest, log)
+
+        from runtimes.validate import validate_artifact
+
+        for name, path, model in artifacts:
+            def keep_grid(row, samples, model=model):
+                grids[_label(row)] = _grid(root, row, samples, model)
+
+            for row in validate_artifact(path, baseline, f"{name}/{path.name}", recipe.bench.runtimes, recipe.bench.runs, log, keep_grid):
+                row["macs"] = _macs(model, row.get("nfe"), guidance)
+                rows.append(row)
+
+        base_latency = rows[0]["latency_ms"]
+        for row in rows:
+            if row.get("latency_ms"):
+                row["speedup"] = base_latency / row["latency_ms"]
+        report = {
+            "recipe": recipe.name,
+            "environment": environment(device),
+            "baseline": {**baseline.info, "samples": v.samples, "seed": v.seed},
+            "rows": rows,
+        }
+        measured = [r for r in rows if r["artifact"] != "baseline" and r.get("status", "ok") == "ok"]
+        report["checks"] = evaluate_checks(checks, measured) if checks else []
+        from runtimes.report import write_report
+
         write_json(root / "report" / "report.json", report)
-        (root / "report" / "report.md").write_text(report_markdown(report))
-        manifest.add(root / "report" / "report.json", "json", "report", recipe.section("report"))
-        manifest.write(model=denoiser.describe(), seed=recipe.seed, solver=_solver_record(solver))
+        for path in [root / "report" / "report.json", *write_report(report, root / "report", grids)]:
+            manifest.add(path, path.suffix.lstrip("."), "report", recipe.section("report"))
+        manifest.write(model=denoiser.describe(), seed=recipe.seed, solver=solver_record, stages=cache.stages)
     return report
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def _baseline(denoiser, reference, recipe, guidance, device):
+    from runtimes.validate import Baseline
+
+    v = recipe.validate_
+    noise = make_noise(denoiser, v.samples, v.seed)
+    cond = validation_conditioning(denoiser, recipe)
+    samples = sample(denoiser, reference, noise, cond, device=device)
+    info = {"solver": f"{reference.name}-{reference.steps}", "device": str(device), "nfe": reference.steps,
+            "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}
+    return Baseline(samples.float().cpu(), noise, cond, guidance, denoiser.data_range, info)
+
+
+def _load_baseline(folder: Path, denoiser: Denoiser):
+    from runtimes.validate import Baseline
+
+    judge = held_out = None
+    if denoiser.source.startswith("zoo:") or denoiser.extra.get("zoo_family"):
+        from compress.metrics import DigitsJudge
+        from compress.zoo.data import load_digits_tensors
+
+        judge, (held_out, _) = DigitsJudge(), load_digits_tensors("heldout")
+    return Baseline.load(folder, judge=judge, held_out=held_out)
+
+
+def _variant_name(stage: str) -> str:
+    return {"prune": "pruned", "slim": "slim"}[stage]
+
+
+def _transform(stage, config, denoiser, model_key, root, cache, manifest, recipe, log):
+    """Runs prune or slim (or reuses its model folder) and returns (model, weights hash)."""
+    from calibration import model_hash
+    from compress.model_folder import load_model_folder, save_model_folder
+
+    name = _variant_name(stage)
+    folder = root / "models" / name
+    key = stage_key(model=model_key, section=config.to_dict(), seed=recipe.seed)
+    if not cache.reuse(stage, key):
+        log(f"{stage}: {config.to_dict()}")
+        if stage == "prune":
+            from compress.prune import prune, rebuild_args
+
+            made = prune(denoiser, config)
+            save_model_folder(made, folder, "pruned", rebuild_args(made))
+        else:
+            from compress.slim import slim, student_args
+
+            made = slim(denoiser, config)
+            save_model_folder(made, folder, "slim", student_args(made))
+        cache.done(stage, key, [folder])
+    model = load_model_folder(folder)
+    model.source = f"models/{name}"  # relative to the output folder, which may be moved
+    model.extra["zoo_family"] = denoiser.source.startswith("zoo:") or bool(denoiser.extra.get("zoo_family"))
+    for path in sorted(folder.iterdir()):
+        manifest.add(path, path.suffix.lstrip("."), stage, recipe.section(stage))
+    return model, model_hash(model.module)
+
+
+def _export(name, model, weights_key, solver, solver_record, recipe, configs, root, cache, manifest, log) -> list:
+    """Exports one variant (and its quantized copy); returns (variant, sampler file, model) per artifact to validate."""
+    folder = root / "artifacts" / name
+    export_section = recipe.section("export")
+    key = stage_key(model=weights_key, solver=solver_record, export=export_section)
+    if not cache.reuse(f"export/{name}", key):
+        log(f"export {name}: {', '.join(recipe.export.formats)}")
+        export_artifacts(model, solver, folder, recipe.export.formats, recipe.export.batch_size, recipe.export.opset)
+        cache.done(f"export/{name}", key, [folder])
+    _add_folder(manifest, root, folder, "export", export_section)
+    out = [(name, p, model) for p in _samplers(folder)]
+
+    if configs.quantize is not None:
+        qname = f"{name}-{configs.quantize.scheme}"
+        qfolder = root / "artifacts" / qname
+        calib_key = None
+        calib_path = root / "calibration" / f"{name}.safetensors"
+        if configs.calibration is not None:
+            calib_key = stage_key(model=weights_key, calibration=configs.calibration.to_dict(), solver=solver_record)
+            if not cache.reuse(f"calibration/{name}", calib_key):
+                from calibration import calibrate, save_calibration
+
+                log(f"calibration {name}: {configs.calibration.sampler}, {configs.calibration.samples} states")
+                solver_config = solver if configs.calibration.sampler == "solver" else None
+                save_calibration(calibrate(model, configs.calibration, solver_config, device="cpu"), calib_path)
+                cache.done(f"calibration/{name}", calib_key, [calib_path])
+            manifest.add(calib_path, "safetensors", "calibration", recipe.calibration)
+        qkey = stage_key(export=key, calibration=calib_key, quantize=configs.quantize.to_dict(), formats=recipe.export.formats)
+        if not cache.reuse(f"quantize/{name}", qkey):
+            from compress.quantize import quantize_
+            from calibration import load_calibration
+
+            log(f"quantize {name}: {configs.quantize.scheme}")
+            calib = load_calibration(calib_path) if configs.calibration is not None else None
+            records = quantize_(folder, calib, configs.quantize, out_dir=qfolder)
+            if "openvino" in recipe.export.formats:
+                from export.openvino_export import export_openvino
+
+                export_openvino(records, qfolder)
+            if "onnx" not in recipe.export.formats:
+                for r in records:
+                    Path(r["path"]).unlink()
+            cache.done(f"quantize/{name}", qkey, [qfolder])
+        _add_folder(manifest, root, qfolder, "quantize", recipe.quantize)
+        out += [(qname, p, model) for p in _samplers(qfolder)]
+    return out
+
+
+def _samplers(folder: Path) -> list[Path]:
+    return [p for suffix in (".onnx", ".xml", ".mlpackage") for p in sorted(folder.glob(f"sampler{suffix}"))]
+
+
+def _add_folder(manifest: Manifest, root: Path, folder: Path, stage: str, section) -> None:
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        manifest.add(path, path.suffix.lstrip("."), stage, section)
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+def _baseline_row(baseline, denoiser, reference, device) -> dict:
+    """The reference sampler's row; its latency is measured now, on this machine, like every other row's."""
+    times = []
+    cond = None if baseline.cond is None else baseline.cond[:1]
+    for _ in range(3):
+        start = time.perf_counter()
+        sample(denoiser, reference, baseline.noise[:1], cond, device=device, show_progress=False)
+        times.append((time.perf_counter() - start) * 1000)
+    info = baseline.info
+    return {"artifact": "baseline", "runtime": "torch" if device.type == "cpu" else f"torch-{device.type}", "device": str(device),
+            "status": "ok", "scheme": "float32", "solver": info["solver"], "nfe": info["nfe"], "latency_ms": sorted(times)[1],
+            "params": sum(p.numel() for p in denoiser.module.parameters()),
+            "macs": _macs(denoiser, info["nfe"], baseline.guidance_scale), **baseline.quality(baseline.samples)}
+
+
+def _torch_row(name, model, solver, baseline, bench, log) -> tuple[dict, torch.Tensor]:
+    """The variant's own module with the few-step solver, on torch: the float reference of its artifacts."""
+    from export.sampler_graph import SamplerGraph
+    from export.sidecar import sampler_sidecar
+    from runtimes.artifacts import Artifact
+    from runtimes.torch_runner import TorchRunner
+    from runtimes.validate import latency, run_all
+
+    log(f"validate: {name} module ({solver.name}-{solver.steps}) on torch")
+    graph = SamplerGraph(model, solver)
+    artifact = Artifact(Path(f"{name}/module"), "torch", sampler_sidecar(graph, "torch", "", None))
+    runner = TorchRunner("cpu").load_module(graph)
+    samples = run_all(runner, artifact, baseline)
+    nfe = graph.table.evaluations
+    row = {"artifact": f"{name}/module", "runtime": "torch", "device": "cpu", "status": "ok", "scheme": "float32",
+            "solver": solver.name, "steps": solver.steps, "nfe": nfe, "params": sum(p.numel() for p in model.module.parameters()),
+            "macs": _macs(model, nfe, baseline.guidance_scale), **latency(runner, artifact, baseline, bench.runs),
+            **baseline.quality(samples)}
+    return row, samples
+
+
+def _macs(model: Denoiser, nfe: int | None, guidance) -> int | None:
+    """MACs of one whole sample: network MACs x evaluations (x2 with guidance: both halves run)."""
+    if nfe is None:
+        return None
+    if "macs_per_call" not in model.extra:
+        from compress.stats import count_macs
+
+        model.extra["macs_per_call"] = count_macs(model)["macs"]
+    return model.extra["macs_per_call"] * nfe * (2 if guidance is not None and model.supports_guidance else 1)
+
+
+def _label(row: dict) -> str:
+    return row["artifact"] if row["runtime"] == "torch" else f"{row['artifact']} @ {row['runtime']}"
+
+
+def _grid(root: Path, row: dict, samples: torch.Tensor, model: Denoiser) -> str:
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", _label(row)).strip("-")
+    path = root / "report" / "grids" / f"{slug}.png"
+    save_grid(samples[:GRID_SAMPLES], path, model.data_range)
+    return f"grids/{path.name}"
 
 
 def _solver_record(solver: SolverConfig) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(solver).items()}
 
 
-def _row(name, solver, runtime, device, ms, samples, baseline, denoiser, cond) -> dict:
-    row = {
-        "artifact": name,
-        "runtime": runtime,
-        "device": str(device),
-        "solver": solver.name,
-        "steps": solver.steps,
-        "latency_ms_per_sample": ms / samples.shape[0],
-        "psnr": psnr(samples, baseline, denoiser.data_range[1] - denoiser.data_range[0]),
-        "max_abs_error": float((samples - baseline).abs().max()),
-    }
-    if denoiser.source.startswith("zoo:"):
-        from compress.metrics import DigitsJudge
-        from compress.zoo.data import load_digits_tensors
-
-        judge = DigitsJudge()
-        held_out, _ = load_digits_tensors("heldout")
-        row.update(judge.summary(samples, held_out, cond))
-    return row
-
-
 def environment(device) -> dict:
-    import diffusers
+    import importlib.metadata as md
 
+    libraries = {}
+    for name in ("torch", "diffusers", "onnxruntime", "openvino", "nncf", "coremltools", "torch-pruning"):
+        try:
+            libraries[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
     return {
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
         "device": str(device),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "cpu_threads": torch.get_num_threads(),
+        "libraries": libraries,
     }
-
-
-def report_markdown(report: dict) -> str:
-    rows = report["rows"]
-    keys = [k for k in ("artifact", "runtime", "device", "solver", "steps", "latency_ms_per_sample", "psnr", "fd", "confident_share", "class_agreement") if any(k in r for r in rows)]
-    lines = [f"# Report: {report['recipe']}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |")
-    env = report["environment"]
-    lines += ["", f"Device: {env['device']} ({env['processor']}), torch {env['torch']}, {env['cpu_threads']} threads."]
-    if report.get("checks"):
-        lines += ["", "## Checks", ""] + [f"- {'PASS' if c['passed'] else 'FAIL'} `{c['check']}`" + (f" ({c['detail']})" if c.get("detail") else "") for c in report["checks"]]
-    return "\n".join(lines) + "\n"
-
-
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "" if value is None else str(value)

@@ -55,6 +55,20 @@ class ExportSection(Section):
     opset: int = 18
 
 
+class BenchSection(Section):
+    runs: int = Field(10, ge=1)  # timed calls per (artifact, runtime), after 2 warm-up calls
+    runtimes: list[str] | None = None  # None: every runtime that can run an artifact here
+
+    @field_validator("runtimes")
+    @classmethod
+    def _known_runtimes(cls, value):
+        from runtimes.runners import get_runner
+
+        for name in value or []:
+            get_runner(name)  # an unknown name is a UserError with a did-you-mean
+        return value
+
+
 class ReportSection(Section):
     checks: list[str] = Field(default_factory=list)
 
@@ -70,7 +84,7 @@ class Recipe(Section):
     slim: dict[str, Any] | None = None
     export: ExportSection | None = None
     validate_: ValidateSection = Field(default_factory=ValidateSection, alias="validate")
-    bench: dict[str, Any] | None = None
+    bench: BenchSection = Field(default_factory=BenchSection)
     report: ReportSection = Field(default_factory=ReportSection)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)

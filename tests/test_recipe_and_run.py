@@ -52,7 +52,7 @@ def test_run_writes_the_output_contract(tmp_path, cli):
         assert path.is_file() and path.stat().st_size == entry["bytes"]
         assert len(entry["sha256"]) == 64 and entry["stage"] and entry["format"]
     report = json.loads((out / "report" / "report.json").read_text())
-    assert [r["artifact"] for r in report["rows"]] == ["baseline", "ddim-4"]
+    assert [r["artifact"] for r in report["rows"]] == ["baseline", "float32/module"]
     assert report["rows"][0]["psnr"] == float("inf") and report["rows"][1]["psnr"] > 5
     assert report["environment"]["device"] == "cpu"
     assert not list(tmp_path.glob(".out.partial-*"))

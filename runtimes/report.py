@@ -1,0 +1,163 @@
+"""The accuracy-vs-latency report: report.json (written by the pipeline), report.md, report.html and
+the Pareto plot, all made from the same rows.
+
+A row is one (artifact, runtime): latency per sample at batch 1, size, NFE and the quality metrics
+against the baseline. The HTML page uses relative links only, so the output folder can be moved,
+zipped or served as it is.
+"""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+COLUMNS = ("artifact", "runtime", "device", "scheme", "solver", "nfe", "latency_ms", "speedup", "bytes", "macs",
+           "psnr", "ssim", "fd", "confident_share", "class_agreement")
+PLOT_FILE = "pareto.png"
+
+
+def quality_axis(rows: list[dict]) -> tuple[str, bool]:
+    """The metric the Pareto plot puts against latency: FD when the rows have it (lower is better), else PSNR."""
+    return ("fd", False) if any(r.get("fd") is not None for r in rows) else ("psnr", True)
+
+
+def pareto_front(rows: list[dict], metric: str, higher_is_better: bool) -> set[int]:
+    """Indices of rows no other row beats on both latency and quality."""
+    points = [(i, r["latency_ms"], r[metric]) for i, r in enumerate(rows) if r.get("latency_ms") is not None and r.get(metric) is not None]
+    sign = -1 if higher_is_better else 1
+    front = set()
+    for i, lat, q in points:
+        dominated = any(
+            lat2 <= lat and sign * q2 <= sign * q and (lat2 < lat or sign * q2 < sign * q)
+            for j, lat2, q2 in points if j != i
+        )
+        if not dominated:
+            front.add(i)
+    return front
+
+
+def label(row: dict) -> str:
+    return f"{row['artifact']} @ {row['runtime']}"
+
+
+def pareto_plot(rows: list[dict], path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric, higher = quality_axis(rows)
+    measured = [r for r in rows if r.get("latency_ms") is not None and r.get(metric) is not None]
+    if not measured:
+        return None
+    front = pareto_front(measured, metric, higher)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    for i, r in enumerate(measured):
+        on_front = i in front
+        ax.scatter(r["latency_ms"], r[metric], s=60 if on_front else 30, c="tab:red" if on_front else "tab:blue",
+                   edgecolors="black" if r["artifact"] == "baseline" else "none", zorder=3)
+        ax.annotate(label(r), (r["latency_ms"], r[metric]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ordered = sorted((measured[i] for i in front), key=lambda r: r["latency_ms"])
+    ax.plot([r["latency_ms"] for r in ordered], [r[metric] for r in ordered], c="tab:red", lw=1, zorder=2, label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_xlabel("latency per sample at batch 1 (ms, log scale)")
+    ax.set_ylabel(f"{metric.upper()} ({'higher' if higher else 'lower'} is better)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def fmt(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _columns(rows: list[dict]) -> list[str]:
+    return [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]
+
+
+def markdown(report: dict) -> str:
+    rows = report["rows"]
+    columns = _columns(rows)
+    lines = [f"# Report: {report['recipe']}", ""]
+    baseline = report.get("baseline") or {}
+    if baseline:
+        lines += [f"Baseline: float32 {baseline.get('solver')} on {baseline.get('device')}, {baseline.get('samples')} samples, "
+                  f"seed {baseline.get('seed')}. Every row is run from the baseline's noise and compared with its samples.", ""]
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows if r.get("status", "ok") == "ok"]
+    skipped = [r for r in rows if r.get("status", "ok") != "ok"]
+    if skipped:
+        lines += ["", "Not run:", ""] + [f"- {r['artifact']} on {r['runtime']}: {r['status']} ({r.get('reason', '')})" for r in skipped]
+    env = report["environment"]
+    lines += ["", f"Machine: {env.get('processor')} ({env.get('machine')}), {env.get('cpu_count')} cores; device {env.get('device')}"
+              + (f" ({env['cuda']})" if env.get("cuda") else "") + "; " + ", ".join(f"{k} {v}" for k, v in (env.get("libraries") or {}).items()) + "."]
+    lines += ["", "latency_ms: median per sample at batch 1; speedup: baseline latency / row latency; bytes: artifact on disk."]
+    if report.get("checks"):
+        lines += ["", "## Checks", ""] + [f"- {'PASS' if c['passed'] else 'FAIL'} `{c['check']}`" + (f" ({c['detail']})" if c.get("detail") else "")
+                                          for c in report["checks"]]
+    return "\n".join(lines) + "\n"
+
+
+# Marks the page once every image has finished loading, so a headless browser (and the tests) can tell.
+_IMAGE_PROBE = """<script>
+window.addEventListener("load", () => {
+  const images = [...document.images];
+  document.body.dataset.imagesTotal = images.length;
+  document.body.dataset.imagesLoaded = images.filter(i => i.complete && i.naturalWidth > 0).length;
+});
+</script>"""
+
+
+def html_page(report: dict, plot: str | None, grids: dict[str, str]) -> str:
+    """The report as one page; ``plot`` and ``grids`` (row label -> image) are paths relative to the page."""
+    rows = [r for r in report["rows"] if r.get("status", "ok") == "ok"]
+    columns = _columns(rows)
+    esc = html.escape
+    head = "".join(f"<th>{esc(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{esc(fmt(r.get(c)))}</td>" for c in columns) + "</tr>" for r in rows)
+    parts = [
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>{esc(report['recipe'])}: compression report</title>",
+        "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;font-size:13px}"
+        "td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}th{background:#f3f3f3}"
+        ".grids{display:flex;flex-wrap:wrap;gap:16px}figure{margin:0}figcaption{font-size:12px;max-width:260px}"
+        "img.grid{width:256px;image-rendering:pixelated}.fail{color:#b00}.pass{color:#070}</style></head><body>",
+        f"<h1>{esc(report['recipe'])}</h1>",
+        f"<p>{esc(markdown(report).splitlines()[2])}</p>" if report.get("baseline") else "",
+        f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>",
+    ]
+    if report.get("checks"):
+        items = "".join(f"<li class='{'pass' if c['passed'] else 'fail'}'>{'PASS' if c['passed'] else 'FAIL'} <code>{esc(c['check'])}</code> "
+                        f"{esc(c.get('detail') or '')}</li>" for c in report["checks"])
+        parts.append(f"<h2>Checks</h2><ul>{items}</ul>")
+    if plot:
+        parts.append(f"<h2>Accuracy versus latency</h2><img id='pareto' src='{esc(plot)}' alt='Pareto plot' width='800'>")
+    if grids:
+        figures = "".join(f"<figure><img class='grid' src='{esc(src)}' alt='{esc(name)}'><figcaption>{esc(name)}</figcaption></figure>"
+                          for name, src in grids.items())
+        parts.append(f"<h2>Samples from the same noise</h2><div class='grids'>{figures}</div>")
+    skipped = [r for r in report["rows"] if r.get("status", "ok") != "ok"]
+    if skipped:
+        parts.append("<h2>Not run</h2><ul>" + "".join(f"<li>{esc(r['artifact'])} on {esc(r['runtime'])}: {esc(r['status'])} "
+                                                       f"({esc(r.get('reason', ''))})</li>" for r in skipped) + "</ul>")
+    parts += [_IMAGE_PROBE, "</body></html>"]
+    return "\n".join(p for p in parts if p)
+
+
+def write_report(report: dict, folder: Path, grids: dict[str, str]) -> list[Path]:
+    """report.md, report.html and the Pareto plot into ``folder`` (report.json is the caller's)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [r for r in report["rows"] if r.get("status", "ok") == "ok"]
+    plot = pareto_plot(rows, folder / PLOT_FILE)
+    (folder / "report.md").write_text(markdown(report))
+    (folder / "report.html").write_text(html_page(report, PLOT_FILE if plot else None, grids))
+    return [p for p in (folder / "report.md", folder / "report.html", plot) if p]

@@ -1,0 +1,168 @@
+"""The whole chain in `compress run`: export, calibration, quantization, validation on every runtime,
+the report (json, md, html, Pareto plot), --resume, and integrity checks in `compress report`."""
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from runtimes.report import pareto_front
+from tests.conftest import assert_one_line_error
+
+CHAIN = {
+    "name": "chain",
+    "model": "python:tests.tiny_models:tiny_denoiser",
+    "solver": {"name": "dpmpp-2m", "steps": 4},
+    "validate": {"reference": {"name": "ddim", "steps": 20}, "samples": 8},
+    "calibration": {"sampler": "ndtc", "samples": 8, "trajectory_steps": 10},
+    "quantize": {"scheme": "w8a8", "subset_size": 16},
+    "export": {"formats": ["onnx", "openvino"]},
+    "bench": {"runs": 2},
+    "report": {"checks": ["psnr>=5"]},
+}
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def write_recipe(path, data):
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def chain_run(tmp_path_factory):
+    from tests.conftest import run_cli
+
+    root = tmp_path_factory.mktemp("chain")
+    recipe = write_recipe(root / "r.yaml", CHAIN)
+    result = run_cli("run", recipe, "--out", root / "out")
+    assert result.returncode == 0, result.stderr
+    return root, recipe, result
+
+
+def rows_of(out):
+    return json.loads((out / "report" / "report.json").read_text())["rows"]
+
+
+def test_every_artifact_on_every_runtime(chain_run):
+    root, _, _ = chain_run
+    rows = rows_of(root / "out")
+    seen = {(r["artifact"], r["runtime"]) for r in rows if r["status"] == "ok"}
+    assert {("baseline", "torch"), ("float32/module", "torch"), ("float32/sampler.onnx", "onnxruntime"), ("float32/sampler.xml", "openvino"),
+            ("float32-w8a8/sampler.onnx", "onnxruntime"), ("float32-w8a8/sampler.xml", "openvino")} <= seen
+    by = {(r["artifact"], r["runtime"]): r for r in rows}
+    module, onnx = by["float32/module", "torch"], by["float32/sampler.onnx", "onnxruntime"]
+    # The float artifact reproduces the module it was exported from; int8 stays close but is not identical.
+    assert abs(module["psnr"] - onnx["psnr"]) < 0.05
+    assert by["float32-w8a8/sampler.onnx", "onnxruntime"]["scheme"] == "w8a8" and onnx["scheme"] == "float32"
+    for r in rows:
+        if r["status"] == "ok":
+            assert r["latency_ms"] > 0 and r["latency_p90_ms" if r["artifact"] != "baseline" else "latency_ms"] > 0
+            assert 0 < r["ssim"] <= 1 and r["nfe"] in (4, 20) and r["speedup"] > 0
+    assert by["baseline", "torch"]["nfe"] == 20 and by["baseline", "torch"]["psnr"] == float("inf")
+
+
+def test_report_files_and_manifest(chain_run):
+    root, _, result = chain_run
+    out = root / "out"
+    for name in ("report.json", "report.md", "report.html", "pareto.png"):
+        assert (out / "report" / name).is_file(), name
+    manifest = json.loads((out / "manifest.json").read_text())
+    paths = {e["path"] for e in manifest["artifacts"]}
+    assert {"artifacts/float32/sampler.onnx", "artifacts/float32-w8a8/sampler.onnx", "calibration/float32.safetensors",
+            "baseline/samples.safetensors", "report/report.html"} <= paths
+    assert set(manifest["stages"]) == {"baseline", "export/float32", "calibration/float32", "quantize/float32"}
+    assert json.loads((out / "baseline" / "baseline.json").read_text())["device"] == "cpu"
+    assert "PASS `psnr>=5`" in (out / "report" / "report.md").read_text()
+    assert "float32-w8a8/sampler.onnx" in result.stdout
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium) to render report.html headless")
+def test_html_report_renders_in_a_browser(chain_run, tmp_path):
+    root, _, _ = chain_run
+    page = root / "out" / "report" / "report.html"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--allow-file-access-from-files"]
+    dom = subprocess.run([CHROMIUM, *flags, "--virtual-time-budget=5000", "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    total = int(dom.stdout.split('data-images-total="')[1].split('"')[0])
+    loaded = int(dom.stdout.split('data-images-loaded="')[1].split('"')[0])
+    assert total >= 6 and loaded == total  # the Pareto plot and one grid per row
+    shot = subprocess.run([CHROMIUM, *flags, f"--screenshot={tmp_path / 'page.png'}", "--window-size=1200,1600", page.as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert shot.returncode == 0 and (tmp_path / "page.png").stat().st_size > 10_000
+
+
+def test_resume_reuses_unchanged_stages(chain_run, tmp_path):
+    from tests.conftest import run_cli
+
+    root, recipe, _ = chain_run
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    before = json.loads((out / "manifest.json").read_text())
+    result = run_cli("run", recipe, "--out", out, "--resume")
+    assert result.returncode == 0, result.stderr
+    for stage in ("baseline", "export/float32", "calibration/float32", "quantize/float32"):
+        assert f"{stage}: unchanged, reused" in result.stderr
+    after = json.loads((out / "manifest.json").read_text())
+    assert after["stages"] == before["stages"]
+    # A changed quantize section reruns quantization only.
+    changed = write_recipe(tmp_path / "r2.yaml", {**CHAIN, "quantize": {"scheme": "w8a8", "subset_size": 8}})
+    result = run_cli("run", changed, "--out", out, "--resume")
+    assert result.returncode == 0, result.stderr
+    assert "quantize/float32: unchanged" not in result.stderr and "export/float32: unchanged, reused" in result.stderr
+
+
+@pytest.mark.slow
+def test_same_recipe_same_artifacts_bytes(chain_run, tmp_path):
+    from tests.conftest import run_cli
+
+    root, recipe, _ = chain_run
+    assert run_cli("run", recipe, "--out", tmp_path / "again").returncode == 0
+    digests = [{e["path"]: e["sha256"] for e in json.loads((out / "manifest.json").read_text())["artifacts"] if e["stage"] != "report"}
+               for out in (root / "out", tmp_path / "again")]
+    assert digests[0] == digests[1]
+
+
+def test_report_names_a_corrupt_artifact(chain_run, tmp_path, cli):
+    root, _, _ = chain_run
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    assert cli("report", out, "--check", "psnr>=5").returncode == 0
+    onnx = out / "artifacts" / "float32-w8a8" / "sampler.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:-100])
+    assert_one_line_error(cli("report", out), "sampler.onnx is corrupt")
+
+
+def test_recipe_section_errors(tmp_path, cli):
+    for data, fragment in (
+        ({**CHAIN, "quantize": {"scheme": "w9a9"}}, "unknown quantize scheme 'w9a9'"),
+        ({**CHAIN, "calibration": {"sampelr": "ndtc"}}, "did you mean 'sampler'"),
+        ({**CHAIN, "export": None}, "add an 'export' section"),
+        ({**CHAIN, "bench": {"runtimes": ["onnxruntim"]}}, "did you mean 'onnxruntime'"),
+    ):
+        recipe = write_recipe(tmp_path / "r.yaml", data)
+        assert_one_line_error(cli("run", recipe, "--out", tmp_path / "out"), fragment)
+        assert not (tmp_path / "out").exists()
+
+
+def test_pareto_front():
+    rows = [{"latency_ms": 10, "fd": 5}, {"latency_ms": 1, "fd": 9}, {"latency_ms": 5, "fd": 9.5}, {"latency_ms": 20, "fd": 4}]
+    assert pareto_front(rows, "fd", higher_is_better=False) == {0, 1, 3}
+    assert pareto_front([{"latency_ms": 1, "psnr": 30}, {"latency_ms": 2, "psnr": 25}], "psnr", higher_is_better=True) == {0}
+
+
+def test_checks_select_rows_by_artifact_and_runtime():
+    from compress.checks import evaluate_checks, parse_checks
+    from compress.errors import UserError
+
+    rows = [{"artifact": "float32/sampler.onnx", "runtime": "onnxruntime", "psnr": 30.0, "latency_ms": 5.0},
+            {"artifact": "float32-w8a8/sampler.xml", "runtime": "openvino", "psnr": 25.0, "latency_ms": 3.0}]
+    verdict = evaluate_checks(parse_checks(["psnr>=28", "*-w8a8/*@openvino:latency_ms<=4", "*-w8a8/*:psnr>=26"]), rows)
+    assert [c["passed"] for c in verdict] == [False, True, False]
+    assert "float32-w8a8/sampler.xml on openvino: 25" in verdict[0]["detail"]
+    with pytest.raises(UserError, match="no row matches"):
+        evaluate_checks(parse_checks(["*-int4/*:psnr>=1"]), rows)
+    with pytest.raises(UserError, match="malformed check"):
+        parse_checks(["a@b@c:psnr>=1"])
