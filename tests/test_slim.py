@@ -153,6 +153,20 @@ def test_teachers_that_cannot_be_slimmed():
         build_student(tiny_denoiser(), SlimConfig())  # a python: module wrapping the UNet in its own code
 
 
+def test_resnet_samplers_need_no_wavelet_gating():
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("AttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "AttnUpBlock2D"),
+                       norm_num_groups=4, attention_head_dim=8, downsample_type="resnet", upsample_type="resnet")
+    teacher = Denoiser(DiffusersUNet(unet).eval(), NoiseSchedule.from_betas(), sample_shape=(1, 8, 8))
+    with pytest.raises(UserError, match="no-wavelet-gating"):
+        build_student(teacher, SlimConfig(width=0.5))
+    plain = build_student(teacher, SlimConfig(width=0.5, wavelet_gating=False))
+    assert plain.module(torch.randn(1, 1, 8, 8), torch.tensor([3.0]), None).shape == (1, 1, 8, 8)
+
+
 @pytest.mark.parametrize("bad", [dict(width=0), dict(width=1.5), dict(width=-0.5), dict(steps=0), dict(ema=1.0), dict(data="web"),
                                  dict(budget_clock="gpu")])
 def test_invalid_configs_are_user_errors(bad):
