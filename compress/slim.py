@@ -330,7 +330,10 @@ def slim(teacher: Denoiser, config: SlimConfig | None = None, progress: Callable
     start, cpu_start = time.perf_counter(), time.process_time()
 
     images, labels, data_source = _training_data(teacher, config)
-    teacher_module = teacher.module.eval().requires_grad_(False)
+    teacher_module = teacher.module.eval()
+    # Frozen while it teaches; the caller's flags come back afterwards (the teacher may be pruned or tuned next).
+    grad_flags = [p.requires_grad for p in teacher_module.parameters()]
+    teacher_module.requires_grad_(False)
     t_tap, s_tap = FeatureTap(teacher_unet), FeatureTap(student_unet)
     try:
         with torch.no_grad():
@@ -361,7 +364,7 @@ def slim(teacher: Denoiser, config: SlimConfig | None = None, progress: Callable
         for step in (progress(steps, description=f"slim width {config.width:g}") if progress else steps):
             done = _budget_used(step, config, clock() - loop_start)
             if done >= 1.0:
-                break  # out of wall time: the cosine has already reached zero
+                break  # out of time: the cosine has already reached zero
             idx = torch.randint(0, len(images), (config.batch_size,), generator=gen)
             x0 = images[idx]
             noise = torch.randn(x0.shape, generator=gen)
@@ -403,6 +406,8 @@ def slim(teacher: Denoiser, config: SlimConfig | None = None, progress: Callable
     finally:
         t_tap.close()
         s_tap.close()
+        for p, flag in zip(teacher_module.parameters(), grad_flags):
+            p.requires_grad_(flag)
 
     trained = accelerator.unwrap_model(module)
     if ema is not None:
