@@ -182,7 +182,7 @@ def run_table(ratios, methods, headline, headline_minutes: float, short_minutes:
     for method in methods:
         for ratio in ratios:
             record(method, ratio, 0, "none")
-    for method in methods:
+    for method in methods if short_minutes > 0 else []:
         if (method, headline[1]) != tuple(headline):
             record(method, headline[1], short_minutes, f"{short_minutes:g} min")
 

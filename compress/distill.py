@@ -93,9 +93,7 @@ def distill(student, teacher, config: DistillConfig, data: torch.Tensor | None =
 
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     started = time.time()
-    teacher_module = teacher.module.to(accelerator.device).eval()
-    for p in teacher_module.parameters():
-        p.requires_grad_(False)
+    teacher_module = teacher.module.to(accelerator.device).eval()  # only ever run under no_grad: the caller's model stays as it was
     source = "given" if data is not None else "teacher samples"
     if data is None:
         # Every process draws the same pool (same seed): no communication needed.

@@ -259,6 +259,8 @@ def _make_pruner(denoiser, config: PruneConfig, importance):
         for layer in (a.to_q, a.to_k, a.to_v):
             num_heads[layer] = a.heads
     # torch-pruning follows the autograd graph from the output back to the weights: without one there is nothing to follow.
+    for p in module.parameters():  # our own copy: a frozen source model must still be traceable
+        p.requires_grad_(True)
     out = module(*inputs)
     if not isinstance(out, torch.Tensor) or out.grad_fn is None:
         raise UserError(f"torch-pruning cannot trace model {denoiser.name!r}: its output is not on the autograd graph "
