@@ -115,6 +115,15 @@ def test_output_conv_is_kept_and_samplers_are_fixed():
     assert any(m.conv.in_channels < 16 for m in samplers)
 
 
+def test_a_frozen_model_prunes_and_stays_frozen():
+    denoiser = unet_denoiser()
+    for p in denoiser.module.parameters():
+        p.requires_grad_(False)
+    pruned = prune(denoiser, PruneConfig(ratio=0.5))
+    assert pruned.extra["pruning"]["macs_after"] < pruned.extra["pruning"]["macs_before"]
+    assert not any(p.requires_grad for p in denoiser.module.parameters())
+
+
 def test_global_pruning_and_round_to():
     pruned = prune(unet_denoiser(), PruneConfig(ratio=0.5, global_pruning=True, round_to=4, prune_heads=False))
     widths = [m.out_channels for m in pruned.module.unet.modules() if isinstance(m, nn.Conv2d) and m is not pruned.module.unet.conv_out]
