@@ -2,17 +2,17 @@
 ``calibration`` section is simply ``CalibrationConfig(**section)``."""
 from __future__ import annotations
 
-import dataclasses
 import difflib
 from dataclasses import dataclass
 
 from compress.errors import UserError
+from compress.section_config import SectionConfig
 
 SAMPLERS = ("ndtc", "uniform", "solver")
 
 
 @dataclass
-class CalibrationConfig:
+class CalibrationConfig(SectionConfig):
     """Which network inputs (x_t, t, cond) to record, and from how many trajectories.
 
     sampler   'ndtc': PTQ4DM's normally distributed timesteps, t ~ Normal(mean, std) in fractions
@@ -24,6 +24,8 @@ class CalibrationConfig:
     guidance_scale    classifier-free guidance along that chain (conditional models); with guidance
               every state is recorded twice, with its condition and with the null condition.
     """
+
+    section = "calibration"
 
     sampler: str = "ndtc"
     samples: int = 256
@@ -52,19 +54,3 @@ class CalibrationConfig:
         if self.interval is not None and (not isinstance(self.interval, int) or self.interval < 1):
             raise UserError(f"calibration interval must be a positive number of timesteps, got {self.interval!r}")
         return self
-
-    @classmethod
-    def from_dict(cls, section: dict | None) -> "CalibrationConfig":
-        """Like ``CalibrationConfig(**section)`` but an unknown key is a one-line error naming the closest one."""
-        section = dict(section or {})
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in section:
-            if key not in names:
-                close = difflib.get_close_matches(str(key), names, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else f" (valid: {', '.join(names)})"
-                raise UserError(f"calibration: unknown key {key!r}{hint}")
-        return cls(**section)
-
-    def to_dict(self) -> dict:
-        """The recipe section that reproduces this configuration."""
-        return dataclasses.asdict(self)

@@ -202,7 +202,7 @@ def _variant_name(stage: str) -> str:
 def _transform(stage, config, denoiser, model_key, root, cache, manifest, recipe, log):
     """Runs prune or slim (or reuses its model folder) and returns (model, weights hash)."""
     from calibration import model_hash
-    from compress.model_folder import load_model_folder, save_model_folder
+    from compress.model_folder import load_model_folder
 
     name = _variant_name(stage)
     folder = root / "models" / name
@@ -210,15 +210,13 @@ def _transform(stage, config, denoiser, model_key, root, cache, manifest, recipe
     if not cache.reuse(stage, key):
         log(f"{stage}: {config.to_dict()}")
         if stage == "prune":
-            from compress.prune import prune, rebuild_args
+            from compress.prune import prune, save_pruned
 
-            made = prune(denoiser, config)
-            save_model_folder(made, folder, "pruned", rebuild_args(made))
+            save_pruned(prune(denoiser, config), folder)
         else:
-            from compress.slim import slim, student_args
+            from compress.slim import save_student, slim
 
-            made = slim(denoiser, config)
-            save_model_folder(made, folder, "slim", student_args(made))
+            save_student(slim(denoiser, config), folder)
         cache.done(stage, key, [folder])
     model = load_model_folder(folder)
     model.source = f"models/{name}"  # relative to the output folder, which may be moved

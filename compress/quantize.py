@@ -30,7 +30,6 @@ Each quantized artifact gets the float sidecar plus a ``quantization`` section.
 """
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import hashlib
 import heapq
@@ -47,6 +46,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from compress.errors import UserError
+from compress.section_config import SectionConfig
 
 SCHEMES = ("w8a8", "w8a16", "int8-weights", "int4-weights", "fp16")
 GRANULARITIES = ("per-step", "shared")
@@ -65,7 +65,7 @@ CALIBRATED = ("w8a8", "w8a16")
 
 
 @dataclass
-class QuantizeConfig:
+class QuantizeConfig(SectionConfig):
     """The recipe's ``quantize`` section: ``QuantizeConfig(**section)``.
 
     scheme       w8a8 | w8a16 (int16 activations) | int8-weights | int4-weights | fp16
@@ -83,6 +83,8 @@ class QuantizeConfig:
     subset_size  calibration inputs NNCF uses (trajectories for the sampler, states for the denoiser)
     targets      which graphs of an export folder to quantize
     """
+
+    section = "quantize"
 
     scheme: str = "w8a8"
     granularity: str = "per-step"
@@ -122,20 +124,6 @@ class QuantizeConfig:
             except re.error as e:
                 raise UserError(f"quantize ignored pattern {pattern!r} is not a valid regex: {e}") from None
         return self
-
-    @classmethod
-    def from_dict(cls, section: dict | None) -> "QuantizeConfig":
-        section = dict(section or {})
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in section:
-            if key not in names:
-                close = difflib.get_close_matches(str(key), names, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else f" (valid: {', '.join(names)})"
-                raise UserError(f"quantize: unknown key {key!r}{hint}")
-        return cls(**section)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
     @property
     def ignored_patterns(self) -> list[str]:
