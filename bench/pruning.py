@@ -252,6 +252,12 @@ def write_markdown(data: dict) -> None:
                          f"{r['macs'] / 1e6:.1f}M | {r['macs_reduction']:.0%} | {r['fd']:.2f} | {r['fd_vs_original']:+.0%} | "
                          f"{r['psnr_vs_original']:.1f} dB | {r['latency_ms']:.2f} |")
         lines.append("")
+        tuned = [r for r in data.get("rows", []) if r["finetune"] != "none"]
+        for r in tuned[:1]:
+            ok_macs, ok_fd = r["macs_reduction"] >= 0.4, r["fd_vs_original"] <= 0.15
+            lines += [f"**Headline** ({r['method']}, ratio {r['ratio']}, {r['finetune']} of fine-tune = {r['finetune_steps']} steps): "
+                      f"{r['macs_reduction']:.0%} fewer MACs ({'meets' if ok_macs else 'misses'} the 40% bar), FD {r['fd']:.1f} vs "
+                      f"{base['fd']:.1f} ({r['fd_vs_original']:+.0%}; {'meets' if ok_fd else 'misses'} the 15% bar).", ""]
     if data.get("quantized"):
         q = data["quantized"]
         lines += ["## Pruned, then quantized", "",
@@ -279,6 +285,8 @@ def write_markdown(data: dict) -> None:
               "  the gates rank attention heads and resnet hidden channels, torch-pruning's magnitude ranks the rest.",
               "- `taylor` accumulates |w dL/dw| over t = 0, 10, 20, ... until the loss falls below 0.05 x its maximum (Diff-Pruning),",
               "  on 64 of the model's own samples.",
+              "- Latencies come from two runs of this script on a CPU shared with two other engineers' jobs (the original's",
+              "  figure from the second); compare them within a run only, and treat them as indicative.",
               "- Only the headline row got the long fine-tune; the other fine-tuned rows got the short budget, and the",
               "  `none` rows show each method's raw choice of channels before any recovery.", ""]
     lines += README_SECTION
