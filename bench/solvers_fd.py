@@ -45,12 +45,19 @@ def main() -> None:
         out = sample(digits, config, noise, show_progress=False)
         return judge.fd(out, held_out), time.perf_counter() - start
 
-    references = {}
-    for label, config in (("ddim-100", SolverConfig("ddim", 100)), ("ddpm-1000", SolverConfig("ddpm", 1000))):
-        references[label], _ = fd_of(config)
-        print(label, references[label], flush=True)
+    env = {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "n": args.n}
+    references, rows, searched = {}, [], []
 
-    rows = []
+    def save() -> None:
+        # Written after every measurement: the references come last and take longest.
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "solvers_fd.json").write_text(json.dumps({"environment": env, "references": references, "rows": rows, "searched": searched}, indent=2) + "\n")
+        if rows:
+            (RESULTS / "solvers_fd.md").write_text(markdown(references, rows, searched, env))
+
+    references["ddim-100"], _ = fd_of(SolverConfig("ddim", 100))
+    print("ddim-100", references["ddim-100"], flush=True)
+
     for name, spec in SOLVERS.items():
         if spec.stochastic:
             continue
@@ -58,21 +65,22 @@ def main() -> None:
             fd, seconds = fd_of(SolverConfig(name, steps_for(name, nfe)))
             rows.append({"solver": name, "nfe": nfe, "fd": fd, "seconds": seconds})
             print(name, nfe, fd, flush=True)
+        save()
 
-    searched = []
     for name in args.search.split(","):
         for nfe in (4, 6, 8):
             config = SolverConfig(name, steps_for(name, nfe))
             found = search_timesteps(digits, config)
-            fd_default, _ = fd_of(config)
+            fd_default = next(r["fd"] for r in rows if r["solver"] == name and r["nfe"] == nfe)
             fd_found, _ = fd_of(SolverConfig(name, config.steps, timesteps=tuple(found.timesteps)))
             searched.append({"solver": name, "nfe": nfe, "fd_default": fd_default, "fd_searched": fd_found, **found.as_dict()})
             print("searched", name, nfe, fd_default, fd_found, found.timesteps, flush=True)
+            save()
 
-    env = {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "n": args.n}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "solvers_fd.json").write_text(json.dumps({"environment": env, "references": references, "rows": rows, "searched": searched}, indent=2) + "\n")
-    (RESULTS / "solvers_fd.md").write_text(markdown(references, rows, searched, env))
+    references["ddpm-1000"], _ = fd_of(SolverConfig("ddpm", 1000))
+    print("ddpm-1000", references["ddpm-1000"], flush=True)
+    save()
+
     print(markdown(references, rows, searched, env))
 
 
@@ -80,7 +88,7 @@ def markdown(references, rows, searched, env) -> str:
     names = list(dict.fromkeys(r["solver"] for r in rows))
     table = {(r["solver"], r["nfe"]): r["fd"] for r in rows}
     lines = [f"# FD versus NFE on zoo:digits ({env['n']} samples, seed 0; FD against held-out real digits)", "",
-             "References: " + ", ".join(f"{k} FD {v:.2f}" for k, v in references.items()), "",
+             "References (same noise): " + ", ".join(f"{k} FD {v:.2f}" for k, v in references.items()), "",
              "| solver | " + " | ".join(f"NFE {n}" for n in NFES) + " |", "|---|" + "---|" * len(NFES)]
     for name in names:
         lines.append(f"| {name} | " + " | ".join(f"{table[(name, n)]:.2f}" for n in NFES) + " |")

@@ -115,3 +115,16 @@ def test_corrupt_model_weights(tmp_path):
     (tmp_path / "bad" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(UserError, match="cannot load"):
         load_model(f"diffusers:{tmp_path / 'bad'}")
+
+
+def test_model_folder_never_imports_what_the_file_names(tmp_path, cli):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "model.json").write_text(json.dumps({"format": "diffusion-compress-model", "version": 1, "builder": "os:system",
+                                                   "builder_args": {}, "denoiser": {}}))
+    (folder / "model.safetensors").write_bytes(b"")
+    assert_one_line_error(cli("sample", folder, "--steps", "2", "--n", "1", "--out", tmp_path / "g.png"), "unknown builder 'os:system'")
+    (folder / "model.json").write_text(json.dumps({"format": "diffusion-compress-model", "version": 99, "builder": "pruned"}))
+    assert_one_line_error(cli("sample", folder, "--steps", "2", "--n", "1", "--out", tmp_path / "g.png"), "version 99 is not supported")
+    (folder / "model.json").write_text("{")
+    assert_one_line_error(cli("sample", folder, "--steps", "2", "--n", "1", "--out", tmp_path / "g.png"), "cannot read model folder")
