@@ -110,6 +110,10 @@ def write_results(rows: list[dict], notes: list[str], threads: int) -> str:
         "openvino": __import__("openvino").get_version(),
     }
     RESULTS.mkdir(exist_ok=True)
+    previous = RESULTS / "runtimes.json"
+    if previous.is_file():  # keep the rows of models this run did not measure (e.g. --models cifar10 alone)
+        measured = {r["model"] for r in rows}
+        rows = [r for r in json.loads(previous.read_text())["rows"] if r["model"] not in measured] + rows
     (RESULTS / "runtimes.json").write_text(json.dumps({"environment": environment, "solver": "dpmpp-2m, 8 steps, trailing",
                                                        "rows": rows, "notes": notes}, indent=2) + "\n")
     text = markdown(rows, notes, environment)
