@@ -44,6 +44,7 @@ class SlimConfig:
     lambda_feature: float = 0.1
     lambda_freq: float = 0.1
     alpha: float = -1.0  # frequency weights |DFT(x0)|^alpha; -1 weights against the spectrum
+    high_noise_weight: float = 20.0  # loss weight clamp(sigma_t/alpha_t, 1, this); 1 = plain DDPM weighting
     ema: float = 0.999  # 0 disables the moving average of the student's weights
     data: str = "auto"  # auto: the digits when the teacher is a 16x16x1 digits model, else teacher samples
     teacher_samples: int = 512  # data "teacher": x0 drawn from the teacher itself (DDIM)
@@ -74,6 +75,8 @@ class SlimConfig:
         for name in ("lambda_feature", "lambda_freq"):
             if getattr(self, name) < 0:
                 raise UserError(f"slim {name} must be >= 0, got {getattr(self, name)!r}")
+        if not self.high_noise_weight >= 1:
+            raise UserError(f"slim high_noise_weight must be >= 1 (1 = uniform weights), got {self.high_noise_weight!r}")
         if not 0 <= self.ema < 1:
             raise UserError(f"slim ema must be in [0, 1), got {self.ema!r}")
         if self.data not in DATA_SOURCES:
@@ -320,7 +323,7 @@ def slim(teacher: Denoiser, config: SlimConfig | None = None, progress: Callable
     """
     from accelerate import Accelerator
 
-    from compress.spectral_loss import SpectralDistillationLoss
+    from compress.spectral_loss import SpectralDistillationLoss, noise_level_weights
 
     config = (config or SlimConfig()).validate()
     teacher_unet, _ = _teacher_unet(teacher)
@@ -356,6 +359,7 @@ def slim(teacher: Denoiser, config: SlimConfig | None = None, progress: Callable
 
         gen = torch.Generator().manual_seed(config.seed)
         T = teacher.schedule.num_train_timesteps
+        t_weights = noise_level_weights(teacher.schedule.alphas_cumprod, config.high_noise_weight)
         want_features = config.lambda_feature > 0
         curve, window = [], {}
         steps = range(config.steps)
@@ -383,7 +387,8 @@ def slim(teacher: Denoiser, config: SlimConfig | None = None, progress: Callable
             student_pred = module(xt, tf, cond)
             student_features = s_tap.take()
             terms = criterion(student_pred, teacher_pred, target, x0,
-                              student_features if want_features else (), teacher_features if want_features else ())
+                              student_features if want_features else (), teacher_features if want_features else (),
+                              sample_weights=t_weights[t].to(device))
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(step, done, config.lr, config.warmup)
             optimizer.zero_grad(set_to_none=True)

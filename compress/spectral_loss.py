@@ -67,6 +67,19 @@ def high_frequency_share(images: torch.Tensor) -> torch.Tensor:
     return (power * high).sum(dim=(-3, -2, -1)) / total
 
 
+def noise_level_weights(alphas_cumprod, cap: float) -> torch.Tensor:
+    """Per-timestep loss weights clamp(sigma_t / alpha_t, 1, cap), normalised to mean 1 over the timesteps.
+
+    Why: a deterministic sampler integrates the predicted noise against d(sigma/alpha), which is
+    huge at high noise, so an epsilon error there grows into a large sample error (slim students
+    trained with uniform weights for a few hundred steps diverged under DDIM-100 from t ~ 900 on,
+    while their uniform-t loss looked fine). cap = 1 gives the plain DDPM weighting.
+    """
+    acp = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+    w = torch.sqrt((1 - acp) / acp).clamp(1.0, max(1.0, cap))
+    return (w / w.mean()).float()
+
+
 class SpectralDistillationLoss(nn.Module):
     """Holds the feature projections; call with predictions, features and x0 to get the loss terms."""
 
@@ -76,14 +89,17 @@ class SpectralDistillationLoss(nn.Module):
         self.projections = nn.ModuleList(nn.Conv2d(s, t, 1) for s, t in zip(student_widths, teacher_widths))
         self.lambda_feature, self.lambda_freq, self.alpha = lambda_feature, lambda_freq, alpha
 
-    def forward(self, student_pred, teacher_pred, noise, x0, student_features=(), teacher_features=()) -> dict[str, torch.Tensor]:
-        terms = {"denoise": F.mse_loss(student_pred, noise)}
+    def forward(self, student_pred, teacher_pred, noise, x0, student_features=(), teacher_features=(),
+                sample_weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``sample_weights`` [B] scale each sample's denoising and frequency terms (see `noise_level_weights`)."""
+        w = sample_weights.view(-1, *([1] * (student_pred.dim() - 1))) if sample_weights is not None else 1.0
+        terms = {"denoise": (w * (student_pred.float() - noise.float()) ** 2).mean()}
         total = terms["denoise"]
         if self.lambda_feature and student_features:
             terms["feature"] = feature_loss(list(student_features), list(teacher_features), self.projections)
             total = total + self.lambda_feature * terms["feature"]
         if self.lambda_freq:
-            terms["freq"] = frequency_loss(student_pred, teacher_pred.detach(), spectral_weights(x0, self.alpha))
+            terms["freq"] = frequency_loss(student_pred, teacher_pred.detach(), w * spectral_weights(x0, self.alpha))
             total = total + self.lambda_freq * terms["freq"]
         terms["total"] = total
         return terms

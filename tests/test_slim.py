@@ -17,7 +17,13 @@ from compress.denoiser import ClassTokenUNet, Denoiser, DiffusersTransformer, Di
 from compress.errors import UserError
 from compress.schedule import NoiseSchedule
 from compress.slim import SlimConfig, build_student, network_cost, save_student, slim, slim_unet_config
-from compress.spectral_loss import SpectralDistillationLoss, frequency_loss, high_frequency_share, spectral_weights
+from compress.spectral_loss import (
+    SpectralDistillationLoss,
+    frequency_loss,
+    high_frequency_share,
+    noise_level_weights,
+    spectral_weights,
+)
 from compress.wavelets import WaveletGatedDownsample, WaveletGatedUpsample, haar_dwt, haar_idwt
 from tests.conftest import assert_one_line_error, run_cli
 from tests.tiny_models import tiny_cond_unet, tiny_dit, tiny_unet
@@ -168,7 +174,7 @@ def test_resnet_samplers_need_no_wavelet_gating():
 
 
 @pytest.mark.parametrize("bad", [dict(width=0), dict(width=1.5), dict(width=-0.5), dict(steps=0), dict(ema=1.0), dict(data="web"),
-                                 dict(budget_clock="gpu")])
+                                 dict(budget_clock="gpu"), dict(high_noise_weight=0.5)])
 def test_invalid_configs_are_user_errors(bad):
     with pytest.raises(UserError):
         SlimConfig(**bad)
@@ -225,6 +231,18 @@ def test_loss_terms_and_feature_projections():
     assert all(p.grad is not None for p in loss.projections.parameters())
     only_denoise = SpectralDistillationLoss([4, 8], [8, 16], lambda_feature=0.0, lambda_freq=0.0)(pred, teacher, noise, x0, fs, ft)
     assert set(only_denoise) == {"denoise", "total"}
+
+
+def test_noise_level_weights_favour_high_noise():
+    acp = NoiseSchedule.from_betas().alphas_cumprod
+    w = noise_level_weights(acp, cap=20.0)
+    assert math.isclose(w.mean().item(), 1.0, rel_tol=1e-5)
+    assert w[999] > 10 * w[0] and torch.all(w[1:] >= w[:-1])
+    assert torch.allclose(noise_level_weights(acp, cap=1.0), torch.ones(len(acp)))
+    # Per-sample weights scale the denoising term sample by sample.
+    loss = SpectralDistillationLoss([4], [4], lambda_feature=0.0, lambda_freq=0.0)
+    pred, noise = torch.zeros(2, 1, 4, 4), torch.stack([torch.ones(1, 4, 4), torch.zeros(1, 4, 4)])
+    assert loss(pred, pred, noise, noise, sample_weights=torch.tensor([3.0, 1.0]))["denoise"].item() == pytest.approx(1.5)
 
 
 # ----------------------------------------------------------------------------- distillation and folders

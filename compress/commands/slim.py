@@ -22,13 +22,15 @@ from compress.errors import UserError
 @click.option("--lambda-feature", type=float, default=0.1, show_default=True, help="Weight of multi-scale feature matching.")
 @click.option("--lambda-freq", type=float, default=0.1, show_default=True, help="Weight of the spectrum-weighted frequency loss.")
 @click.option("--alpha", type=float, default=-1.0, show_default=True, help="Frequency weights |DFT(x0)|^alpha.")
+@click.option("--high-noise-weight", type=float, default=20.0, show_default=True,
+              help="Loss weight clamp(sigma_t/alpha_t, 1, this): errors at high noise grow most under a sampler; 1 = uniform.")
 @click.option("--data", type=click.Choice(["auto", "digits", "teacher"]), default="auto", show_default=True,
               help="x0 for distillation: the digits (zoo models), or samples drawn from the teacher.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Model folder to write (replaced atomically).")
 @model_options
 def slim(teacher, width, wavelet_gating, layers_per_block, steps, max_minutes, batch_size, lr, lambda_feature, lambda_freq,
-         alpha, data, seed, out, **kw):
+         alpha, high_noise_weight, data, seed, out, **kw):
     """Distil a slim student of TEACHER (a UNet model reference) into the model folder --out.
 
     The folder is a MODEL for every other command (sample, export, quantize, calibrate).
@@ -39,7 +41,8 @@ def slim(teacher, width, wavelet_gating, layers_per_block, steps, max_minutes, b
 
     config = SlimConfig(width=width, wavelet_gating=wavelet_gating, layers_per_block=layers_per_block, steps=steps,
                         max_minutes=max_minutes, batch_size=batch_size, lr=lr, lambda_feature=lambda_feature,
-                        lambda_freq=lambda_freq, alpha=alpha, data=data, seed=seed)
+                        lambda_freq=lambda_freq, alpha=alpha, high_noise_weight=high_noise_weight,
+                        data=data, seed=seed)
     out_path = Path(out)
     if out_path.is_dir() and any(out_path.iterdir()) and not (out_path / "model.json").is_file():
         raise UserError(f"--out {out} is a non-empty folder that is not a model folder; pick another")
