@@ -44,7 +44,11 @@ class SlimConfig:
     lambda_feature: float = 0.1
     lambda_freq: float = 0.1
     alpha: float = -1.0  # frequency weights |DFT(x0)|^alpha; -1 weights against the spectrum
-    high_noise_weight: float = 20.0  # loss weight clamp(sigma_t/alpha_t, 1, this); 1 = plain DDPM weighting
+    high_noise_weight: float = 1.0  # loss weight clamp(sigma_t/alpha_t, 1, this); 1 = plain DDPM weighting
+    # What the student predicts. v: epsilon = sigma*x_t + alpha*v, so at high noise the identity
+    # epsilon ~ x_t is built in and v errors are damped by alpha; epsilon students trained for
+    # minutes diverged under DDIM (their high-noise errors grow through d(sigma/alpha) ~ 150).
+    prediction_type: str = "v_prediction"  # or "teacher": the teacher's own
     ema: float = 0.999  # 0 disables the moving average of the student's weights
     data: str = "auto"  # auto: the digits when the teacher is a 16x16x1 digits model, else teacher samples
     teacher_samples: int = 512  # data "teacher": x0 drawn from the teacher itself (DDIM)
@@ -77,6 +81,8 @@ class SlimConfig:
                 raise UserError(f"slim {name} must be >= 0, got {getattr(self, name)!r}")
         if not self.high_noise_weight >= 1:
             raise UserError(f"slim high_noise_weight must be >= 1 (1 = uniform weights), got {self.high_noise_weight!r}")
+        if self.prediction_type not in ("v_prediction", "teacher"):
+            raise UserError(f"slim prediction_type must be 'v_prediction' or 'teacher', got {self.prediction_type!r}")
         if not 0 <= self.ema < 1:
             raise UserError(f"slim ema must be in [0, 1), got {self.ema!r}")
         if self.data not in DATA_SOURCES:
@@ -205,7 +211,7 @@ def build_student(teacher: Denoiser, config: SlimConfig) -> Denoiser:
     return Denoiser(
         module.train(),
         teacher.schedule,
-        teacher.prediction_type,
+        teacher.prediction_type if config.prediction_type == "teacher" else config.prediction_type,
         tuple(teacher.sample_shape),
         conditioning=teacher.conditioning,
         num_classes=teacher.num_classes,
@@ -296,13 +302,30 @@ def _random_tokens(teacher: Denoiser, n: int, gen: torch.Generator) -> torch.Ten
     return torch.randn((n, *teacher.cond_shape), generator=gen)
 
 
-def _target(schedule, prediction_type: str, x0, noise, t) -> torch.Tensor:
+def _alpha_sigma(schedule, t) -> tuple[torch.Tensor, torch.Tensor]:
+    acp = torch.as_tensor(schedule.alphas_cumprod, dtype=torch.float32)[t].view(-1, 1, 1, 1)
+    return acp.sqrt(), (1 - acp).sqrt()
+
+
+def _target(prediction_type: str, x0, noise, alpha, sigma) -> torch.Tensor:
     if prediction_type == "epsilon":
         return noise
     if prediction_type == "sample":
         return x0
-    acp = torch.as_tensor(schedule.alphas_cumprod, dtype=torch.float32)[t].view(-1, 1, 1, 1)
-    return acp.sqrt() * noise - (1 - acp).sqrt() * x0  # v-prediction
+    return alpha * noise - sigma * x0  # v
+
+
+def _convert(pred, from_type: str, to_type: str, xt, alpha, sigma) -> torch.Tensor:
+    """A network output in one parametrization expressed in another (the teacher's into the student's)."""
+    if from_type == to_type:
+        return pred
+    if from_type == "epsilon":
+        eps, x0 = pred, (xt - sigma * pred) / alpha
+    elif from_type == "v_prediction":
+        eps, x0 = sigma * xt + alpha * pred, alpha * xt - sigma * pred
+    else:
+        eps, x0 = (xt - alpha * pred) / sigma, pred
+    return _target(to_type, x0, eps, alpha, sigma)
 
 
 def _lr_at(step: int, done: float, peak: float, warmup: int) -> float:
@@ -375,13 +398,15 @@ def slim(teacher: Denoiser, config: SlimConfig | None = None, progress: Callable
             t = torch.randint(0, T, (config.batch_size,), generator=gen)  # uniform, as in DDPM training
             xt = teacher.schedule.add_noise(x0, noise, t)
             cond = _training_condition(teacher, labels, idx, gen)
-            target = _target(teacher.schedule, teacher.prediction_type, x0, noise, t)
+            alpha, sigma = _alpha_sigma(teacher.schedule, t)
+            target = _target(student.prediction_type, x0, noise, alpha, sigma)
             x0, xt, target, tf = x0.to(device), xt.to(device), target.to(device), t.float().to(device)
+            alpha, sigma = alpha.to(device), sigma.to(device)
             cond = cond.to(device) if cond is not None else None
 
             with torch.no_grad():
                 t_tap.take()
-                teacher_pred = teacher_module(xt, tf, cond)
+                teacher_pred = _convert(teacher_module(xt, tf, cond), teacher.prediction_type, student.prediction_type, xt, alpha, sigma)
                 teacher_features = t_tap.take()
             s_tap.take()
             student_pred = module(xt, tf, cond)
@@ -422,6 +447,7 @@ def slim(teacher: Denoiser, config: SlimConfig | None = None, progress: Callable
         "teacher": teacher.source or teacher.name,
         "width": config.width,
         "wavelet_gating": config.wavelet_gating,
+        "prediction_type": student.prediction_type,
         "block_out_channels": list(student_unet.config.block_out_channels),
         "layers_per_block": student_unet.config.layers_per_block,
         "macs_teacher": teacher_cost["macs"],

@@ -174,7 +174,8 @@ def test_resnet_samplers_need_no_wavelet_gating():
 
 
 @pytest.mark.parametrize("bad", [dict(width=0), dict(width=1.5), dict(width=-0.5), dict(steps=0), dict(ema=1.0), dict(data="web"),
-                                 dict(budget_clock="gpu"), dict(high_noise_weight=0.5)])
+                                 dict(budget_clock="gpu"), dict(high_noise_weight=0.5),
+                                 dict(prediction_type="epsilon")])
 def test_invalid_configs_are_user_errors(bad):
     with pytest.raises(UserError):
         SlimConfig(**bad)
@@ -233,6 +234,19 @@ def test_loss_terms_and_feature_projections():
     assert set(only_denoise) == {"denoise", "total"}
 
 
+def test_parametrizations_convert_into_each_other():
+    from compress.slim import _convert, _target
+
+    alpha = torch.tensor([0.05, 0.7, 0.99]).view(-1, 1, 1, 1)
+    sigma = (1 - alpha**2).sqrt()
+    x0, eps = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
+    xt = alpha * x0 + sigma * eps
+    outputs = {"epsilon": eps, "v_prediction": _target("v_prediction", x0, eps, alpha, sigma), "sample": x0}
+    for source, pred in outputs.items():
+        for target, expected in outputs.items():
+            assert torch.allclose(_convert(pred, source, target, xt, alpha, sigma), expected, atol=1e-4), (source, target)
+
+
 def test_noise_level_weights_favour_high_noise():
     acp = NoiseSchedule.from_betas().alphas_cumprod
     w = noise_level_weights(acp, cap=20.0)
@@ -256,6 +270,7 @@ def test_distillation_reduces_the_loss_and_records_its_figures(trained):
     assert info["macs_teacher"] > 2 * info["macs_student"] > 0
     assert info["data"].startswith("teacher")  # no dataset travels with a random model
     assert student.schedule is teacher.schedule and student.sample_shape == teacher.sample_shape
+    assert student.prediction_type == "v_prediction" and teacher.prediction_type == "epsilon"
 
 
 @pytest.mark.parametrize("clock", ["wall", "cpu"])

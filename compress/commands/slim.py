@@ -22,7 +22,9 @@ from compress.errors import UserError
 @click.option("--lambda-feature", type=float, default=0.1, show_default=True, help="Weight of multi-scale feature matching.")
 @click.option("--lambda-freq", type=float, default=0.1, show_default=True, help="Weight of the spectrum-weighted frequency loss.")
 @click.option("--alpha", type=float, default=-1.0, show_default=True, help="Frequency weights |DFT(x0)|^alpha.")
-@click.option("--high-noise-weight", type=float, default=20.0, show_default=True,
+@click.option("--prediction-target", type=click.Choice(["v_prediction", "teacher"]), default="v_prediction", show_default=True,
+              help="What the student predicts: v (stable for short training), or the teacher's own parametrization.")
+@click.option("--high-noise-weight", type=float, default=1.0, show_default=True,
               help="Loss weight clamp(sigma_t/alpha_t, 1, this): errors at high noise grow most under a sampler; 1 = uniform.")
 @click.option("--data", type=click.Choice(["auto", "digits", "teacher"]), default="auto", show_default=True,
               help="x0 for distillation: the digits (zoo models), or samples drawn from the teacher.")
@@ -30,7 +32,7 @@ from compress.errors import UserError
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Model folder to write (replaced atomically).")
 @model_options
 def slim(teacher, width, wavelet_gating, layers_per_block, steps, max_minutes, batch_size, lr, lambda_feature, lambda_freq,
-         alpha, high_noise_weight, data, seed, out, **kw):
+         alpha, prediction_target, high_noise_weight, data, seed, out, **kw):
     """Distil a slim student of TEACHER (a UNet model reference) into the model folder --out.
 
     The folder is a MODEL for every other command (sample, export, quantize, calibrate).
@@ -41,7 +43,7 @@ def slim(teacher, width, wavelet_gating, layers_per_block, steps, max_minutes, b
 
     config = SlimConfig(width=width, wavelet_gating=wavelet_gating, layers_per_block=layers_per_block, steps=steps,
                         max_minutes=max_minutes, batch_size=batch_size, lr=lr, lambda_feature=lambda_feature,
-                        lambda_freq=lambda_freq, alpha=alpha, high_noise_weight=high_noise_weight,
+                        lambda_freq=lambda_freq, alpha=alpha, high_noise_weight=high_noise_weight, prediction_type=prediction_target,
                         data=data, seed=seed)
     out_path = Path(out)
     if out_path.is_dir() and any(out_path.iterdir()) and not (out_path / "model.json").is_file():
