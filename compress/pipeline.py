@@ -208,7 +208,7 @@ def _transform(stage, config, denoiser, model_key, root, cache, manifest, recipe
     folder = root / "models" / name
     key = stage_key(model=model_key, section=config.to_dict(), seed=recipe.seed)
     if not cache.reuse(stage, key):
-        log(f"{stage}: {config.to_dict()}")
+        log(f"{stage}: " + ", ".join(f"{k}={v}" for k, v in (recipe.section(stage) or {}).items()))
         if stage == "prune":
             from compress.prune import prune, save_pruned
 

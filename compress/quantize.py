@@ -31,7 +31,6 @@ Each quantized artifact gets the float sidecar plus a ``quantization`` section.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import heapq
 import json
 import os
@@ -46,6 +45,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from compress.errors import UserError
+from compress.outputs import sha256_of
 from compress.section_config import SectionConfig
 
 SCHEMES = ("w8a8", "w8a16", "int8-weights", "int4-weights", "fp16")
@@ -246,7 +246,7 @@ def _quantize_artifact(path: Path, sidecar: dict, artifacts: dict, calib, config
         "granularity": info.get("granularity"),
         "bytes": quantization["bytes"],
         "float_bytes": quantization["float_bytes"],
-        "sha256": _sha256(out_path),
+        "sha256": sha256_of(out_path),
         "sidecar": sidecar_path.name,
         **{k: v for k, v in info.items() if k not in ("scheme", "granularity")},
     }
@@ -739,9 +739,3 @@ def _nncf_version() -> str:
     return nncf.__version__
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -24,6 +24,7 @@ from torch import nn
 
 from compress.denoiser import Denoiser
 from compress.errors import UserError
+from compress.outputs import sha256_of
 from compress.solvers import SolverConfig
 from export.sampler_graph import DenoiserGraph, SamplerGraph
 from export.sidecar import BATCH, denoiser_sidecar, sampler_sidecar, write_sidecar
@@ -104,7 +105,7 @@ def _write_artifact(graph: nn.Module, kind: str, output: str, sidecar: dict, sta
         "format": "onnx",
         "kind": kind,
         "bytes": sum(f.stat().st_size for f in files),
-        "sha256": _sha256(path),
+        "sha256": sha256_of(path),
         "sidecar": sidecar_path.name,
         "external_data": external,
         "weight_bytes": weight_bytes,
@@ -240,9 +241,3 @@ def _save(model: onnx.ModelProto, path: Path, constant_bytes: int) -> str | None
     return external
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -14,6 +14,16 @@ def run_cli(*args, cwd=None, timeout=600):
     return subprocess.run([sys.executable, "-m", "compress", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny models: far too small to gain from threads, and on a machine whose cores
+    are shared, OpenMP threads spinning against other jobs make tracing many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def cli():
     return run_cli

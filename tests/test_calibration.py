@@ -22,12 +22,7 @@ from tests.tiny_models import tiny_cond_unet, tiny_denoiser
 SCHEDULE = NoiseSchedule.from_betas()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def class_denoiser() -> Denoiser:

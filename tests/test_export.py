@@ -29,14 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The test machine shares its cores with other jobs; OpenMP threads spinning against them
-    # make tracing many times slower, and these models are far too small to gain from threads.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- tiny models

@@ -39,13 +39,7 @@ def sample_prediction_denoiser():
     return dataclasses.replace(tiny_denoiser(), prediction_type="sample", name="tiny-x0", source=FACTORY)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The test machine's cores are shared; these models are far too small to gain from threads.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
