@@ -114,7 +114,6 @@ def test_resume_reuses_unchanged_stages(chain_run, tmp_path):
     assert "quantize/float32: unchanged" not in result.stderr and "export/float32: unchanged, reused" in result.stderr
 
 
-@pytest.mark.slow
 def test_same_recipe_same_artifacts_bytes(chain_run, tmp_path):
     from tests.conftest import run_cli
 
