@@ -31,13 +31,14 @@ import torch
 from torch import nn
 
 from compress.errors import UserError
+from compress.section_config import SectionConfig
 
 METHODS = ("magnitude", "taylor", "mask")
 WRAPPERS = ("diffusers-unet", "class-token-unet", "diffusers-transformer")
 
 
 @dataclass
-class PruneConfig:
+class PruneConfig(SectionConfig):
     """The recipe's ``prune`` section.
 
     method          magnitude | taylor | mask
@@ -52,6 +53,8 @@ class PruneConfig:
     finetune_*      the recovery distillation (0 steps: none; finetune_seconds caps its wall-clock time);
                     feature_weight > 0 adds feature matching; data_* the original's own samples it trains on
     """
+
+    section = "prune"
 
     method: str = "magnitude"
     ratio: float = 0.3
@@ -110,20 +113,6 @@ class PruneConfig:
             if not getattr(self, name) >= 0:
                 raise UserError(f"prune {name} must be non-negative, got {getattr(self, name)!r}")
         return self
-
-    @classmethod
-    def from_dict(cls, section: dict | None) -> "PruneConfig":
-        section = dict(section or {})
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in section:
-            if key not in names:
-                close = difflib.get_close_matches(str(key), names, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else f" (valid: {', '.join(names)})"
-                raise UserError(f"prune: unknown key {key!r}{hint}")
-        return cls(**section)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 # ----------------------------------------------------------------------------- the entry point

@@ -13,10 +13,9 @@ the student is built from the teacher's architecture config, and those have none
 from __future__ import annotations
 
 import copy
-import difflib
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from math import lcm
 from typing import Callable, Iterable
 
@@ -25,13 +24,16 @@ from torch import nn
 
 from compress.denoiser import ClassTokenUNet, Denoiser, DiffusersUNet
 from compress.errors import UserError
+from compress.section_config import SectionConfig
 
 DATA_SOURCES = ("auto", "digits", "teacher")
 LABEL_DROPOUT = 0.1  # as the zoo's conditional training: keeps the null label meaningful for guidance
 
 
 @dataclass
-class SlimConfig:
+class SlimConfig(SectionConfig):
+    section = "slim"
+
     width: float = 0.5  # channel multiplier; MACs fall roughly with its square
     wavelet_gating: bool = True
     layers_per_block: int | None = None  # None: the teacher's
@@ -88,24 +90,6 @@ class SlimConfig:
         if self.data not in DATA_SOURCES:
             raise UserError(f"slim data must be one of {', '.join(DATA_SOURCES)}, got {self.data!r}")
         return self
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, section: dict | None) -> "SlimConfig":
-        """From a recipe's `slim` section; unknown keys are errors naming the closest valid one."""
-        section = dict(section or {})
-        valid = [f.name for f in fields(cls)]
-        for key in section:
-            if key not in valid:
-                close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
-                hint = f"; did you mean {close[0]!r}?" if close else f" (valid: {', '.join(valid)})"
-                raise UserError(f"recipe: unknown key 'slim.{key}'{hint}")
-        try:
-            return cls(**section)
-        except TypeError as e:  # a value of the wrong type compared with a number
-            raise UserError(f"recipe: bad slim section: {e}") from None
 
 
 # ----------------------------------------------------------------------------- building

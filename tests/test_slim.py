@@ -29,12 +29,7 @@ from tests.conftest import assert_one_line_error, run_cli
 from tests.tiny_models import tiny_cond_unet, tiny_dit, tiny_unet
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def unet_teacher() -> Denoiser:
