@@ -260,7 +260,7 @@ def main() -> None:
             done = {r["model"] for r in results[part]}
             merged[part] = [r for r in old.get(part, []) if r["model"] not in done] + results[part]
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "quantization.json").write_text(json.dumps(merged, indent=2) + "\n")
+        (RESULTS / "quantization.json").write_text(json.dumps(merged, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o)) + "\n")
         (RESULTS / "quantization.md").write_text(markdown(merged))
 
     with tempfile.TemporaryDirectory(prefix="bench-quantization-") as scratch:
