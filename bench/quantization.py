@@ -202,7 +202,7 @@ def markdown(results: dict) -> str:
         lines += [f"## {q['model']}" + (f", guidance {q['guidance_scale']:g}" if q["guidance_scale"] else ""), "",
                   f"Headline W8A8 per-step ({h['calibration']} calibration): PSNR {h['psnr_db']:.2f} dB, FD {h['fd']:.3f} "
                   f"({100 * h['fd_relative']:+.1f}% vs float32)" + (f", agreement {100 * h['class_agreement']:.1f}% ({h['agreement_points']:+.1f} points)" if "class_agreement" in h else "")
-                  + f". Goals met: {json.dumps(q['goals_met'])}.", "",
+                  + f". Goals met: {json.dumps({k: bool(v) for k, v in q['goals_met'].items()})}.", "",
                   "| calibration | granularity | scheme | PSNR dB | FD | FD vs fp32 | agreement | size MB | median ms | speed-up |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r in q["rows"]:
