@@ -9,8 +9,6 @@ teacher's own samples (data-free) unless ``data`` is given.
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -50,7 +48,9 @@ def feature_layers(module: nn.Module) -> list[nn.Module]:
     return []
 
 
-class _Recorder:
+class FeatureRecorder:
+    """Forward hooks that keep each layer's output until `take` (features to match in distillation)."""
+
     def __init__(self, layers):
         self.features: list[torch.Tensor] = []
         self.handles = [layer.register_forward_hook(self._hook) for layer in layers]
@@ -62,6 +62,10 @@ class _Recorder:
         out, self.features = self.features, []
         return out
 
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
 
 class _Trainee(nn.Module):
     """The student plus the projections that map its (narrower) features onto the teacher's."""
@@ -69,7 +73,7 @@ class _Trainee(nn.Module):
     def __init__(self, student: nn.Module, adapters: nn.ModuleList):
         super().__init__()
         self.student, self.adapters = student, adapters
-        self.recorder = _Recorder(feature_layers(student)) if len(adapters) else None
+        self.recorder = FeatureRecorder(feature_layers(student)) if len(adapters) else None
 
     def forward(self, x, t, cond):
         out = self.student(x, t, cond)
@@ -89,7 +93,7 @@ def distill(student, teacher, config: DistillConfig, data: torch.Tensor | None =
     """Fine-tunes ``student.module`` in place towards ``teacher``; returns a summary of the run."""
     from accelerate import Accelerator
 
-    from compress.prune import _conditions, _self_samples, training_target
+    from compress.prune import _self_samples, training_target
 
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     started = time.time()
@@ -100,10 +104,10 @@ def distill(student, teacher, config: DistillConfig, data: torch.Tensor | None =
         data, cond = _self_samples(teacher, config.data_samples, config.seed + 7, config.data_solver, config.data_steps)
     data = data.cpu()
     module = student.module.to(accelerator.device).train()
-    teacher_recorder = _Recorder(feature_layers(teacher_module)) if config.feature_weight > 0 else None
+    teacher_recorder = FeatureRecorder(feature_layers(teacher_module)) if config.feature_weight > 0 else None
     adapters = nn.ModuleList()
     if teacher_recorder is not None:
-        probe = _Recorder(feature_layers(module))
+        probe = FeatureRecorder(feature_layers(module))
         x = data[:2].to(accelerator.device)
         t = torch.full((2,), teacher.schedule.num_train_timesteps // 2, dtype=torch.float32, device=accelerator.device)
         c = None if cond is None else cond[:2].to(accelerator.device)

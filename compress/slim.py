@@ -236,24 +236,11 @@ def network_cost(denoiser: Denoiser) -> dict:
 
 # ----------------------------------------------------------------------------- features
 
-class FeatureTap:
-    """Forward hooks on the UNet's down, mid and up blocks: the multi-scale features to match."""
+def feature_tap(unet: nn.Module):
+    """Hooks on the UNet's down, mid and up blocks: the multi-scale features to match."""
+    from compress.distill import FeatureRecorder
 
-    def __init__(self, unet: nn.Module):
-        self.features: list[torch.Tensor] = []
-        blocks = list(unet.down_blocks) + ([unet.mid_block] if unet.mid_block is not None else []) + list(unet.up_blocks)
-        self.handles = [b.register_forward_hook(self._hook) for b in blocks]
-
-    def _hook(self, module, inputs, output):
-        self.features.append(output[0] if isinstance(output, tuple) else output)
-
-    def take(self) -> list[torch.Tensor]:
-        out, self.features = self.features, []
-        return out
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
+    return FeatureRecorder(list(unet.down_blocks) + ([unet.mid_block] if unet.mid_block is not None else []) + list(unet.up_blocks))
 
 
 # ----------------------------------------------------------------------------- training data
@@ -344,7 +331,7 @@ def slim(teacher: Denoiser, config: SlimConfig | None = None, progress: Callable
     # Frozen while it teaches; the caller's flags come back afterwards (the teacher may be pruned or tuned next).
     grad_flags = [p.requires_grad for p in teacher_module.parameters()]
     teacher_module.requires_grad_(False)
-    t_tap, s_tap = FeatureTap(teacher_unet), FeatureTap(student_unet)
+    t_tap, s_tap = feature_tap(teacher_unet), feature_tap(student_unet)
     try:
         with torch.no_grad():
             probe = _probe_inputs(teacher)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from compress.denoiser import Denoiser, DiffusersTransformer, DiffusersUNet
+from compress.denoiser import Denoiser, DiffusersUNet
 from compress.errors import UserError
 from compress.model_folder import load_model_folder
 from compress.prune import PruneConfig, accumulate_taylor_gradients, diff_pruning_timesteps, prune, save_pruned
@@ -24,7 +24,7 @@ from compress.solvers import SolverConfig, run_table
 from compress.stats import count_macs
 from compress.trajectory_mask import HardConcreteGates, gate_sites, make_network, run_trajectory, trajectory_loss_backward
 from tests.conftest import assert_one_line_error
-from tests.tiny_models import tiny_cond_unet, tiny_dit, tiny_unet
+from tests.tiny_models import dit_denoiser, text_denoiser, tiny_unet
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,14 +34,6 @@ def unet_denoiser() -> Denoiser:
     return Denoiser(DiffusersUNet(tiny_unet()).eval(), NoiseSchedule.from_betas(), "epsilon", (1, 8, 8), name="tiny-unet")
 
 
-def text_denoiser() -> Denoiser:
-    return Denoiser(DiffusersUNet(tiny_cond_unet(cross_dim=8)).eval(), NoiseSchedule.from_betas(), "epsilon", (1, 8, 8),
-                    conditioning="text", cond_shape=(4, 8), name="tiny-text")
-
-
-def dit_denoiser() -> Denoiser:
-    return Denoiser(DiffusersTransformer(tiny_dit(channels=4, num_classes=3)).eval(), NoiseSchedule.from_betas(), "epsilon", (4, 8, 8),
-                    conditioning="class", num_classes=3, name="tiny-dit")
 
 
 MAKERS = {"unet2d": unet_denoiser, "unet2d-condition": text_denoiser, "dit": dit_denoiser}

@@ -16,14 +16,14 @@ import torch
 from onnx import numpy_helper
 
 from calibration import CalibrationConfig, calibrate, save_calibration
-from compress.denoiser import Denoiser, DiffusersTransformer, DiffusersUNet
+from compress.denoiser import Denoiser, DiffusersUNet
 from compress.errors import UserError
 from compress.quantize import QuantizeConfig, activation_quantizers, distinct_step_scales, module_path, per_step_scales, quantize_
 from compress.schedule import NoiseSchedule
 from compress.solvers import SolverConfig
 from export.onnx_export import export_onnx
 from tests.conftest import assert_one_line_error
-from tests.tiny_models import tiny_cond_unet, tiny_denoiser, tiny_dit
+from tests.tiny_models import dit_denoiser, text_denoiser, tiny_denoiser
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -245,14 +245,6 @@ def test_cli_quantize(exported, tmp_path, cli):
 # ----------------------------------------------------------------------------- other architectures (slow)
 
 
-def text_denoiser() -> Denoiser:
-    return Denoiser(DiffusersUNet(tiny_cond_unet(cross_dim=8)).eval(), NoiseSchedule.from_betas(), "epsilon", (1, 8, 8),
-                    conditioning="text", cond_shape=(4, 8), name="tiny-text")
-
-
-def dit_denoiser() -> Denoiser:
-    return Denoiser(DiffusersTransformer(tiny_dit(channels=4, num_classes=3)).eval(), NoiseSchedule.from_betas(), "epsilon", (4, 8, 8),
-                    conditioning="class", num_classes=3, name="tiny-dit")
 
 
 @pytest.mark.slow

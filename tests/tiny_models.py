@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compress.denoiser import Denoiser, DiffusersUNet
+from compress.denoiser import Denoiser, DiffusersTransformer, DiffusersUNet
 from compress.schedule import NoiseSchedule
 
 
@@ -54,3 +54,13 @@ def tiny_denoiser() -> Denoiser:
 def tiny_module() -> nn.Module:
     """A factory that returns a bare module: the sample shape must come from --sample-shape."""
     return ScaledOutput(DiffusersUNet(tiny_unet()))
+
+
+def text_denoiser() -> Denoiser:
+    return Denoiser(DiffusersUNet(tiny_cond_unet(cross_dim=8)).eval(), NoiseSchedule.from_betas(), "epsilon", (1, 8, 8),
+                    conditioning="text", cond_shape=(4, 8), name="tiny-text")
+
+
+def dit_denoiser() -> Denoiser:
+    return Denoiser(DiffusersTransformer(tiny_dit(channels=4, num_classes=3)).eval(), NoiseSchedule.from_betas(), "epsilon", (4, 8, 8),
+                    conditioning="class", num_classes=3, name="tiny-dit")
