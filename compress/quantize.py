@@ -311,7 +311,7 @@ def _nncf_quantize(model: onnx.ModelProto, items: list[dict], config: QuantizeCo
     )
     if config.fuse_outputs:
         quantize_conv_outputs(quantized, items[:OUTPUT_CALIBRATION_ITEMS])
-    return quantized
+    return activations_to_uint8(quantized)
 
 
 OUTPUT_CALIBRATION_ITEMS = 16
@@ -635,6 +635,32 @@ def share_scales(sampler: onnx.ModelProto, denoiser: onnx.ModelProto | None) -> 
 
 
 # ----------------------------------------------------------------------------- w8a16, weight-only, fp16
+
+
+def activations_to_uint8(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Moves int8 activation quantizers to uint8 (zero point + 128): the same grid, so the same numbers.
+
+    onnxruntime's x86 kernels take uint8 activations with int8 weights, and turn int8 activation
+    pairs into uint8 only where a Q has a single DQ: a conv between a converted and an unconverted
+    pair has mismatched types and stays a float conv on dequantized tensors (13 of the 77 convs of
+    the CIFAR-10 UNet). With every activation uint8 from the start, all of them fuse into QLinearConv.
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    weight_zps = {n.input[2] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits and len(n.input) > 2}
+    zero_points, retyped = set(), set()
+    for q in activation_quantizers(model):
+        if len(q.node.input) > 2 and q.node.input[2] not in weight_zps:
+            zero_points.add(q.node.input[2])
+            retyped.add(q.node.output[0])
+    for name in zero_points:
+        zp = numpy_helper.to_array(inits[name])
+        if zp.dtype == np.int8:
+            inits[name].CopyFrom(numpy_helper.from_array((zp.astype(np.int16) + 128).astype(np.uint8), name))
+    # Recorded int8 types of the quantized tensors would now contradict the graph.
+    keep = [v for v in model.graph.value_info if v.name not in retyped]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(keep)
+    return model
 
 
 def _activations_to_int16(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -107,9 +107,10 @@ def test_skip_concatenations_get_one_quantizer_per_half(per_step):
 
 
 def test_every_int8_conv_can_run_as_qlinearconv_on_onnxruntime(per_step, tmp_path):
-    """onnxruntime fuses DQ -> Conv -> Q into QLinearConv only when the conv's one consumer is a QuantizeLinear;
-    convs feeding float ops (GroupNorm, a bias-folded conv1) or several quantizers are given one, so that no int8
-    conv falls back to a float conv on dequantized weights."""
+    """onnxruntime fuses DQ -> Conv -> Q into QLinearConv only when the conv's one consumer is a QuantizeLinear
+    and its input and output quantizers have one type; convs feeding float ops (GroupNorm, a bias-folded conv1) or
+    several quantizers are given one, and every activation is uint8, so that no int8 conv falls back to a float
+    conv on dequantized weights."""
     model = onnx.load(per_step["sampler"]["path"])
     producer = {o: n for n in model.graph.node for o in n.output}
     consumers = {}
@@ -124,7 +125,9 @@ def test_every_int8_conv_can_run_as_qlinearconv_on_onnxruntime(per_step, tmp_pat
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(per_step["sampler"]["path"], options, providers=["CPUExecutionProvider"])
     fused = [n for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node if n.op_type == "QLinearConv"]
-    assert len(fused) >= 0.6 * len(int8_convs)
+    assert len(fused) == len(int8_convs)
+    inits = {t.name: t for t in model.graph.initializer}
+    assert {inits[q.node.input[2]].data_type for q in activation_quantizers(model)} == {onnx.TensorProto.UINT8}
 
 
 def test_int8_weights_are_real_and_a_quarter_of_float(per_step, exported):

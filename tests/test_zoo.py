@@ -39,9 +39,6 @@ def test_descriptions():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="zoo:digits after its second training phase: 89.5% of 256 DDIM-100 samples "
-                   "are confident (bench/results/zoo_quality.md), half a point short of 90%; issue 2 stays open until a "
-                   "retrained checkpoint passes (strict: a pass must remove this mark)")
 def test_ddim100_samples_are_confident_digits():
     digits = load_model("zoo:digits")
     samples = sample(digits, SolverConfig("ddim", 100), make_noise(digits, 256, seed=0), show_progress=False)
