@@ -28,7 +28,7 @@ class DistillConfig:
     data_solver: str = "dpmpp-2m"
     data_steps: int = 20
     seed: int = 0
-    max_seconds: float | None = None  # stop early at this wall-clock budget (benchmarks)
+    max_seconds: float | None = None  # a wall-clock budget (benchmarks): the LR schedule follows steps or time, whichever runs out first
 
     @classmethod
     def from_prune(cls, config) -> "DistillConfig":
@@ -119,13 +119,14 @@ def distill(student, teacher, config: DistillConfig, data: torch.Tensor | None =
             h.remove()
     trainee = _Trainee(module, adapters)
     optimizer = torch.optim.AdamW(trainee.parameters(), lr=config.lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config.steps))
-    trainee, optimizer, scheduler = accelerator.prepare(trainee, optimizer, scheduler)
+    trainee, optimizer = accelerator.prepare(trainee, optimizer)
     ema = [p.detach().clone() for p in module.parameters()] if config.ema > 0 else None
     generator = torch.Generator().manual_seed(config.seed * 1000 + accelerator.process_index)
     T = teacher.schedule.num_train_timesteps
     losses, step = [], 0
     for step in range(1, config.steps + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * _lr_factor(_budget_used(step, config, time.time() - started))
         idx = torch.randint(0, data.shape[0], (config.batch_size,), generator=generator)
         x0 = data[idx]
         c = None if cond is None else cond[idx].to(accelerator.device)
@@ -148,7 +149,6 @@ def distill(student, teacher, config: DistillConfig, data: torch.Tensor | None =
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(trainee.parameters(), 1.0)
         optimizer.step()
-        scheduler.step()
         if ema is not None:
             decay = min(config.ema, (1 + step) / (10 + step))  # short runs: a warm-up keeps EMA from lagging at the start
             with torch.no_grad():
@@ -183,11 +183,20 @@ def distill(student, teacher, config: DistillConfig, data: torch.Tensor | None =
     }
 
 
-def _lr_factor(step: int, total: int) -> float:
-    warmup = max(1, total // 20)
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+def _budget_used(step: int, config: DistillConfig, seconds: float) -> float:
+    """Share of the budget spent before ``step``: steps, or time when a time budget runs out first."""
+    done = (step - 1) / config.steps
+    if config.max_seconds is not None:
+        done = max(done, seconds / config.max_seconds)
+    return min(1.0, done)
+
+
+def _lr_factor(done: float) -> float:
+    """Linear warm-up over the first 5% of the budget, then cosine down to a tenth."""
+    warmup = 0.05
+    if done < warmup:
+        return max(done, 0.005) / warmup
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (done - warmup) / (1 - warmup)))
 
 
 def parameter_checksum(module: nn.Module) -> str:

@@ -4,6 +4,7 @@ of a pruned sampler, time-step gradient checkpointing, Diff-Pruning's timestep r
 fine-tune under `accelerate launch` with two CPU processes (slow)."""
 from __future__ import annotations
 
+import math
 import json
 import os
 import re
@@ -361,3 +362,14 @@ def test_finetune_under_accelerate_with_two_cpu_processes(tmp_path):
     student = load_model_folder(tmp_path / "student")
     assert tuned.extra["finetune"]["processes"] == 2
     assert any(not torch.equal(a, b) for a, b in zip(tuned.module.parameters(), student.module.parameters()))
+
+
+def test_finetune_schedule_follows_a_time_budget_when_it_runs_out_first():
+    """A benchmark gives many steps and a time budget: warm-up and cosine decay must then run on the clock."""
+    from compress.distill import DistillConfig, _budget_used, _lr_factor
+
+    config = DistillConfig(steps=100_000, max_seconds=60)
+    assert _lr_factor(_budget_used(1, config, 0.0)) < 0.2
+    assert _lr_factor(_budget_used(200, config, 30.0)) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.45 / 0.95)))
+    assert _lr_factor(_budget_used(400, config, 59.9)) < 0.11
+    assert _lr_factor(_budget_used(50_001, DistillConfig(steps=100_000), 1e6)) == pytest.approx(_lr_factor(0.5))
