@@ -285,8 +285,10 @@ def write_markdown(data: dict) -> None:
               "  the gates rank attention heads and resnet hidden channels, torch-pruning's magnitude ranks the rest.",
               "- `taylor` accumulates |w dL/dw| over t = 0, 10, 20, ... until the loss falls below 0.05 x its maximum (Diff-Pruning),",
               "  on 64 of the model's own samples.",
-              "- Latencies come from two runs of this script on a CPU shared with two other engineers' jobs (the original's",
-              "  figure from the second); compare them within a run only, and treat them as indicative.",
+              "- Latencies were measured while other benchmarks ran on the same 2 cores; compare them within this table",
+              "  only, and treat them as indicative.",
+              "- The 2-minute rows spend most of their budget drawing the 1024 training samples from the original, so they",
+              "  show the start of recovery, not where each method ends up.",
               "- Only the headline row got the long fine-tune; the other fine-tuned rows got the short budget, and the",
               "  `none` rows show each method's raw choice of channels before any recovery.", ""]
     lines += README_SECTION
