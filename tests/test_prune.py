@@ -4,8 +4,8 @@ of a pruned sampler, time-step gradient checkpointing, Diff-Pruning's timestep r
 fine-tune under `accelerate launch` with two CPU processes (slow)."""
 from __future__ import annotations
 
-import math
 import json
+import math
 import os
 import re
 import subprocess
