@@ -640,10 +640,11 @@ def share_scales(sampler: onnx.ModelProto, denoiser: onnx.ModelProto | None) -> 
 def activations_to_uint8(model: onnx.ModelProto) -> onnx.ModelProto:
     """Moves int8 activation quantizers to uint8 (zero point + 128): the same grid, so the same numbers.
 
-    onnxruntime's x86 kernels take uint8 activations with int8 weights, and turn int8 activation
-    pairs into uint8 only where a Q has a single DQ: a conv between a converted and an unconverted
-    pair has mismatched types and stays a float conv on dequantized tensors (13 of the 77 convs of
-    the CIFAR-10 UNet). With every activation uint8 from the start, all of them fuse into QLinearConv.
+    onnxruntime's x86 kernels take uint8 activations with int8 weights. From NNCF's int8
+    activations it converts some Q/DQ pairs to uint8 and not others, and a conv between a converted
+    and an unconverted pair stays a float conv on dequantized tensors (13 of the 77 convs of the
+    CIFAR-10 UNet, 20% of its int8 run time). With every activation uint8 from the start, all of
+    them fuse into QLinearConv.
     """
     inits = {t.name: t for t in model.graph.initializer}
     weight_zps = {n.input[2] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits and len(n.input) > 2}
