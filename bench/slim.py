@@ -27,6 +27,7 @@ RESULTS = Path(__file__).parent / "results"
 MODELS = RESULTS / "slim_models"
 TEACHER = "zoo:digits"
 SHORT_STEPS = 200  # the equal, shorter budget of the ablation and the non-headline widths
+FD_GOAL = 0.30  # the headline student's FD within 30% of the teacher's
 # The budget is 30 minutes on 2 CPU cores; the training loop gets 28 of them on both cores,
 # data loading and MAC counting fill the rest.
 HEADLINE_MINUTES = 28.0
@@ -62,7 +63,7 @@ def train(names: list[str]) -> None:
 def report(n: int, steps: int) -> None:
     from compress.loading import load_model
     from compress.metrics import DigitsJudge, psnr
-    from compress.sampling import make_noise, sample
+    from compress.sampling import make_noise
     from compress.slim import network_cost
     from compress.solvers import SolverConfig
     from compress.spectral_loss import high_frequency_share
@@ -163,11 +164,11 @@ def markdown(rows: list[dict], env: dict) -> str:
            "spectral energy (mean removed) above half the Nyquist frequency; HF error: |student - teacher| / teacher.", ""]
     if "headline-w0.5" in by:
         h = by["headline-w0.5"]
-        met = h["fd"] <= 1.3 * teacher["fd"]
+        met = h["fd"] <= (1 + FD_GOAL) * teacher["fd"]
         out += [f"## Headline: width 0.5, wavelet gating, spectrum-aware distillation, {HEADLINE_MINUTES:g} minutes on {HEADLINE_THREADS} cores", "",
                 head, line(teacher, "teacher zoo:digits"), line(h, "student width 0.5"), "",
                 f"{h['mac_reduction']:.2f}x fewer MACs, FD {h['fd']:.1f} vs the teacher's {teacher['fd']:.1f} "
-                f"({h['fd'] / teacher['fd'] - 1:+.1%}; goal within +30%: {'met' if met else 'not met'}), after {h['steps']} steps "
+                f"({h['fd'] / teacher['fd'] - 1:+.1%}; goal within +{FD_GOAL:.0%}: {'met' if met else 'not met'}), after {h['steps']} steps "
                 f"(batch 64): {h['train_cpu_minutes']} CPU minutes on {h['threads']} threads ({h['train_minutes']} wall minutes; "
                 "the budget counts the process's CPU time, so other jobs on the machine stretch the wall time, not the training).", ""]
     out += [f"## Widths (equal short budget: {SHORT_STEPS} steps each)", "", head, line(teacher, "teacher")]

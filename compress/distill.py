@@ -183,12 +183,13 @@ def distill(student, teacher, config: DistillConfig, data: torch.Tensor | None =
     }
 
 
+def budget_share(step_share: float, seconds: float, max_seconds: float | None) -> float:
+    """Share of a training budget spent: the steps' share, or the time's when a time budget runs out first."""
+    return step_share if max_seconds is None else max(step_share, seconds / max_seconds)
+
+
 def _budget_used(step: int, config: DistillConfig, seconds: float) -> float:
-    """Share of the budget spent before ``step``: steps, or time when a time budget runs out first."""
-    done = (step - 1) / config.steps
-    if config.max_seconds is not None:
-        done = max(done, seconds / config.max_seconds)
-    return min(1.0, done)
+    return min(1.0, budget_share((step - 1) / config.steps, seconds, config.max_seconds))
 
 
 def _lr_factor(done: float) -> float:

@@ -440,11 +440,11 @@ def slim(teacher: Denoiser, config: SlimConfig | None = None, progress: Callable
 
 
 def _budget_used(step: int, config: SlimConfig, seconds: float) -> float:
-    """Share of the budget spent before ``step``: steps, or time when that runs out first."""
-    done = (step - config.warmup) / max(1, config.steps - config.warmup) if step >= config.warmup else 0.0
-    if config.max_minutes is not None:
-        done = max(done, seconds / (60 * config.max_minutes))
-    return done
+    """Share of the budget spent before ``step`` (warm-up steps excluded)."""
+    from compress.distill import budget_share
+
+    steps = (step - config.warmup) / max(1, config.steps - config.warmup) if step >= config.warmup else 0.0
+    return budget_share(steps, seconds, None if config.max_minutes is None else 60 * config.max_minutes)
 
 
 def _training_condition(teacher: Denoiser, labels, idx, gen) -> torch.Tensor | None:
