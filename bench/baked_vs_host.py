@@ -1,16 +1,19 @@
 """The baked sampler graph versus the host loop, same solver, steps and precision (float32, CPU).
 
-host loop:   diffusers' DPMSolverMultistepScheduler stepping in Python around the UNet (torch eager),
-             the way a diffusers pipeline samples;
-baked torch: our SamplerGraph in torch eager (the loop unrolled, coefficients constant);
-baked ORT:   sampler.onnx (the whole loop in one graph) on onnxruntime's CPU provider.
+host loop:      diffusers' DPMSolverMultistepScheduler stepping in Python around the UNet (torch
+                eager), the way a diffusers pipeline samples;
+baked torch:    our SamplerGraph in torch eager (the loop unrolled, coefficients constant);
+baked ORT:      sampler.onnx (the whole loop in one graph) on onnxruntime's CPU provider;
+baked OpenVINO: the same graph as OpenVINO IR on its CPU plugin (compiled for the call's shape).
 
-Models: zoo:digits and the DDPM CIFAR-10 architecture (35.7M parameters, random weights).
-Writes bench/results/baked_vs_host.{json,md}. Run: python bench/baked_vs_host.py
+Models: zoo:digits and the DDPM CIFAR-10 architecture (35.7M parameters, random weights). Each
+is timed with one thread per library and with every core the process may use, calls interleaved.
+Writes bench/results/baked_vs_host.{json,md}. Run on a quiet machine: python bench/baked_vs_host.py
 """
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -18,31 +21,24 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
-from compress.denoiser import Denoiser, DiffusersUNet
+from compress.denoiser import Denoiser
 from compress.loading import load_model
-from compress.schedule import NoiseSchedule
 from compress.solvers import SolverConfig
+from compress.zoo.models import ddpm_cifar10_architecture
 from export.onnx_export import export_onnx
+from export.openvino_export import export_openvino
 from export.sampler_graph import SamplerGraph
+from runtimes.runners import get_runner
 
 RESULTS = Path(__file__).parent / "results"
 STEPS = 8
-THREADS = 1  # torch and onnxruntime alike: the machine is shared, and one thread each keeps the comparison fair
+# One thread per library, then all the cores this process may use: the same for every way.
+THREADS = sorted({1, len(os.sched_getaffinity(0))})
 SOLVER = SolverConfig("dpmpp-2m", STEPS)
-WAYS = {"host": "host loop (diffusers scheduler, torch)", "torch": "baked graph, torch eager", "ort": "baked graph, onnxruntime CPU"}
-
-
-def cifar10_denoiser() -> Denoiser:
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(128, 256, 256, 256),
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
-    return Denoiser(DiffusersUNet(unet).eval(), NoiseSchedule.from_betas(), "epsilon", (3, 32, 32), name="ddpm-cifar10-arch")
+WAYS = {"host": "host loop (diffusers scheduler, torch)", "torch": "baked graph, torch eager",
+        "onnxruntime": "baked graph, onnxruntime CPU", "openvino": "baked graph, OpenVINO CPU"}
 
 
 def host_loop(denoiser: Denoiser):
@@ -77,42 +73,59 @@ def timed_side_by_side(fns: dict, runs: int, warmup: int = 2) -> dict[str, tuple
     return {name: (statistics.median(t), float(np.percentile(t, 90))) for name, t in times.items()}
 
 
-def bench_model(denoiser: Denoiser, batches=(1, 8), runs: int = 20) -> list[dict]:
+def bench_model(denoiser: Denoiser, threads: int, batches=(1, 8), runs: int = 20) -> list[dict]:
+    torch.set_num_threads(threads)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        export_onnx(denoiser, SOLVER, tmp)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = THREADS
-        session = ort.InferenceSession(str(Path(tmp) / "sampler.onnx"), options, providers=["CPUExecutionProvider"])
+        export_openvino(export_onnx(denoiser, SOLVER, tmp), tmp)
+        baked = {"onnxruntime": get_runner("onnxruntime", threads).load(Path(tmp) / "sampler.onnx"),
+                 "openvino": get_runner("openvino", threads).load(Path(tmp) / "sampler.xml")}
         graph = SamplerGraph(denoiser, SOLVER).eval()
         host = host_loop(denoiser)
         for batch in batches:
             noise = torch.randn(batch, *denoiser.sample_shape, generator=torch.Generator().manual_seed(batch))
             feed = {"noise": noise.numpy()}
-            outputs = {"host": host(noise), "torch": graph(noise).detach(), "ort": torch.from_numpy(session.run(None, feed)[0])}
-            n = max(3, runs // batch)
+            ways = {"host": lambda: host(noise), "torch": lambda: graph(noise),
+                    **{name: (lambda runner=runner: runner.run(feed)) for name, runner in baked.items()}}
             with torch.no_grad():
-                times = timed_side_by_side({"host": lambda: host(noise), "torch": lambda: graph(noise), "ort": lambda: session.run(None, feed)}, n)
+                outputs = {name: torch.as_tensor(fn()) for name, fn in ways.items()}
+                times = timed_side_by_side(ways, max(3, runs // batch))
             for way, (median, p90) in times.items():
                 rows.append({"model": denoiser.name, "params_m": sum(p.numel() for p in denoiser.module.parameters()) / 1e6,
-                             "batch": batch, "way": WAYS[way], "median_ms": median, "p90_ms": p90, "speedup_vs_host": times["host"][0] / median,
+                             "threads": threads, "batch": batch, "way": WAYS[way], "median_ms": median, "p90_ms": p90,
+                             "speedup_vs_host": times["host"][0] / median,
                              "max_abs_diff_vs_host": float((outputs["host"] - outputs[way]).abs().max())})
                 print(rows[-1], flush=True)
     return rows
 
 
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
-    torch.set_num_threads(THREADS)
-    rows = bench_model(load_model("zoo:digits")) + bench_model(cifar10_denoiser(), runs=10)
-    env = {"processor": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(), "onnxruntime": ort.__version__, "torch": torch.__version__}
+    import onnxruntime
+    import openvino
+
+    rows = []
+    for threads in THREADS:
+        rows += bench_model(load_model("zoo:digits"), threads) + bench_model(ddpm_cifar10_architecture(), threads, runs=12)
+    env = {"processor": cpu_model(), "cores": len(os.sched_getaffinity(0)), "threads": THREADS, "torch": torch.__version__,
+           "onnxruntime": onnxruntime.__version__, "openvino": openvino.get_version().split("-")[0]}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "baked_vs_host.json").write_text(json.dumps({"environment": env, "solver": "dpmpp-2m", "steps": STEPS, "rows": rows}, indent=2) + "\n")
     lines = [f"# Baked sampler graph vs host loop (dpmpp-2m, {STEPS} steps, float32, CPU)", "",
-             "| model | params (M) | batch | how | median ms | p90 ms | speed-up vs host loop | max abs diff vs host |", "|---|---|---|---|---|---|---|---|"]
+             "| model | params (M) | threads | batch | how | median ms | p90 ms | speed-up vs host loop | max abs diff vs host |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['params_m']:.1f} | {r['batch']} | {r['way']} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} | {r['speedup_vs_host']:.2f}x | {r['max_abs_diff_vs_host']:.1e} |")
-    lines += ["", f"Measured side by side in one run, calls interleaved, on {env['processor']} ({THREADS} thread for torch and for onnxruntime {env['onnxruntime']}); "
-              "the CPU was shared with other jobs, so compare ratios, not absolute times."]
+        lines.append(f"| {r['model']} | {r['params_m']:.1f} | {r['threads']} | {r['batch']} | {r['way']} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} "
+                     f"| {r['speedup_vs_host']:.2f}x | {r['max_abs_diff_vs_host']:.1e} |")
+    lines += ["", f"Measured side by side in one run, calls interleaved, on {env['processor']} ({env['cores']} cores), torch {env['torch']}, "
+              f"onnxruntime {env['onnxruntime']}, OpenVINO {env['openvino']}; 'threads' is what each library was given. "
+              "Compare ratios within a row group, not absolute times across machines."]
     (RESULTS / "baked_vs_host.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -25,10 +25,10 @@ import onnxruntime as ort
 import torch
 
 from calibration import CalibrationConfig, calibrate
-from compress.denoiser import Denoiser, DiffusersUNet
+from compress.denoiser import Denoiser
 from compress.metrics import DigitsJudge, psnr
 from compress.quantize import QuantizeConfig, quantize_
-from compress.schedule import NoiseSchedule
+from compress.zoo.models import ddpm_cifar10_architecture
 from compress.solvers import SolverConfig
 from export.onnx_export import export_onnx
 
@@ -148,16 +148,6 @@ def zoo_quality(name: str, guidance: float | None, args, work: Path, log) -> dic
 
 
 # ----------------------------------------------------------------------------- speed
-
-
-def cifar_denoiser() -> Denoiser:
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=32, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
-    return Denoiser(DiffusersUNet(unet).eval(), NoiseSchedule.from_betas(), "epsilon", (3, 32, 32), name="ddpm-cifar10-arch")
 
 
 def speed(name: str, denoiser: Denoiser, guidance: float | None, args, work: Path, log) -> dict:
@@ -280,7 +270,7 @@ def main() -> None:
                 results["speed"].append(speed("zoo:digits", load_model("zoo:digits"), None, args, work, log))
                 save()
         if "cifar" in models:
-            results["speed"].append(speed("ddpm-cifar10-arch", cifar_denoiser(), None, args, work, log))
+            results["speed"].append(speed("ddpm-cifar10-arch", ddpm_cifar10_architecture(), None, args, work, log))
         save()
     print((RESULTS / "quantization.md").read_text())
 

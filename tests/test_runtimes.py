@@ -85,6 +85,20 @@ def test_runners_agree_on_a_two_step_sampler(two_step):
         assert_agree(outputs)
 
 
+def test_openvino_compiles_a_dynamic_batch_model_once_per_shape(two_step):
+    _, _, out, _ = two_step
+    artifact = open_artifact(out / "sampler.xml")
+    runner = get_runner("openvino", 1).load(artifact.path)
+    assert runner.model.is_dynamic() and not runner.compiled
+    first = runner.run(example_feeds(artifact, 2, seed=0))
+    again = runner.run(example_feeds(artifact, 2, seed=0))
+    runner.run(example_feeds(artifact, 3, seed=1))
+    assert np.array_equal(first, again)
+    assert [dict(key)["noise"] for key in runner.compiled] == [(2, 1, 8, 8), (3, 1, 8, 8)]
+    for compiled, _ in runner.compiled.values():
+        assert not compiled.inputs[0].get_partial_shape().is_dynamic
+
+
 def test_runners_agree_on_the_bare_denoiser(two_step):
     denoiser, _, out, _ = two_step
     feeds = example_feeds(open_artifact(out / "denoiser.xml"), batch=2)

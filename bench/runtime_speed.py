@@ -11,8 +11,8 @@ CIFAR network's samples reach hundreds, so there the bound is 1e-3 relative to t
 An int8 row (compress.quantize, W8A8 per step, on onnxruntime and OpenVINO) is added when that
 module imports and quantizes (in a child process); otherwise the results say why it is missing.
 
-Writes bench/results/runtimes.{json,md}. Run (needs compress/zoo/checkpoints/digits.safetensors):
-    python bench/runtimes.py [--runs 20] [--warmup 3] [--threads 2] [--models digits,cifar10]
+Writes bench/results/runtime_speed.{json,md}. Run (needs compress/zoo/checkpoints/digits.safetensors):
+    python bench/runtime_speed.py [--runs 20] [--warmup 3] [--threads 2] [--models digits,cifar10]
 """
 from __future__ import annotations
 
@@ -26,25 +26,20 @@ import tempfile
 import time
 from pathlib import Path
 
-# This script shares its name with the `runtimes` package: run as a file, its own folder would come
-# first on sys.path and `import runtimes` would find the script. The repository root comes first instead.
-HERE = Path(__file__).resolve().parent
-sys.path[:] = [str(HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from compress.denoiser import Denoiser
+from compress.zoo.models import ddpm_cifar10_architecture
+from compress.solvers import SolverConfig
+from export.onnx_export import export_onnx
+from export.openvino_export import export_openvino
+from export.sampler_graph import SamplerGraph
+from runtimes.artifacts import example_feeds, open_artifact
+from runtimes.bench import benchmark
+from runtimes.runners import get_runner
 
-from compress.denoiser import Denoiser, DiffusersUNet  # noqa: E402
-from compress.schedule import NoiseSchedule  # noqa: E402
-from compress.solvers import SolverConfig  # noqa: E402
-from export.onnx_export import export_onnx  # noqa: E402
-from export.openvino_export import export_openvino  # noqa: E402
-from export.sampler_graph import SamplerGraph  # noqa: E402
-from runtimes.artifacts import example_feeds, open_artifact  # noqa: E402
-from runtimes.bench import benchmark  # noqa: E402
-from runtimes.runners import get_runner  # noqa: E402
-
-RESULTS = HERE / "results"
+RESULTS = Path(__file__).parent / "results"
 SOLVER = SolverConfig("dpmpp-2m", 8)
 BATCHES = (1, 8)
 TOL = 1e-3
@@ -56,23 +51,8 @@ def digits() -> Denoiser:
     return load_model("zoo:digits")
 
 
-def ddpm_cifar10() -> Denoiser:
-    """google/ddpm-cifar10-32's architecture with random weights (no download)."""
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=32, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(128, 256, 256, 256),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6, norm_num_groups=32,
-    )
-    return Denoiser(DiffusersUNet(unet).eval(), NoiseSchedule.from_betas("linear", 1000), "epsilon", (3, 32, 32),
-                    name="ddpm-cifar10-architecture", source="random weights, seed 0")
-
-
 # name -> (builder, how agreement is judged, whether it is large: fewer runs, seconds per call)
-MODELS = {"digits": (digits, "absolute", False), "cifar10": (ddpm_cifar10, "relative", True)}
+MODELS = {"digits": (digits, "absolute", False), "cifar10": (ddpm_cifar10_architecture, "relative", True)}
 LABELS = {"digits": "zoo:digits", "cifar10": "DDPM CIFAR-10 arch., random"}
 
 
@@ -110,14 +90,14 @@ def write_results(rows: list[dict], notes: list[str], threads: int) -> str:
         "openvino": __import__("openvino").get_version(),
     }
     RESULTS.mkdir(exist_ok=True)
-    previous = RESULTS / "runtimes.json"
+    previous = RESULTS / "runtime_speed.json"
     if previous.is_file():  # keep the rows of models this run did not measure (e.g. --models cifar10 alone)
         measured = {r["model"] for r in rows}
         rows = [r for r in json.loads(previous.read_text())["rows"] if r["model"] not in measured] + rows
-    (RESULTS / "runtimes.json").write_text(json.dumps({"environment": environment, "solver": "dpmpp-2m, 8 steps, trailing",
+    (RESULTS / "runtime_speed.json").write_text(json.dumps({"environment": environment, "solver": "dpmpp-2m, 8 steps, trailing",
                                                        "rows": rows, "notes": notes}, indent=2) + "\n")
     text = markdown(rows, notes, environment)
-    (RESULTS / "runtimes.md").write_text(text)
+    (RESULTS / "runtime_speed.md").write_text(text)
     return text
 
 
