@@ -3,6 +3,7 @@
 FD is measured against the held-out real digits on the zoo classifier's features; DDIM-100
 and DDPM-1000 samples from the same noise are the references. Writes
 bench/results/solvers_fd.{json,md}. Run: python bench/solvers_fd.py [--n 512]
+(--search-only redoes the searched schedules and keeps the other figures of the last run).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=512)
     parser.add_argument("--search", default="dpmpp-2m,unipc-bh2,ddim", help="solvers to search schedules for")
+    parser.add_argument("--search-only", action="store_true", help="keep the last run's references and NFE rows")
     args = parser.parse_args()
     digits = load_model("zoo:digits")
     judge = DigitsJudge()
@@ -55,17 +57,22 @@ def main() -> None:
         if rows:
             (RESULTS / "solvers_fd.md").write_text(markdown(references, rows, searched, env))
 
-    references["ddim-100"], _ = fd_of(SolverConfig("ddim", 100))
-    print("ddim-100", references["ddim-100"], flush=True)
-
-    for name, spec in SOLVERS.items():
-        if spec.stochastic:
-            continue
-        for nfe in NFES:
-            fd, seconds = fd_of(SolverConfig(name, steps_for(name, nfe)))
-            rows.append({"solver": name, "nfe": nfe, "fd": fd, "seconds": seconds})
-            print(name, nfe, fd, flush=True)
-        save()
+    if args.search_only:
+        last = json.loads((RESULTS / "solvers_fd.json").read_text())
+        if last["environment"]["n"] != args.n:
+            raise SystemExit(f"the last run used --n {last['environment']['n']}; pass the same to --search-only")
+        references, rows = last["references"], last["rows"]
+    else:
+        references["ddim-100"], _ = fd_of(SolverConfig("ddim", 100))
+        print("ddim-100", references["ddim-100"], flush=True)
+        for name, spec in SOLVERS.items():
+            if spec.stochastic:
+                continue
+            for nfe in NFES:
+                fd, seconds = fd_of(SolverConfig(name, steps_for(name, nfe)))
+                rows.append({"solver": name, "nfe": nfe, "fd": fd, "seconds": seconds})
+                print(name, nfe, fd, flush=True)
+            save()
 
     for name in args.search.split(","):
         for nfe in (4, 6, 8):
@@ -77,8 +84,9 @@ def main() -> None:
             print("searched", name, nfe, fd_default, fd_found, found.timesteps, flush=True)
             save()
 
-    references["ddpm-1000"], _ = fd_of(SolverConfig("ddpm", 1000))
-    print("ddpm-1000", references["ddpm-1000"], flush=True)
+    if not args.search_only:
+        references["ddpm-1000"], _ = fd_of(SolverConfig("ddpm", 1000))
+        print("ddpm-1000", references["ddpm-1000"], flush=True)
     save()
 
     print(markdown(references, rows, searched, env))

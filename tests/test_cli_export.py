@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from compress.schedule_search import search_timesteps
+from compress.schedule_search import _allowed, search_timesteps
 from compress.solvers import SolverConfig
 from tests.conftest import assert_one_line_error
 from tests.tiny_models import tiny_denoiser
@@ -25,12 +25,24 @@ def test_searched_schedule_beats_its_start_and_is_reusable(tmp_path, cli):
     denoiser = tiny_denoiser()
     found = search_timesteps(denoiser, SolverConfig("ddim", 3), noises=4, teacher=SolverConfig("ddim", 50))
     assert found.error_found <= found.error_start
-    assert all(a > b for a, b in zip(found.timesteps, found.timesteps[1:])) and len(found.timesteps) == 3
+    assert len(found.timesteps) == 3
+    T = denoiser.schedule.num_train_timesteps
+    assert all(a - b >= T // 12 for a, b in zip(found.timesteps, found.timesteps[1:])), found.timesteps
     timesteps = ",".join(map(str, found.timesteps))
     out = tmp_path / "art"
     result = cli("export", TINY, "--solver", "ddim", "--steps", "3", "--timesteps", timesteps, "--out", out)
     assert result.returncode == 0, result.stderr
     assert json.loads((out / "sampler.json").read_text())["solver"]["timesteps"] == [float(t) for t in found.timesteps]
+
+
+def test_schedule_search_moves_keep_timesteps_apart():
+    current = [999, 700, 400, 10, 5]
+    assert _allowed([999, 650, 400, 10, 5], current, 1000, 50)
+    assert not _allowed([999, 430, 400, 10, 5], current, 1000, 50)  # a gap of 30 < 50
+    assert _allowed([999, 700, 400, 10, 4], current, 1000, 50)  # a narrow start gap may stay narrow or widen...
+    assert not _allowed([999, 700, 400, 10, 6], current, 1000, 50)  # ...but not shrink
+    assert not _allowed([1000, 700, 400, 10, 5], current, 1000, 50)
+    assert not _allowed([999, 700, 400, 5, 5], current, 1000, 1)
 
 
 def test_optimized_schedule_from_the_cli(tmp_path, cli):
