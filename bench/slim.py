@@ -27,6 +27,7 @@ RESULTS = Path(__file__).parent / "results"
 MODELS = RESULTS / "slim_models"
 TEACHER = "zoo:digits"
 SHORT_STEPS = 200  # the equal, shorter budget of the ablation and the non-headline widths
+LONG_STEPS = 2000  # the ablation again, at ten times the budget
 FD_GOAL = 0.30  # the headline student's FD within 30% of the teacher's
 # The issue's budget is 30 minutes on 2 CPU cores; the training loop gets 28 of them on both cores,
 # data loading and MAC counting fill the rest.
@@ -41,7 +42,13 @@ RUNS = {
     "w0.5-nogate": dict(width=0.5, steps=SHORT_STEPS, wavelet_gating=False),
     "w0.5-nofreq": dict(width=0.5, steps=SHORT_STEPS, lambda_freq=0.0),
     "w0.5-nogate-nofreq": dict(width=0.5, steps=SHORT_STEPS, wavelet_gating=False, lambda_freq=0.0),
+    # The same ablation at LONG_STEPS: whether the 200-step verdict holds once the students have learnt something.
+    "long-w0.5": dict(width=0.5, steps=LONG_STEPS),
+    "long-w0.5-nofreq": dict(width=0.5, steps=LONG_STEPS, lambda_freq=0.0),
+    "long-w0.5-nogate": dict(width=0.5, steps=LONG_STEPS, wavelet_gating=False),
+    "long-w0.5-nogate-nofreq": dict(width=0.5, steps=LONG_STEPS, wavelet_gating=False, lambda_freq=0.0),
 }
+ABLATION = ("w0.5", "w0.5-nofreq", "w0.5-nogate", "w0.5-nogate-nofreq")  # gating x frequency loss, in this order
 
 
 def train(names: list[str]) -> None:
@@ -173,22 +180,8 @@ def markdown(rows: list[dict], env: dict) -> str:
                 "the budget counts the process's CPU time, so other jobs on the machine stretch the wall time, not the training).", ""]
     out += [f"## Widths (equal short budget: {SHORT_STEPS} steps each)", "", head, line(teacher, "teacher")]
     out += [line(by[k], f"width {by[k]['width']}") for k in ("w0.75", "w0.5", "w0.25") if k in by]
-    out += ["", f"## Ablation at width 0.5 (equal short budget: {SHORT_STEPS} steps each)", "",
-            "| wavelet gating | frequency loss | MACs | FD | FD / teacher | PSNR vs teacher (dB) | HF share | HF error |", "|---|---|---|---|---|---|---|---|"]
-    for k in ("w0.5", "w0.5-nofreq", "w0.5-nogate", "w0.5-nogate-nofreq"):
-        if k in by:
-            r = by[k]
-            out.append(f"| {'on' if r['wavelet_gating'] else 'off'} | {'on' if r['frequency_loss'] else 'off'} | {r['macs'] / 1e6:.1f}M "
-                       f"| {r['fd']:.1f} | {r['fd'] / teacher['fd']:.2f} | {r['psnr_vs_teacher']:.2f} | {r['hf_share']:.4f} | {r['hf_error']:.1%} |")
-    if all(k in by for k in ("w0.5", "w0.5-nofreq", "w0.5-nogate", "w0.5-nogate-nofreq")):
-        def mean_fd(*keys):
-            return sum(by[k]["fd"] for k in keys) / len(keys)
-
-        out += ["", f"Averaged over the other ingredient: wavelet gating on {mean_fd('w0.5', 'w0.5-nofreq'):.1f} vs off "
-                f"{mean_fd('w0.5-nogate', 'w0.5-nogate-nofreq'):.1f} FD; frequency loss on {mean_fd('w0.5', 'w0.5-nogate'):.1f} vs off "
-                f"{mean_fd('w0.5-nofreq', 'w0.5-nogate-nofreq'):.1f}. FD over 256 samples moves by several points with the noise "
-                f"seed alone, and {SHORT_STEPS} steps are a small share of the headline's training: this table can show a large "
-                "effect, not rank small ones."]
+    out += ablation(by, "", SHORT_STEPS)
+    out += ablation(by, "long-", LONG_STEPS)
     out += ["", "All students predict v (epsilon = sigma*x_t + alpha*v), whatever the teacher predicts (epsilon here); the "
             "teacher's outputs are converted to v for the frequency loss. A first round of epsilon students (the teacher's "
             "own parametrization, uniform timestep weights) looked fine by their loss but diverged under DDIM-100: their "
@@ -203,6 +196,29 @@ def markdown(rows: list[dict], env: dict) -> str:
             f"{', '.join(f'{v:.1f}' for v in env['load_average'])}); torch {env['torch']}; the short runs used 1 thread each.", ""]
     out += ["## For the README", "", readme_paragraph(by, env), ""]
     return "\n".join(out) + "\n"
+
+
+def ablation(by: dict, prefix: str, steps: int) -> list[str]:
+    """Gating x frequency-loss table of the runs named prefix + ABLATION, with the mean FD of each ingredient on and off."""
+    teacher = by["teacher"]
+    runs = {k: by[prefix + k] for k in ABLATION if prefix + k in by}
+    if not runs:
+        return []
+    out = ["", f"## Ablation at width 0.5 (equal budget: {steps} steps each)", "",
+           "| wavelet gating | frequency loss | MACs | FD | FD / teacher | PSNR vs teacher (dB) | HF share | HF error |", "|---|---|---|---|---|---|---|---|"]
+    for r in runs.values():
+        out.append(f"| {'on' if r['wavelet_gating'] else 'off'} | {'on' if r['frequency_loss'] else 'off'} | {r['macs'] / 1e6:.1f}M "
+                   f"| {r['fd']:.1f} | {r['fd'] / teacher['fd']:.2f} | {r['psnr_vs_teacher']:.2f} | {r['hf_share']:.4f} | {r['hf_error']:.1%} |")
+    if len(runs) == len(ABLATION):
+        def mean_fd(*keys):
+            return sum(runs[k]["fd"] for k in keys) / len(keys)
+
+        on_gate, off_gate, on_freq, off_freq = ABLATION[:2], ABLATION[2:], ABLATION[::2], ABLATION[1::2]
+        out += ["", f"Averaged over the other ingredient: wavelet gating on {mean_fd(*on_gate):.1f} vs off {mean_fd(*off_gate):.1f} FD; "
+                f"frequency loss on {mean_fd(*on_freq):.1f} vs off {mean_fd(*off_freq):.1f}. FD over 256 samples moves by several "
+                f"points with the noise seed alone, and {steps} steps are a share of the headline's training: this table can show "
+                "a large effect, not rank small ones."]
+    return out
 
 
 def readme_paragraph(by: dict, env: dict) -> str:
