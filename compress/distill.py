@@ -124,9 +124,10 @@ def distill(student, teacher, config: DistillConfig, data: torch.Tensor | None =
     generator = torch.Generator().manual_seed(config.seed * 1000 + accelerator.process_index)
     T = teacher.schedule.num_train_timesteps
     losses, step = [], 0
+    elapsed = agreed_seconds(accelerator, time.time() - started)
     for step in range(1, config.steps + 1):
         for group in optimizer.param_groups:
-            group["lr"] = config.lr * _lr_factor(_budget_used(step, config, time.time() - started))
+            group["lr"] = config.lr * _lr_factor(_budget_used(step, config, elapsed))
         idx = torch.randint(0, data.shape[0], (config.batch_size,), generator=generator)
         x0 = data[idx]
         c = None if cond is None else cond[idx].to(accelerator.device)
@@ -157,7 +158,8 @@ def distill(student, teacher, config: DistillConfig, data: torch.Tensor | None =
         losses.append(loss.item())
         if step % max(1, config.steps // 10) == 0 or step == config.steps:
             log(f"finetune {step}/{config.steps}: distillation loss {sum(losses[-50:]) / len(losses[-50:]):.4g}")
-        if config.max_seconds is not None and time.time() - started > config.max_seconds:
+        elapsed = agreed_seconds(accelerator, time.time() - started)
+        if config.max_seconds is not None and elapsed > config.max_seconds:
             log(f"finetune stopped at step {step}: time budget of {config.max_seconds:.0f} s reached")
             break
     if ema is not None:
@@ -186,6 +188,19 @@ def distill(student, teacher, config: DistillConfig, data: torch.Tensor | None =
 def budget_share(step_share: float, seconds: float, max_seconds: float | None) -> float:
     """Share of a training budget spent: the steps' share, or the time's when a time budget runs out first."""
     return step_share if max_seconds is None else max(step_share, seconds / max_seconds)
+
+
+def agreed_seconds(accelerator, seconds: float) -> float:
+    """Process 0's elapsed time, on every process.
+
+    A time budget read off each process's own clock can stop them at different steps, and the
+    ones still training then wait in the next gradient all-reduce for good.
+    """
+    if accelerator.num_processes == 1:
+        return seconds
+    from accelerate.utils import broadcast
+
+    return float(broadcast(torch.tensor([seconds], device=accelerator.device), from_process=0).item())
 
 
 def _budget_used(step: int, config: DistillConfig, seconds: float) -> float:
@@ -232,6 +247,7 @@ def main(argv=None) -> int:
     parser.add_argument("--feature-weight", type=float, default=0.0)
     parser.add_argument("--data-samples", type=int, default=64)
     parser.add_argument("--data-steps", type=int, default=8)
+    parser.add_argument("--max-seconds", type=float, help="a time budget: stop when it runs out (process 0's clock)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
@@ -241,9 +257,10 @@ def main(argv=None) -> int:
     student, teacher = load_model(args.student), load_model(args.teacher)
     folder_config = json.loads(Path(args.student, CONFIG_FILE).read_text())
     config = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, ema=args.ema, feature_weight=args.feature_weight,
-                           data_samples=args.data_samples, data_steps=args.data_steps)
+                           data_samples=args.data_samples, data_steps=args.data_steps, max_seconds=args.max_seconds)
     summary = distill(student, teacher, config, log=accelerator.print, accelerator=accelerator)
-    print(f"rank {accelerator.process_index} of {accelerator.num_processes}: checksum {parameter_checksum(student.module)}", flush=True)
+    print(f"rank {accelerator.process_index} of {accelerator.num_processes}: {summary['steps']} steps, "
+          f"checksum {parameter_checksum(student.module)}", flush=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         student.extra = {**student.extra, "finetune": summary}

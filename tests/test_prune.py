@@ -355,13 +355,32 @@ def test_finetune_under_accelerate_with_two_cpu_processes(tmp_path):
          "--steps", "6", "--batch-size", "4", "--data-samples", "8", "--data-steps", "2", "--out", str(tmp_path / "tuned")],
         capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    checksums = re.findall(r"rank (\d) of 2: checksum (\w+)", result.stdout)
+    checksums = re.findall(r"rank (\d) of 2: \d+ steps, checksum (\w+)", result.stdout)
     assert sorted(r for r, _ in checksums) == ["0", "1"], result.stdout
     assert len({c for _, c in checksums}) == 1  # gradients were averaged: both processes hold the same weights
     tuned = load_model_folder(tmp_path / "tuned")
     student = load_model_folder(tmp_path / "student")
     assert tuned.extra["finetune"]["processes"] == 2
     assert any(not torch.equal(a, b) for a, b in zip(tuned.module.parameters(), student.module.parameters()))
+
+
+@pytest.mark.slow
+def test_two_processes_stop_together_on_a_time_budget(tmp_path):
+    """Each process on its own clock could stop at another step and leave the other in an all-reduce for good."""
+    teacher = unet_denoiser()
+    save_pruned(teacher, tmp_path / "teacher")
+    save_pruned(prune(teacher, PruneConfig(ratio=0.5)), tmp_path / "student")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         "-m", "compress.distill", str(tmp_path / "student"), str(tmp_path / "teacher"), "--steps", "100000", "--max-seconds", "4",
+         "--batch-size", "4", "--data-samples", "8", "--data-steps", "2", "--ema", "0", "--out", str(tmp_path / "tuned")],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = re.findall(r"rank (\d) of 2: (\d+) steps, checksum (\w+)", result.stdout)
+    assert len(ranks) == 2, result.stdout
+    assert len({(steps, checksum) for _, steps, checksum in ranks}) == 1, ranks
+    assert 1 < int(ranks[0][1]) < 100000
 
 
 def test_finetune_schedule_follows_a_time_budget_when_it_runs_out_first():
