@@ -1,17 +1,20 @@
-"""The baked sampler graph versus the host loop, same solver, steps and precision (float32, CPU).
+"""The baked sampler graph versus the host loop, same solver, steps and precision (float32).
 
-host loop:      diffusers' DPMSolverMultistepScheduler stepping in Python around the UNet (torch
-                eager), the way a diffusers pipeline samples;
-baked torch:    our SamplerGraph in torch eager (the loop unrolled, coefficients constant);
-baked ORT:      sampler.onnx (the whole loop in one graph) on onnxruntime's CPU provider;
-baked OpenVINO: the same graph as OpenVINO IR on its CPU plugin (compiled for the call's shape).
+host loop:   diffusers' DPMSolverMultistepScheduler stepping in Python around the UNet (torch eager),
+             the way a diffusers pipeline samples;
+baked torch: our SamplerGraph in torch eager (the loop unrolled, coefficients constant);
+baked X:     sampler.onnx (the whole loop in one graph) on runtime X: onnxruntime and OpenVINO on the
+             CPU; onnxruntime's CUDA and TensorRT providers with --device cuda (torch runs on CUDA then).
 
-Models: zoo:digits and the DDPM CIFAR-10 architecture (35.7M parameters, random weights). Each
-is timed with one thread per library and with every core the process may use, calls interleaved.
-Writes bench/results/baked_vs_host.{json,md}. Run on a quiet machine: python bench/baked_vs_host.py
+Models: zoo:digits and the DDPM CIFAR-10 architecture (35.7M parameters, random weights). On the CPU
+each is timed with one thread per library and with every core the process may use, calls interleaved.
+A runtime that is not available is listed with the reason. Writes bench/results/baked_vs_host.{json,md}
+(baked_vs_host_cuda.* with --device cuda). Run on a quiet machine:
+    python bench/baked_vs_host.py [--device cuda] [--runtimes onnxruntime-cuda,onnxruntime-tensorrt]
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -38,8 +41,8 @@ STEPS = 8
 THREADS = sorted({1, len(os.sched_getaffinity(0))})
 SOLVER = SolverConfig("dpmpp-2m", STEPS)
 GOAL = 2.0  # issue 3: the baked graph at least 2x faster than the host loop at batch 1 on CPU
-WAYS = {"host": "host loop (diffusers scheduler, torch)", "torch": "baked graph, torch eager",
-        "onnxruntime": "baked graph, onnxruntime CPU", "openvino": "baked graph, OpenVINO CPU"}
+HOST, BAKED_TORCH = "host loop (diffusers scheduler, torch)", "baked graph, torch eager"
+DEFAULT_RUNTIMES = {"cpu": "onnxruntime,openvino", "cuda": "onnxruntime-cuda,onnxruntime-tensorrt"}
 
 
 def host_loop(denoiser: Denoiser):
@@ -50,12 +53,12 @@ def host_loop(denoiser: Denoiser):
     unet = denoiser.module.unet
 
     @torch.no_grad()
-    def run(noise: torch.Tensor) -> torch.Tensor:
+    def run(noise: torch.Tensor) -> np.ndarray:
         scheduler.set_timesteps(STEPS)
-        x = noise * scheduler.init_noise_sigma
+        x = noise.to(denoiser.device) * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
             x = scheduler.step(unet(x, t).sample, t, x).prev_sample
-        return x
+        return x.cpu().numpy()  # the sample where the app gets it (on CUDA this also waits for the GPU)
 
     return run
 
@@ -74,29 +77,39 @@ def timed_side_by_side(fns: dict, runs: int, warmup: int = 2) -> dict[str, tuple
     return {name: (statistics.median(t), float(np.percentile(t, 90))) for name, t in times.items()}
 
 
-def bench_model(denoiser: Denoiser, threads: int, batches=(1, 8), runs: int = 20) -> list[dict]:
-    torch.set_num_threads(threads)
+def bench_model(denoiser: Denoiser, device: str, runtimes: list[str], threads: int | None, batches=(1, 8), runs: int = 20) -> list[dict]:
+    if threads:
+        torch.set_num_threads(threads)
+    params_m = sum(p.numel() for p in denoiser.module.parameters()) / 1e6
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        export_openvino(export_onnx(denoiser, SOLVER, tmp), tmp)
-        baked = {"onnxruntime": get_runner("onnxruntime", threads).load(Path(tmp) / "sampler.onnx"),
-                 "openvino": get_runner("openvino", threads).load(Path(tmp) / "sampler.xml")}
-        graph = SamplerGraph(denoiser, SOLVER).eval()
+        records = export_onnx(denoiser, SOLVER, tmp)
+        if any(name.startswith("openvino") for name in runtimes):
+            export_openvino(records, tmp)
+        denoiser.to(device)
+        torch_runner = get_runner("torch" if device == "cpu" else f"torch-{device}", threads)
+        runners = {BAKED_TORCH: torch_runner.load_module(SamplerGraph(denoiser, SOLVER))}
+        for name in runtimes:
+            runner = get_runner(name, threads)
+            ok, reason = runner.available()
+            if not ok:
+                rows.append({"model": denoiser.name, "params_m": params_m, "threads": threads, "way": f"baked graph, {name}", "skipped": reason})
+                print(rows[-1], flush=True)
+                continue
+            runners[f"baked graph, {name}"] = runner.load(Path(tmp) / ("sampler.xml" if name.startswith("openvino") else "sampler.onnx"))
         host = host_loop(denoiser)
         for batch in batches:
             noise = torch.randn(batch, *denoiser.sample_shape, generator=torch.Generator().manual_seed(batch))
             feed = {"noise": noise.numpy()}
-            ways = {"host": lambda: host(noise), "torch": lambda: graph(noise),
-                    **{name: (lambda runner=runner: runner.run(feed)) for name, runner in baked.items()}}
-            with torch.no_grad():
-                outputs = {name: torch.as_tensor(fn()) for name, fn in ways.items()}
-                times = timed_side_by_side(ways, max(3, runs // batch))
+            ways = {HOST: lambda: host(noise), **{way: (lambda runner=runner: runner.run(feed)) for way, runner in runners.items()}}
+            outputs = {way: fn() for way, fn in ways.items()}
+            times = timed_side_by_side(ways, max(3, runs // batch))
             for way, (median, p90) in times.items():
-                rows.append({"model": denoiser.name, "params_m": sum(p.numel() for p in denoiser.module.parameters()) / 1e6,
-                             "threads": threads, "batch": batch, "way": WAYS[way], "median_ms": median, "p90_ms": p90,
-                             "speedup_vs_host": times["host"][0] / median,
-                             "max_abs_diff_vs_host": float((outputs["host"] - outputs[way]).abs().max())})
+                rows.append({"model": denoiser.name, "params_m": params_m, "threads": threads, "batch": batch, "way": way,
+                             "median_ms": median, "p90_ms": p90, "speedup_vs_host": times[HOST][0] / median,
+                             "max_abs_diff_vs_host": float(np.abs(outputs[HOST] - outputs[way]).max())})
                 print(rows[-1], flush=True)
+    denoiser.to("cpu")
     return rows
 
 
@@ -111,31 +124,46 @@ def main() -> None:
     import onnxruntime
     import openvino
 
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where torch runs the host loop and the eager graph")
+    parser.add_argument("--runtimes", help=f"baked-graph runtimes (default: {DEFAULT_RUNTIMES})")
+    args = parser.parse_args()
+    runtimes = (args.runtimes or DEFAULT_RUNTIMES[args.device]).split(",")
+    thread_counts = THREADS if args.device == "cpu" else [None]
     rows = []
-    for threads in THREADS:
-        rows += bench_model(load_model("zoo:digits"), threads) + bench_model(ddpm_cifar10_architecture(), threads, runs=12)
-    env = {"processor": cpu_model(), "cores": len(os.sched_getaffinity(0)), "threads": THREADS, "torch": torch.__version__,
-           "onnxruntime": onnxruntime.__version__, "openvino": openvino.get_version().split("-")[0]}
+    for threads in thread_counts:
+        rows += bench_model(load_model("zoo:digits"), args.device, runtimes, threads)
+        rows += bench_model(ddpm_cifar10_architecture(), args.device, runtimes, threads, runs=12)
+    env = {"device": args.device, "processor": cpu_model(), "cores": len(os.sched_getaffinity(0)), "threads": thread_counts,
+           "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "openvino": openvino.get_version().split("-")[0]}
+    if args.device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+    name = "baked_vs_host" if args.device == "cpu" else f"baked_vs_host_{args.device}"
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "baked_vs_host.json").write_text(json.dumps({"environment": env, "solver": "dpmpp-2m", "steps": STEPS, "rows": rows}, indent=2) + "\n")
-    (RESULTS / "baked_vs_host.md").write_text(markdown(rows, env))
+    (RESULTS / f"{name}.json").write_text(json.dumps({"environment": env, "solver": "dpmpp-2m", "steps": STEPS, "rows": rows}, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(markdown(rows, env))
     print(markdown(rows, env))
 
 
 def markdown(rows: list[dict], env: dict) -> str:
-    lines = [f"# Baked sampler graph vs host loop (dpmpp-2m, {STEPS} steps, float32, CPU)", "",
+    device = env.get("gpu", "CPU")
+    lines = [f"# Baked sampler graph vs host loop (dpmpp-2m, {STEPS} steps, float32, {device})", "",
              "| model | params (M) | threads | batch | how | median ms | p90 ms | speed-up vs host loop | max abs diff vs host |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['params_m']:.1f} | {r['threads']} | {r['batch']} | {r['way']} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} "
+    timed = [r for r in rows if "skipped" not in r]
+    for r in timed:
+        lines.append(f"| {r['model']} | {r['params_m']:.1f} | {r['threads'] or '—'} | {r['batch']} | {r['way']} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} "
                      f"| {r['speedup_vs_host']:.2f}x | {r['max_abs_diff_vs_host']:.1e} |")
-    lines += ["", f"Goal: the baked graph at least {GOAL:g}x faster than the host loop at batch 1 on CPU."]
-    for r in rows:
-        if r["batch"] == 1 and r["way"] != WAYS["host"] and r["way"] != WAYS["torch"]:
+    lines += ["", f"Goal: the baked graph at least {GOAL:g}x faster than the host loop at batch 1 (issue 3 sets it on the CPU)."]
+    for r in timed:
+        if r["batch"] == 1 and r["way"] not in (HOST, BAKED_TORCH):
             verdict = "met" if r["speedup_vs_host"] >= GOAL else "not met"
-            lines.append(f"- {r['model']}, {r['threads']} thread(s), {r['way']}: {r['speedup_vs_host']:.2f}x ({verdict})")
-    lines += ["", f"Measured side by side in one run, calls interleaved, on {env['processor']} ({env['cores']} cores), torch {env['torch']}, "
-              f"onnxruntime {env['onnxruntime']}, OpenVINO {env['openvino']}; 'threads' is what each library was given. "
+            threads = f", {r['threads']} thread(s)" if r["threads"] else ""
+            lines.append(f"- {r['model']}{threads}, {r['way']}: {r['speedup_vs_host']:.2f}x ({verdict})")
+    skipped = {(r["way"], r["skipped"]) for r in rows if "skipped" in r}
+    lines += [""] + [f"Not measured: {way}: {reason}" for way, reason in sorted(skipped)]
+    lines += ["", f"Measured side by side in one run, calls interleaved, on {env['processor']} ({env['cores']} cores){', ' + env['gpu'] if 'gpu' in env else ''}, "
+              f"torch {env['torch']}, onnxruntime {env['onnxruntime']}, OpenVINO {env['openvino']}; 'threads' is what each library was given. "
               "Compare ratios within a row group, not absolute times across machines."]
     return "\n".join(lines) + "\n"
 
