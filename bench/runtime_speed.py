@@ -138,7 +138,7 @@ def bench_model(name: str, denoiser: Denoiser, tolerance: str, work: Path, runs:
             })
             print(f"  batch {batch} {runtime:<12} {precision:<8} median {result['latency_ms']['median']:9.2f} ms  "
                   f"p90 {result['latency_ms']['p90']:9.2f} ms  max|diff| {diff:.2e}", flush=True)
-            del runner
+            runner = None  # frees this runtime's copy of the model before the next one loads
     return rows
 
 
