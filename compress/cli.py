@@ -1,7 +1,6 @@
 """The `compress` command line. Exit codes: 0 success, 1 a failed --check, 2 bad input, 3 an internal error."""
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path

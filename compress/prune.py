@@ -22,9 +22,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -121,7 +120,6 @@ class PruneConfig(SectionConfig):
 def prune(denoiser, config: PruneConfig | None = None, progress: Callable[[str], None] | None = None):
     """A pruned (and, with ``finetune_steps``, fine-tuned) copy of ``denoiser``; the input is left untouched."""
     from compress.denoiser import Denoiser
-    from compress.stats import count_macs
 
     config = (config or PruneConfig()).validate()
     log = progress or (lambda message: None)

@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from compress.schedule_search import _allowed, search_timesteps
 from compress.solvers import SolverConfig

@@ -3,7 +3,6 @@ the report (json, md, html, Pareto plot), --resume, and integrity checks in `com
 import json
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml

@@ -58,15 +58,16 @@ def run_bench(path: str, runtime_names: list[str], batch: int | None, runs: int,
         runner.require_available()
         runner.open_artifact(artifact.path)  # refuses a format the runtime cannot read
     feeds = example_feeds(artifact, batch, seed)
-    results, reference = [], None
-    for runner in runners:
+    results, reference, compare = [], None, len(runners) > 1
+    while runners:
+        runner = runners.pop(0)  # out of the list, so that its model is freed before the next runtime loads
         result = benchmark(runner, feeds, runs, warmup, load=lambda: runner.load(artifact.path))
-        if len(runners) > 1:  # the same inputs on every runtime: report how far each lands from the first
+        if compare:  # the same inputs on every runtime: report how far each lands from the first
             output = runner.run(feeds)
             reference = output if reference is None else reference
             result["max_abs_diff_vs_first"] = float(abs(output - reference).max())
         results.append(result)
-        del runner
+        runner = None
         gc.collect()
     return {
         "artifact": {"path": str(artifact.path), "format": artifact.format, "kind": artifact.kind,
