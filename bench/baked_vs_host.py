@@ -161,7 +161,8 @@ def markdown(rows: list[dict], env: dict) -> str:
             threads = f", {r['threads']} thread(s)" if r["threads"] else ""
             lines.append(f"- {r['model']}{threads}, {r['way']}: {r['speedup_vs_host']:.2f}x ({verdict})")
     skipped = {(r["way"], r["skipped"]) for r in rows if "skipped" in r}
-    lines += [""] + [f"Not measured: {way}: {reason}" for way, reason in sorted(skipped)]
+    if skipped:
+        lines += [""] + [f"Not measured: {way}: {reason}" for way, reason in sorted(skipped)]
     lines += ["", f"Measured side by side in one run, calls interleaved, on {env['processor']} ({env['cores']} cores){', ' + env['gpu'] if 'gpu' in env else ''}, "
               f"torch {env['torch']}, onnxruntime {env['onnxruntime']}, OpenVINO {env['openvino']}; 'threads' is what each library was given. "
               "Compare ratios within a row group, not absolute times across machines."]
