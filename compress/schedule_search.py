@@ -68,10 +68,10 @@ def search_timesteps(
         return float(torch.mean((run_table(table, network, noise) - target) ** 2))
 
     start = [int(t) for t in np.round(solver.plan(denoiser.schedule).timesteps)]
-    min_gap = max(1, T // (4 * len(start)))
+    # A quarter of an even spacing: the first move, and the narrowest gap a move may leave.
+    step = min_gap = max(1, T // (4 * len(start)))
     best, best_error = list(start), error(start)
     first_error = best_error
-    step = max(1, T // (4 * len(start)))
     steps = []
     while step >= 1:
         steps.append(step)

@@ -341,8 +341,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_finetune_under_accelerate_with_two_cpu_processes(tmp_path):
+def _distill_on_two_processes(tmp_path, *options: str) -> tuple[subprocess.CompletedProcess, list[tuple[str, str, str]]]:
+    """`python -m compress.distill` on two CPU processes; returns the run and each rank's (rank, steps, checksum)."""
     teacher = unet_denoiser()
     save_pruned(teacher, tmp_path / "teacher")  # an unpruned UNet is a valid (trivially pruned) model folder
     save_pruned(prune(teacher, PruneConfig(ratio=0.5)), tmp_path / "student")
@@ -352,12 +352,17 @@ def test_finetune_under_accelerate_with_two_cpu_processes(tmp_path):
         # and Accelerator picks them up from its environment (MULTI_CPU, gloo), exactly as under a multi-GPU launch.
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
          "-m", "compress.distill", str(tmp_path / "student"), str(tmp_path / "teacher"),
-         "--steps", "6", "--batch-size", "4", "--data-samples", "8", "--data-steps", "2", "--out", str(tmp_path / "tuned")],
+         "--batch-size", "4", "--data-samples", "8", "--data-steps", "2", "--out", str(tmp_path / "tuned"), *options],
         capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    checksums = re.findall(r"rank (\d) of 2: \d+ steps, checksum (\w+)", result.stdout)
-    assert sorted(r for r, _ in checksums) == ["0", "1"], result.stdout
-    assert len({c for _, c in checksums}) == 1  # gradients were averaged: both processes hold the same weights
+    return result, re.findall(r"rank (\d) of 2: (\d+) steps, checksum (\w+)", result.stdout)
+
+
+@pytest.mark.slow
+def test_finetune_under_accelerate_with_two_cpu_processes(tmp_path):
+    result, ranks = _distill_on_two_processes(tmp_path, "--steps", "6")
+    assert sorted(r for r, _, _ in ranks) == ["0", "1"], result.stdout
+    assert len({c for _, _, c in ranks}) == 1  # gradients were averaged: both processes hold the same weights
     tuned = load_model_folder(tmp_path / "tuned")
     student = load_model_folder(tmp_path / "student")
     assert tuned.extra["finetune"]["processes"] == 2
@@ -367,17 +372,7 @@ def test_finetune_under_accelerate_with_two_cpu_processes(tmp_path):
 @pytest.mark.slow
 def test_two_processes_stop_together_on_a_time_budget(tmp_path):
     """Each process on its own clock could stop at another step and leave the other in an all-reduce for good."""
-    teacher = unet_denoiser()
-    save_pruned(teacher, tmp_path / "teacher")
-    save_pruned(prune(teacher, PruneConfig(ratio=0.5)), tmp_path / "student")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-         "-m", "compress.distill", str(tmp_path / "student"), str(tmp_path / "teacher"), "--steps", "100000", "--max-seconds", "4",
-         "--batch-size", "4", "--data-samples", "8", "--data-steps", "2", "--ema", "0", "--out", str(tmp_path / "tuned")],
-        capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = re.findall(r"rank (\d) of 2: (\d+) steps, checksum (\w+)", result.stdout)
+    result, ranks = _distill_on_two_processes(tmp_path, "--steps", "100000", "--max-seconds", "4", "--ema", "0")
     assert len(ranks) == 2, result.stdout
     assert len({(steps, checksum) for _, steps, checksum in ranks}) == 1, ranks
     assert 1 < int(ranks[0][1]) < 100000
