@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -33,6 +32,7 @@ from compress.zoo.models import ddpm_cifar10_architecture
 from export.onnx_export import export_onnx
 from export.openvino_export import export_openvino
 from export.sampler_graph import SamplerGraph
+from runtimes.bench import processor_name
 from runtimes.runners import get_runner
 
 RESULTS = Path(__file__).parent / "results"
@@ -113,13 +113,6 @@ def bench_model(denoiser: Denoiser, device: str, runtimes: list[str], threads: i
     return rows
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     import onnxruntime
     import openvino
@@ -134,7 +127,7 @@ def main() -> None:
     for threads in thread_counts:
         rows += bench_model(load_model("zoo:digits"), args.device, runtimes, threads)
         rows += bench_model(ddpm_cifar10_architecture(), args.device, runtimes, threads, runs=12)
-    env = {"device": args.device, "processor": cpu_model(), "cores": len(os.sched_getaffinity(0)), "threads": thread_counts,
+    env = {"device": args.device, "processor": processor_name(), "cores": len(os.sched_getaffinity(0)), "threads": thread_counts,
            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "openvino": openvino.get_version().split("-")[0]}
     if args.device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()

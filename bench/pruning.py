@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -328,8 +327,10 @@ def main() -> None:
     if args.memory_point is not None:
         print(json.dumps(memory_point(args.memory_point, bool(args.checkpointing))))
         return
+    from runtimes.bench import processor_name
+
     data = _load()
-    data["environment"] = {"processor": platform.processor() or platform.machine(), "torch": torch.__version__, "threads": 1}
+    data["environment"] = {"processor": processor_name(), "torch": torch.__version__, "threads": 1}
     headline = (args.headline.split(":")[0], float(args.headline.split(":")[1]))
     if args.phase == "memory":
         data["memory"] = run_memory()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -28,9 +27,10 @@ from calibration import CalibrationConfig, calibrate
 from compress.denoiser import Denoiser
 from compress.metrics import DigitsJudge, psnr
 from compress.quantize import QuantizeConfig, quantize_
-from compress.zoo.models import ddpm_cifar10_architecture
 from compress.solvers import SolverConfig
+from compress.zoo.models import ddpm_cifar10_architecture
 from export.onnx_export import export_onnx
+from runtimes.bench import processor_name
 
 RESULTS = Path(__file__).parent / "results"
 SOLVER = dict(name="dpmpp-2m", steps=8)
@@ -237,7 +237,7 @@ def main() -> None:
     def log(message: str) -> None:
         print(message, flush=True)
 
-    results = {"environment": {"processor": platform.processor() or platform.machine(), "threads": args.threads,
+    results = {"environment": {"processor": processor_name(), "threads": args.threads,
                                "onnxruntime": ort.__version__, "torch": torch.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S")},
                "goals": GOALS, "quality": [], "speed": []}
     previous = RESULTS / "quantization.json"

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import subprocess
 import tempfile
@@ -30,13 +29,13 @@ import numpy as np
 import torch
 
 from compress.denoiser import Denoiser
-from compress.zoo.models import ddpm_cifar10_architecture
 from compress.solvers import SolverConfig
+from compress.zoo.models import ddpm_cifar10_architecture
 from export.onnx_export import export_onnx
 from export.openvino_export import export_openvino
 from export.sampler_graph import SamplerGraph
 from runtimes.artifacts import example_feeds, open_artifact
-from runtimes.bench import benchmark
+from runtimes.bench import benchmark, processor_name
 from runtimes.runners import get_runner
 
 RESULTS = Path(__file__).parent / "results"
@@ -81,7 +80,7 @@ def main() -> None:
 
 def write_results(rows: list[dict], notes: list[str], threads: int) -> str:
     environment = {
-        "processor": platform.processor() or platform.machine(),
+        "processor": processor_name(),
         "cpu_count": os.cpu_count(),
         "load_average_at_end": os.getloadavg(),
         "threads": threads,

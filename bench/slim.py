@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -34,21 +33,21 @@ FD_GOAL = 0.30  # the headline student's FD within 30% of the teacher's
 HEADLINE_MINUTES = 28.0
 HEADLINE_THREADS = 2
 
+# The 2x2 ablation at width 0.5, gating x frequency loss, in this order; "w0.5" is also the width row.
+ABLATION = {
+    "w0.5": {},
+    "w0.5-nofreq": dict(lambda_freq=0.0),
+    "w0.5-nogate": dict(wavelet_gating=False),
+    "w0.5-nogate-nofreq": dict(wavelet_gating=False, lambda_freq=0.0),
+}
 RUNS = {
     "headline-w0.5": dict(width=0.5, steps=100000, max_minutes=HEADLINE_MINUTES * HEADLINE_THREADS, budget_clock="cpu"),
     "w0.75": dict(width=0.75, steps=SHORT_STEPS),
-    "w0.5": dict(width=0.5, steps=SHORT_STEPS),
     "w0.25": dict(width=0.25, steps=SHORT_STEPS),
-    "w0.5-nogate": dict(width=0.5, steps=SHORT_STEPS, wavelet_gating=False),
-    "w0.5-nofreq": dict(width=0.5, steps=SHORT_STEPS, lambda_freq=0.0),
-    "w0.5-nogate-nofreq": dict(width=0.5, steps=SHORT_STEPS, wavelet_gating=False, lambda_freq=0.0),
+    **{name: dict(width=0.5, steps=SHORT_STEPS, **options) for name, options in ABLATION.items()},
     # The same ablation at LONG_STEPS: whether the 200-step verdict holds once the students have learnt something.
-    "long-w0.5": dict(width=0.5, steps=LONG_STEPS),
-    "long-w0.5-nofreq": dict(width=0.5, steps=LONG_STEPS, lambda_freq=0.0),
-    "long-w0.5-nogate": dict(width=0.5, steps=LONG_STEPS, wavelet_gating=False),
-    "long-w0.5-nogate-nofreq": dict(width=0.5, steps=LONG_STEPS, wavelet_gating=False, lambda_freq=0.0),
+    **{f"long-{name}": dict(width=0.5, steps=LONG_STEPS, **options) for name, options in ABLATION.items()},
 }
-ABLATION = ("w0.5", "w0.5-nofreq", "w0.5-nogate", "w0.5-nogate-nofreq")  # gating x frequency loss, in this order
 
 
 def train(names: list[str]) -> None:
@@ -75,6 +74,7 @@ def report(n: int, steps: int) -> None:
     from compress.solvers import SolverConfig
     from compress.spectral_loss import high_frequency_share
     from compress.zoo.data import load_digits_tensors
+    from runtimes.bench import processor_name
 
     judge = DigitsJudge()
     held_out, _ = load_digits_tensors("heldout")
@@ -108,7 +108,7 @@ def report(n: int, steps: int) -> None:
             "final_losses": info["final_losses"], "sample_seconds": round(time.perf_counter() - start, 1),
         })
         print(rows[-1], flush=True)
-    env = {"processor": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+    env = {"processor": processor_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
            "torch": torch.__version__, "load_average": os.getloadavg(), "solver": f"ddim-{steps}", "samples": n}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "slim.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2) + "\n")
@@ -213,7 +213,8 @@ def ablation(by: dict, prefix: str, steps: int) -> list[str]:
         def mean_fd(*keys):
             return sum(runs[k]["fd"] for k in keys) / len(keys)
 
-        on_gate, off_gate, on_freq, off_freq = ABLATION[:2], ABLATION[2:], ABLATION[::2], ABLATION[1::2]
+        names = list(ABLATION)
+        on_gate, off_gate, on_freq, off_freq = names[:2], names[2:], names[::2], names[1::2]
         out += ["", f"Averaged over the other ingredient: wavelet gating on {mean_fd(*on_gate):.1f} vs off {mean_fd(*off_gate):.1f} FD; "
                 f"frequency loss on {mean_fd(*on_freq):.1f} vs off {mean_fd(*off_freq):.1f}. FD over 256 samples moves by several "
                 f"points with the noise seed alone, and {steps} steps are a share of the headline's training: this table can show "

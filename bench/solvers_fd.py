@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from compress.sampling import make_noise, sample
 from compress.schedule_search import search_timesteps
 from compress.solvers import SOLVERS, SolverConfig
 from compress.zoo.data import load_digits_tensors
+from runtimes.bench import processor_name
 
 RESULTS = Path(__file__).parent / "results"
 NFES = (4, 6, 8, 10, 20)
@@ -47,7 +47,7 @@ def main() -> None:
         out = sample(digits, config, noise, show_progress=False)
         return judge.fd(out, held_out), time.perf_counter() - start
 
-    env = {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "n": args.n}
+    env = {"processor": processor_name(), "threads": torch.get_num_threads(), "n": args.n}
     references, rows, searched = {}, [], []
 
     def save() -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from compress.metrics import DigitsJudge
 from compress.sampling import make_noise, sample
 from compress.solvers import SolverConfig
 from compress.zoo.data import load_digits_tensors
+from runtimes.bench import processor_name
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -47,7 +47,7 @@ def main() -> None:
                      **judge.summary(out, held_out, labels), "seconds": time.perf_counter() - start})
 
     RESULTS.mkdir(exist_ok=True)
-    env = {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    env = {"processor": processor_name(), "threads": torch.get_num_threads(), "torch": torch.__version__}
     (RESULTS / "zoo_quality.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2) + "\n")
     lines = ["| samples | n | FD vs held-out | confident (>0.9) | class agreement |", "|---|---|---|---|---|"]
     for r in rows:

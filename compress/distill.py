@@ -124,7 +124,7 @@ def distill(student, teacher, config: DistillConfig, data: torch.Tensor | None =
     generator = torch.Generator().manual_seed(config.seed * 1000 + accelerator.process_index)
     T = teacher.schedule.num_train_timesteps
     losses, step = [], 0
-    elapsed = agreed_seconds(accelerator, time.time() - started)
+    elapsed = agreed_seconds(accelerator, time.time() - started, config.max_seconds)
     for step in range(1, config.steps + 1):
         for group in optimizer.param_groups:
             group["lr"] = config.lr * _lr_factor(_budget_used(step, config, elapsed))
@@ -158,7 +158,7 @@ def distill(student, teacher, config: DistillConfig, data: torch.Tensor | None =
         losses.append(loss.item())
         if step % max(1, config.steps // 10) == 0 or step == config.steps:
             log(f"finetune {step}/{config.steps}: distillation loss {sum(losses[-50:]) / len(losses[-50:]):.4g}")
-        elapsed = agreed_seconds(accelerator, time.time() - started)
+        elapsed = agreed_seconds(accelerator, time.time() - started, config.max_seconds)
         if config.max_seconds is not None and elapsed > config.max_seconds:
             log(f"finetune stopped at step {step}: time budget of {config.max_seconds:.0f} s reached")
             break
@@ -190,12 +190,14 @@ def budget_share(step_share: float, seconds: float, max_seconds: float | None) -
     return step_share if max_seconds is None else max(step_share, seconds / max_seconds)
 
 
-def agreed_seconds(accelerator, seconds: float) -> float:
-    """Process 0's elapsed time, on every process.
+def agreed_seconds(accelerator, seconds: float, budget: float | None) -> float:
+    """Process 0's elapsed time, on every process; 0 without a time ``budget`` (nothing reads it then).
 
     A time budget read off each process's own clock can stop them at different steps, and the
     ones still training then wait in the next gradient all-reduce for good.
     """
+    if budget is None:
+        return 0.0  # and no collective per step
     if accelerator.num_processes == 1:
         return seconds
     from accelerate.utils import broadcast

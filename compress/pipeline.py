@@ -351,6 +351,8 @@ def _solver_record(solver: SolverConfig) -> dict:
 def environment(device) -> dict:
     import importlib.metadata as md
 
+    from runtimes.bench import processor_name
+
     libraries = {}
     for name in ("torch", "diffusers", "onnxruntime", "openvino", "nncf", "coremltools", "torch-pruning"):
         try:
@@ -359,7 +361,7 @@ def environment(device) -> dict:
             pass
     return {
         "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": processor_name(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "device": str(device),

@@ -361,7 +361,7 @@ def slim(teacher: Denoiser, config: SlimConfig | None = None, progress: Callable
         clock = time.process_time if config.budget_clock == "cpu" else time.perf_counter
         loop_start = clock()
         for step in (progress(steps, description=f"slim width {config.width:g}") if progress else steps):
-            done = _budget_used(step, config, agreed_seconds(accelerator, clock() - loop_start))
+            done = _budget_used(step, config, agreed_seconds(accelerator, clock() - loop_start, config.max_minutes))
             if done >= 1.0:
                 break  # out of time: the cosine has already reached zero
             idx = torch.randint(0, len(images), (config.batch_size,), generator=gen)

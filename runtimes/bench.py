@@ -25,6 +25,17 @@ from runtimes.runners import Runner
 MB = 2**20
 
 
+def processor_name() -> str:
+    """The CPU's model name where Linux tells it (/proc/cpuinfo), else what `platform` knows ('x86_64')."""
+    import platform
+
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def benchmark(runner: Runner, feeds: dict[str, np.ndarray], runs: int = 20, warmup: int = 3, load: Callable[[], object] | None = None) -> dict:
     """Loads (``load()``, inside the memory window), warms up, then times ``runs`` calls of ``runner.run(feeds)``."""
     gc.collect()

@@ -355,7 +355,8 @@ def _distill_on_two_processes(tmp_path, *options: str) -> tuple[subprocess.Compl
          "--batch-size", "4", "--data-samples", "8", "--data-steps", "2", "--out", str(tmp_path / "tuned"), *options],
         capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    return result, re.findall(r"rank (\d) of 2: (\d+) steps, checksum (\w+)", result.stdout)
+    # Two processes share stdout and their lines can run into each other: match the 16 hex digits exactly.
+    return result, re.findall(r"rank (\d) of 2: (\d+) steps, checksum ([0-9a-f]{16})", result.stdout)
 
 
 @pytest.mark.slow
