@@ -15,6 +15,10 @@ from torch import nn
 from compress.schedule import NoiseSchedule
 
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
+# A condition is one batch-first tensor, or (SDXL's added conditioning) a dict of them.
+Condition = "torch.Tensor | dict[str, torch.Tensor]"
+# Parts of a dict condition that are the same for the conditional and the unconditional branch.
+SHARED_CONDITION_KEYS = ("time_ids",)
 Conditioning = Literal["none", "class", "text"]
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -24,8 +28,29 @@ def batch_timesteps(timestep, batch: int, device) -> torch.Tensor:
     return t.reshape(-1).expand(batch) if t.numel() == 1 else t
 
 
+def map_condition(fn, *conds):
+    """Applies ``fn`` to the tensors of one or more conditions of the same structure."""
+    if conds[0] is None:
+        return None
+    if isinstance(conds[0], dict):
+        return {k: fn(*(c[k] for c in conds)) for k in conds[0]}
+    return fn(*conds)
+
+
+def cat_conditions(*conds):
+    return map_condition(lambda *ts: torch.cat(ts), *conds)
+
+
+def condition_batch(cond) -> int:
+    return next(iter(cond.values())).shape[0] if isinstance(cond, dict) else cond.shape[0]
+
+
 class DiffusersUNet(nn.Module):
-    """UNet2DModel (optionally with class embeddings) or UNet2DConditionModel."""
+    """UNet2DModel (optionally with class embeddings) or UNet2DConditionModel.
+
+    SDXL-style UNets (``addition_embed_type == "text_time"``) take a dict condition:
+    encoder_hidden_states, text_embeds (the pooled prompt) and time_ids.
+    """
 
     def __init__(self, unet: nn.Module):
         super().__init__()
@@ -35,7 +60,10 @@ class DiffusersUNet(nn.Module):
 
     def forward(self, sample, timestep, cond=None):
         t = batch_timesteps(timestep, sample.shape[0], sample.device)
-        if self.takes_text:
+        if isinstance(cond, dict):
+            added = {k: v for k, v in cond.items() if k != "encoder_hidden_states"}
+            out = self.unet(sample, t, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added).sample
+        elif self.takes_text:
             out = self.unet(sample, t, encoder_hidden_states=cond).sample
         else:
             out = self.unet(sample, t, class_labels=cond).sample
@@ -87,10 +115,15 @@ class Denoiser:
     num_classes: int | None = None  # class conditioning; label num_classes is the null label
     cond_shape: tuple[int, ...] | None = None  # text conditioning: (tokens, dim)
     data_range: tuple[float, float] = (-1.0, 1.0)
+    space: Literal["pixels", "latents"] = "pixels"  # latents: a VAE's scaled latents, unbounded (data_range is nominal)
     name: str = "model"
     source: str = ""
     scheduler_config: dict | None = None  # the model's own scheduler, when it came with one
     has_null_condition: bool = True  # False: conditional, but trained without an unconditional input
+    # Text: the condition of the unconditional branch (batch 1), as the pipeline encodes the empty
+    # negative prompt; None means zeros. Added conditioning (SDXL) is a dict of the same keys.
+    null_text: Condition | None = None
+    added_cond_shapes: dict[str, tuple[int, ...]] | None = None  # SDXL: {"text_embeds": (P,), "time_ids": (6,)}
     extra: dict = field(default_factory=dict)
 
     @property
@@ -101,8 +134,14 @@ class Denoiser:
         if self.conditioning == "class":
             return torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
         if self.conditioning == "text":
-            return torch.zeros((batch, *self.cond_shape), device=device)
+            if self.null_text is None:
+                return torch.zeros((batch, *self.cond_shape), device=device)
+            return map_condition(lambda t: t.to(device).expand(batch, *t.shape[1:]).contiguous(), self.null_text)
         return None
+
+    def condition_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-sample shape of each part of a text condition (one part unless it has added conditioning)."""
+        return {"encoder_hidden_states": tuple(self.cond_shape), **(self.added_cond_shapes or {})}
 
     def to(self, device) -> "Denoiser":
         self.module.to(device)
@@ -121,7 +160,8 @@ class Denoiser:
             "conditioning": self.conditioning,
             "num_classes": self.num_classes,
             "cond_shape": list(self.cond_shape) if self.cond_shape else None,
-            "data_range": list(self.data_range),
+            "data_range": list(self.data_range) if self.space == "pixels" else None,
+            "space": self.space,
             "num_train_timesteps": self.schedule.num_train_timesteps,
             "schedule_fingerprint": self.schedule.fingerprint(),
             "parameters": sum(p.numel() for p in self.module.parameters()),
@@ -132,6 +172,6 @@ def guided(module: nn.Module, x: torch.Tensor, t, cond, null_cond, guidance_scal
     """One network evaluation with classifier-free guidance: both halves in one batch."""
     if cond is None or guidance_scale is None:
         return module(x, t, cond)
-    both = module(torch.cat([x, x]), t, torch.cat([null_cond, cond]))
+    both = module(torch.cat([x, x]), t, cat_conditions(null_cond, cond))
     uncond, conditional = both.chunk(2)
     return uncond + guidance_scale * (conditional - uncond)

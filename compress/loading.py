@@ -17,6 +17,7 @@ from pathlib import Path
 
 from torch import nn
 
+from compress.components import Pipeline
 from compress.denoiser import PREDICTION_TYPES, Denoiser, DiffusersTransformer, DiffusersUNet
 from compress.errors import UserError
 from compress.schedule import NoiseSchedule
@@ -43,7 +44,17 @@ class ScheduleFlags:
 
 
 def load_model(reference: str, flags: ScheduleFlags | None = None) -> Denoiser:
-    flags = flags or ScheduleFlags()
+    """The denoiser of ``reference`` (of its pipeline, for a text-to-image pipeline)."""
+    return load_pipeline(reference, flags).denoiser
+
+
+def load_pipeline(reference: str, flags: ScheduleFlags | None = None) -> Pipeline:
+    """``reference`` with every component: a text-to-image pipeline, or a denoiser alone."""
+    loaded = _load(reference, flags or ScheduleFlags())
+    return loaded if isinstance(loaded, Pipeline) else Pipeline(loaded)
+
+
+def _load(reference: str, flags: ScheduleFlags) -> Denoiser | Pipeline:
     if flags.prediction_type not in PREDICTION_TYPES:
         raise UserError(f"unknown prediction type {flags.prediction_type!r}; expected one of {', '.join(PREDICTION_TYPES)}")
     from compress.model_folder import is_model_folder, load_model_folder
@@ -54,8 +65,13 @@ def load_model(reference: str, flags: ScheduleFlags | None = None) -> Denoiser:
     if not sep or scheme not in SCHEMES or not rest:
         raise UserError(f"bad model reference {reference!r}: expected zoo:NAME, diffusers:PATH, python:module:factory or a model folder written by compress")
     if scheme == "zoo":
-        from compress.zoo import load_denoiser
+        from compress.zoo import ZOO, load_denoiser
 
+        if rest in ZOO and ZOO[rest].kind == "pipeline":
+            from compress.text_to_image import load_pipeline_folder
+            from compress.zoo import pipeline_folder
+
+            return load_pipeline_folder(pipeline_folder(rest), source=reference, name=rest)
         return load_denoiser(rest)
     if scheme == "diffusers":
         return _load_diffusers(rest, flags)
@@ -76,6 +92,10 @@ def _load_diffusers(location: str, flags: ScheduleFlags) -> Denoiser:
     scheduler_config = None
     if path.is_dir() and (path / "model_index.json").is_file():
         index = _read_json(path / "model_index.json")
+        if any(key.startswith("text_encoder") for key in index):
+            from compress.text_to_image import load_pipeline_folder
+
+            return load_pipeline_folder(path, source=f"diffusers:{location}", name=path.name, flags=flags)
         sub = next((s for s in ("unet", "transformer") if s in index), None)
         if sub is None or not (path / sub).is_dir():
             raise UserError(f"pipeline folder {path} has no unet/ or transformer/ model")

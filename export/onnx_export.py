@@ -22,12 +22,26 @@ import onnx
 import torch
 from torch import nn
 
+from compress.components import LatentDecoder, Pipeline, TextEncoderGraph
 from compress.denoiser import Denoiser
 from compress.errors import UserError
 from compress.outputs import sha256_of
 from compress.solvers import SolverConfig
+from export.component_graphs import vae_graphs, write_tokenizer_json
 from export.sampler_graph import DenoiserGraph, SamplerGraph
-from export.sidecar import BATCH, denoiser_sidecar, sampler_sidecar, write_sidecar
+from export.sidecar import (
+    BATCH,
+    PIPELINE_FILE,
+    denoiser_sidecar,
+    pipeline_sidecar,
+    record_component_files,
+    sampler_sidecar,
+    text_encoder_sidecar,
+    vae_sidecar,
+    write_sidecar,
+)
+
+SAMPLER_OUTPUTS = ("image", "latents")
 
 # Above this many bytes of weights a model no longer fits one protobuf (2 GiB): weights go to a .data file.
 EXTERNAL_DATA_BYTES = 1_800_000_000
@@ -59,9 +73,50 @@ def export_onnx(
     out_dir = Path(out_dir)
     with _staged_files(out_dir) as stage:
         records = [
-            _write_artifact(sampler, "sampler", "sample", sampler_sidecar(sampler, "onnx", "sampler.onnx", batch_size), stage, batch_size, opset),
-            _write_artifact(network, "denoiser", "prediction", denoiser_sidecar(network, "onnx", "denoiser.onnx", batch_size), stage, batch_size, opset),
+            _write_artifact(sampler, "sampler", sampler_sidecar(sampler, "onnx", "sampler.onnx", batch_size), stage, batch_size, opset),
+            _write_artifact(network, "denoiser", denoiser_sidecar(network, "onnx", "denoiser.onnx", batch_size), stage, batch_size, opset),
         ]
+    return _placed(records, out_dir)
+
+
+def export_pipeline_onnx(
+    pipeline: Pipeline,
+    solver_config: SolverConfig,
+    out_dir: str | Path,
+    batch_size: int | None = None,
+    opset: int = 18,
+    guidance: bool | None = None,
+    output: str = "image",
+) -> list[dict]:
+    """A text-to-image pipeline as one folder: text encoder(s), the sampler with the VAE decoder baked
+    in (``output`` 'image'; 'latents' keeps the latent output), the denoiser, vae_decoder,
+    vae_encoder, the tokenizers as tokenizer.json and pipeline.json, which says how they chain.
+    """
+    if output not in SAMPLER_OUTPUTS:
+        raise UserError(f"unknown sampler output {output!r}; expected one of {', '.join(SAMPLER_OUTPUTS)}")
+    if pipeline.vae is None or not pipeline.text_encoders:
+        raise UserError(f"{pipeline.name!r} is not a text-to-image pipeline (it needs text encoders and a VAE)")
+    denoiser = pipeline.denoiser
+    decoder = LatentDecoder(pipeline.vae)
+    sampler = SamplerGraph(denoiser, solver_config, guidance, decoder=decoder if output == "image" else None, negative_inputs=True)
+    graphs = [(TextEncoderGraph(e), e.name, text_encoder_sidecar(e, "onnx", f"{e.name}.onnx", batch_size)) for e in pipeline.text_encoders]
+    graphs.append((sampler, "sampler", sampler_sidecar(sampler, "onnx", "sampler.onnx", batch_size)))
+    network = DenoiserGraph(denoiser)
+    graphs.append((network, "denoiser", denoiser_sidecar(network, "onnx", "denoiser.onnx", batch_size)))
+    latent_shape = tuple(denoiser.sample_shape)
+    for kind, graph in vae_graphs(pipeline.vae, latent_shape).items():
+        graphs.append((graph, kind, vae_sidecar(graph, kind, "onnx", f"{kind}.onnx", batch_size)))
+    out_dir = Path(out_dir)
+    with _staged_files(out_dir) as stage:
+        records = [_write_artifact(graph, kind, sidecar, stage, batch_size, opset) for graph, kind, sidecar in graphs]
+        for encoder in pipeline.text_encoders:
+            write_tokenizer_json(encoder, stage / encoder.tokenizer_name)
+        write_sidecar(stage / PIPELINE_FILE, pipeline_sidecar(pipeline, sampler, batch_size))
+        record_component_files(stage / PIPELINE_FILE, records)
+    return _placed(records, out_dir)
+
+
+def _placed(records: list[dict], out_dir: Path) -> list[dict]:
     for record in records:
         for key in ("path", "sidecar", "external_data"):
             if record.get(key):
@@ -82,12 +137,12 @@ def _staged_files(out_dir: Path):
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def _write_artifact(graph: nn.Module, kind: str, output: str, sidecar: dict, stage: Path, batch_size: int | None, opset: int) -> dict:
+def _write_artifact(graph: nn.Module, kind: str, sidecar: dict, stage: Path, batch_size: int | None, opset: int) -> dict:
     path = stage / sidecar["file"]
-    model = _trace(graph, output, stage / f".{kind}.traced.onnx", batch_size, opset)
+    model = _trace(graph, graph.output_names, stage / f".{kind}.traced.onnx", batch_size, opset)
     model = _simplify(model)
     _share_identical_constants(model)
-    _check_interface(model, graph.input_names, output, kind)
+    _check_interface(model, graph.input_names, graph.output_names, kind)
     _shorten_names(model)
     weight_bytes = sum(p.numel() * p.element_size() for p in graph.parameters())
     constant_bytes = sum(_tensor_bytes(t) for t in model.graph.initializer)
@@ -116,18 +171,18 @@ def _write_artifact(graph: nn.Module, kind: str, output: str, sidecar: dict, sta
     }
 
 
-def _trace(graph: nn.Module, output: str, raw_path: Path, batch_size: int | None, opset: int) -> onnx.ModelProto:
+def _trace(graph: nn.Module, outputs: list[str], raw_path: Path, batch_size: int | None, opset: int) -> onnx.ModelProto:
     device = next(graph.parameters()).device
     inputs = tuple(x.to(device) for x in graph.example_inputs(batch_size or 2))
     dynamic_axes = None
     if batch_size is None:
         batched = [name for name in graph.input_names if name != "guidance_scale"]
-        dynamic_axes = {name: {0: BATCH} for name in batched + [output]}
+        dynamic_axes = {name: {0: BATCH} for name in batched + outputs}
     with torch.no_grad(), warnings.catch_warnings():
         # Tracing warns about every python value it freezes; those are the constants we want.
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            graph, inputs, str(raw_path), input_names=graph.input_names, output_names=[output],
+            graph, inputs, str(raw_path), input_names=graph.input_names, output_names=outputs,
             dynamic_axes=dynamic_axes, opset_version=opset, do_constant_folding=True, dynamo=False,
         )
     model = onnx.load(str(raw_path))
@@ -173,11 +228,11 @@ def _share_identical_constants(model: onnx.ModelProto) -> None:
                 node.input[j] = replaced[name]
 
 
-def _check_interface(model: onnx.ModelProto, inputs: list[str], output: str, kind: str) -> None:
+def _check_interface(model: onnx.ModelProto, inputs: list[str], outputs: list[str], kind: str) -> None:
     found_inputs = [i.name for i in model.graph.input]
     found_outputs = [o.name for o in model.graph.output]
-    if found_inputs != inputs or found_outputs != [output]:
-        raise RuntimeError(f"{kind}.onnx has inputs {found_inputs} and outputs {found_outputs}; expected {inputs} -> [{output!r}]")
+    if found_inputs != inputs or found_outputs != outputs:
+        raise RuntimeError(f"{kind}.onnx has inputs {found_inputs} and outputs {found_outputs}; expected {inputs} -> {outputs}")
 
 
 def _check_weights_stored_once(constant_bytes: int, weight_bytes: int) -> None:

@@ -13,16 +13,45 @@ import contextlib
 import torch
 from torch import nn
 
-from compress.denoiser import Denoiser, guided
+from compress.denoiser import SHARED_CONDITION_KEYS, Denoiser, condition_batch, guided, map_condition
 from compress.errors import UserError
 from compress.solvers import SolverConfig, SolverTable, compile_solver, run_table
 
 # Name of the condition input per conditioning kind (the artifact contract).
 CONDITION_INPUTS = {"class": "class_labels", "text": "encoder_hidden_states"}
+NEGATIVE = "negative_"  # prefix of the unconditional branch's inputs
 
 
 def condition_input(denoiser: Denoiser) -> str | None:
     return CONDITION_INPUTS.get(denoiser.conditioning)
+
+
+def condition_names(denoiser: Denoiser) -> list[str]:
+    """The graph inputs that make up the condition (SDXL: hidden states, text_embeds, time_ids)."""
+    if denoiser.conditioning == "text":
+        return list(denoiser.condition_shapes())
+    name = condition_input(denoiser)
+    return [name] if name else []
+
+
+def assemble_condition(denoiser: Denoiser, named: dict):
+    """Graph inputs -> the condition the denoiser module takes (a tensor, or SDXL's dict)."""
+    names = condition_names(denoiser)
+    if not names:
+        return None
+    if denoiser.added_cond_shapes:
+        return {n: named[n] for n in names}
+    return named[names[0]]
+
+
+def example_condition(denoiser: Denoiser, batch: int, seed: int, names: list[str] | None = None) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    if denoiser.conditioning == "class":
+        return [torch.arange(batch, dtype=torch.int64) % denoiser.num_classes] if names is None or names else []
+    if denoiser.conditioning != "text":
+        return []
+    shapes = denoiser.condition_shapes()
+    return [torch.randn(batch, *shapes[n], generator=gen) for n in (names if names is not None else shapes)]
 
 
 def check_exportable(denoiser: Denoiser) -> None:
@@ -77,7 +106,8 @@ class ConstantTimeFeatures:
 def _find_time_proj(module: nn.Module) -> nn.Module | None:
     from diffusers.models.embeddings import Timesteps
 
-    found = [m for name, m in module.named_modules() if name.endswith("time_proj") and isinstance(m, Timesteps)]
+    # SDXL's add_time_proj embeds the time ids, not the timestep: only a module named time_proj.
+    found = [m for name, m in module.named_modules() if name.split(".")[-1] == "time_proj" and isinstance(m, Timesteps)]
     return found[0] if len(found) == 1 else None
 
 
@@ -89,23 +119,45 @@ class Scope(nn.Module):
 
 
 class SamplerGraph(nn.Module):
-    """noise [B,C,H,W] (+ class_labels [B] | encoder_hidden_states [B,S,D]) (+ guidance_scale [1]) -> sample."""
+    """noise [B,C,H,W] (+ condition inputs) (+ negative condition inputs) (+ guidance_scale [1]) -> sample or image.
 
-    def __init__(self, denoiser: Denoiser, solver: SolverConfig, guidance: bool | None = None, fold_time_embedding: bool = True):
+    ``decoder`` (a pipeline's VAE decoder) is applied to the final latents, and the output is
+    then ``image`` in [0, 1]. ``negative_inputs`` takes the unconditional branch's condition as
+    inputs (the encoded negative prompt); without them the model's own null condition is baked in.
+    """
+
+    def __init__(self, denoiser: Denoiser, solver: SolverConfig, guidance: bool | None = None, fold_time_embedding: bool = True,
+                 decoder: nn.Module | None = None, negative_inputs: bool = False):
         super().__init__()
         check_exportable(denoiser)
         self.denoiser = denoiser
         self.network = denoiser.module.eval()
+        self.decoder = decoder.eval() if decoder is not None else None
         self.solver = solver
         self.guidance = resolve_guidance(denoiser, solver, guidance)
         self.conditional = denoiser.conditioning != "none"
+        self.condition_names = condition_names(denoiser)
+        self.negative_names = [NEGATIVE + n for n in self.condition_names if n not in SHARED_CONDITION_KEYS] if negative_inputs and self.guidance else []
         self.plan = solver.plan(denoiser.schedule)
         self.table: SolverTable = compile_solver(solver.name, self.plan, denoiser.prediction_type, **solver.options)
         # The null condition of batch 1, broadcast to the batch inside the graph.
-        null = denoiser.null_condition(1)
-        self.register_buffer("null_condition", null if null is not None else torch.zeros(0), persistent=False)
+        self.null_condition = denoiser.null_condition(1)
         self.steps = nn.ModuleList(Scope() for _ in range(self.table.evaluations))
         self.time_features = self._fold_time_embedding() if fold_time_embedding else None
+
+    @property
+    def output_name(self) -> str:
+        return "image" if self.decoder is not None else "sample"
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """Per-sample shape of the output."""
+        shape = tuple(self.denoiser.sample_shape)
+        return self.decoder.output_shape(shape) if self.decoder is not None else shape
+
+    @property
+    def output_names(self) -> list[str]:
+        return [self.output_name]
 
     @property
     def default_guidance_scale(self) -> float | None:
@@ -116,30 +168,26 @@ class SamplerGraph(nn.Module):
 
     @property
     def input_names(self) -> list[str]:
-        names = ["noise"]
-        if self.conditional:
-            names.append(condition_input(self.denoiser))
-        if self.guidance:
-            names.append("guidance_scale")
-        return names
+        return ["noise", *self.condition_names, *self.negative_names] + (["guidance_scale"] if self.guidance else [])
 
     def example_inputs(self, batch: int = 2) -> tuple[torch.Tensor, ...]:
         d = self.denoiser
         inputs = [torch.randn(batch, *d.sample_shape, generator=torch.Generator().manual_seed(0))]
-        if d.conditioning == "class":
-            inputs.append(torch.arange(batch, dtype=torch.int64) % d.num_classes)
-        elif d.conditioning == "text":
-            inputs.append(torch.randn(batch, *d.cond_shape, generator=torch.Generator().manual_seed(1)))
+        inputs += example_condition(d, batch, seed=1)
+        inputs += example_condition(d, batch, seed=2, names=[n.removeprefix(NEGATIVE) for n in self.negative_names])
         if self.guidance:
             inputs.append(torch.tensor([self.default_guidance_scale], dtype=torch.float32))
         return tuple(inputs)
 
-    def forward(self, noise: torch.Tensor, condition: torch.Tensor | None = None, guidance_scale: torch.Tensor | None = None) -> torch.Tensor:
-        if self.conditional and condition is None:
-            raise UserError(f"model {self.denoiser.name!r} is conditional: the sampler needs {condition_input(self.denoiser)}")
+    def forward(self, noise: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        named = dict(zip(self.input_names[1:], inputs))
+        if self.conditional and not all(n in named for n in self.condition_names):
+            raise UserError(f"model {self.denoiser.name!r} is conditional: the sampler needs {', '.join(self.condition_names)}")
+        condition = assemble_condition(self.denoiser, named)
+        guidance_scale = named.get("guidance_scale")
         if self.guidance and guidance_scale is None:
             guidance_scale = torch.tensor([self.default_guidance_scale], device=noise.device)
-        null = self._null_like(condition)
+        null = self._null_for(condition, named)
         folding = self.time_features or contextlib.nullcontext()
         evaluations = iter(self.steps)
 
@@ -149,17 +197,31 @@ class SamplerGraph(nn.Module):
             return next(evaluations)(self._evaluate, x, t, condition, null, guidance_scale)
 
         with folding:
-            return run_table(self.table, network, noise)
+            latents = run_table(self.table, network, noise)
+        return self.decoder(latents) if self.decoder is not None else latents
 
     def _evaluate(self, x, t: float, condition, null, guidance_scale) -> torch.Tensor:
         if self.guidance:
             return guided(self.network, x, t, condition, null, guidance_scale)
         return self.network(x, t, condition)
 
-    def _null_like(self, condition: torch.Tensor | None) -> torch.Tensor | None:
+    def _null_for(self, condition, named: dict):
+        """The unconditional branch: the negative inputs, else the baked null condition broadcast to the batch."""
         if condition is None or not self.guidance:
             return None
-        return self.null_condition.to(condition.device).expand_as(condition)
+        if self.negative_names:
+            given = {n.removeprefix(NEGATIVE): named[n] for n in self.negative_names}
+            given.update({k: condition[k] for k in SHARED_CONDITION_KEYS if isinstance(condition, dict) and k in condition})
+            return assemble_condition(self.denoiser, given)
+        batch = condition_batch(condition)
+
+        def broadcast(null, like):
+            return null.to(like.device).expand(batch, *null.shape[1:])
+
+        null = map_condition(broadcast, self.null_condition, condition)
+        if isinstance(condition, dict):
+            null.update({k: condition[k] for k in SHARED_CONDITION_KEYS if k in condition})
+        return null
 
     def _fold_time_embedding(self) -> ConstantTimeFeatures | None:
         """Constant time features, where a probe with batch 2 shows they leave the output unchanged."""
@@ -170,7 +232,7 @@ class SamplerGraph(nn.Module):
         device = next(self.network.parameters()).device
         probe = [x.to(device) for x in self.example_inputs(batch=2)]
         t = float(self.table.timesteps[0])
-        cond = probe[1] if self.conditional else None
+        cond = assemble_condition(self.denoiser, dict(zip(self.input_names[1:], probe[1:])))
         try:
             with torch.no_grad(), features:
                 reference = self.network(probe[0], t, cond)
@@ -183,7 +245,7 @@ class SamplerGraph(nn.Module):
 
 
 class DenoiserGraph(nn.Module):
-    """sample [B,C,H,W], timestep [B] float32 (+ class_labels | encoder_hidden_states) -> raw prediction."""
+    """sample [B,C,H,W], timestep [B] float32 (+ condition inputs) -> raw prediction."""
 
     def __init__(self, denoiser: Denoiser):
         super().__init__()
@@ -194,7 +256,9 @@ class DenoiserGraph(nn.Module):
 
     @property
     def input_names(self) -> list[str]:
-        return ["sample", "timestep"] + ([condition_input(self.denoiser)] if self.conditional else [])
+        return ["sample", "timestep", *condition_names(self.denoiser)]
+
+    output_names = ["prediction"]
 
     def example_inputs(self, batch: int = 2) -> tuple[torch.Tensor, ...]:
         d = self.denoiser
@@ -202,11 +266,8 @@ class DenoiserGraph(nn.Module):
             torch.randn(batch, *d.sample_shape, generator=torch.Generator().manual_seed(0)),
             torch.linspace(d.schedule.num_train_timesteps - 1, 0, batch, dtype=torch.float32),
         ]
-        if d.conditioning == "class":
-            inputs.append(torch.arange(batch, dtype=torch.int64) % d.num_classes)
-        elif d.conditioning == "text":
-            inputs.append(torch.randn(batch, *d.cond_shape, generator=torch.Generator().manual_seed(1)))
-        return tuple(inputs)
+        return tuple(inputs + example_condition(d, batch, seed=1))
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
-        return self.network(sample, timestep, condition)
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *condition: torch.Tensor) -> torch.Tensor:
+        named = dict(zip(self.input_names[2:], condition))
+        return self.network(sample, timestep, assemble_condition(self.denoiser, named))

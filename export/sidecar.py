@@ -9,8 +9,9 @@ import json
 import math
 from pathlib import Path
 
+from compress.components import TextEncoder
 from compress.denoiser import Denoiser
-from export.sampler_graph import DenoiserGraph, SamplerGraph, condition_input
+from export.sampler_graph import NEGATIVE, DenoiserGraph, SamplerGraph, condition_input, condition_names
 
 SCHEMA = "diffusion-compress/artifact-sidecar/1"
 BATCH = "batch"  # the symbolic batch dimension's name, in the sidecar and in the graph
@@ -18,6 +19,32 @@ BATCH = "batch"  # the symbolic batch dimension's name, in the sidecar and in th
 
 def _batch_dim(batch_size: int | None):
     return BATCH if batch_size is None else int(batch_size)
+
+
+_TEXT_PARTS = {
+    "encoder_hidden_states": "text-encoder hidden states of the prompt",
+    "text_embeds": "pooled, projected prompt embedding of the last text encoder (SDXL's added conditioning)",
+    "time_ids": "SDXL's added time ids: original height, width, crop top, left, target height, width",
+}
+
+
+def _condition_specs(denoiser: Denoiser, batch, negative: bool = False) -> list[dict]:
+    """One spec per condition input; ``negative`` gives the unconditional branch's inputs."""
+    if denoiser.conditioning != "text":
+        spec = _condition_spec(denoiser, batch)
+        return [spec] if spec and not negative else []
+    shapes, specs = denoiser.condition_shapes(), []
+    for name in condition_names(denoiser):
+        if negative and name == "time_ids":
+            continue
+        spec = {"name": NEGATIVE + name if negative else name, "shape": [batch, *shapes[name]], "dtype": "float32",
+                "description": _TEXT_PARTS[name] + (" for the negative prompt (unconditional branch)" if negative else "")}
+        if name == "time_ids":
+            spec["default"] = "[H, W, 0, 0, H, W] of the output image"
+        elif denoiser.null_text is None:
+            spec["null_value"] = "zeros"
+        specs.append(spec)
+    return specs
 
 
 def _condition_spec(denoiser: Denoiser, batch) -> dict | None:
@@ -49,13 +76,28 @@ def _conditioning(denoiser: Denoiser, guidance: bool) -> dict:
         info.update(num_classes=denoiser.num_classes, null_label=denoiser.num_classes)
         info["unconditional"] = f"class_labels = {denoiser.num_classes} (the null label)" + (" or guidance_scale = 0" if guidance else "")
     elif denoiser.conditioning == "text":
-        info.update(tokens=denoiser.cond_shape[0], dim=denoiser.cond_shape[1], null_embedding="zeros")
-        info["unconditional"] = "encoder_hidden_states = zeros" + (" or guidance_scale = 0" if guidance else "")
+        info.update(tokens=denoiser.cond_shape[0], dim=denoiser.cond_shape[1], inputs=condition_names(denoiser))
+        if denoiser.null_text is None:
+            info.update(null_embedding="zeros", unconditional="encoder_hidden_states = zeros" + (" or guidance_scale = 0" if guidance else ""))
+        else:
+            info.update(null_embedding="the encoded negative prompt", unconditional="guidance_scale = 0" if guidance else "not available without guidance")
     return info
 
 
 def _finite(values) -> list[float]:
     return [float(v) if math.isfinite(v) else None for v in values]
+
+
+def _sampler_output(graph: SamplerGraph, batch) -> dict:
+    denoiser = graph.denoiser
+    if graph.decoder is not None:
+        return {"name": "image", "shape": [batch, *graph.image_shape], "dtype": "float32", "range": [0.0, 1.0], "clipped": True,
+                "layout": "NCHW, RGB", "description": "the decoded image in [0, 1] (multiply by 255 for 8-bit pixels)"}
+    if denoiser.space == "latents":
+        return {"name": "sample", "shape": [batch, *denoiser.sample_shape], "dtype": "float32", "range": None, "clipped": False,
+                "space": "latents", "description": "the final latents, scaled as the denoiser takes them (unbounded); decode them with vae_decoder"}
+    return {"name": "sample", "shape": [batch, *denoiser.sample_shape], "dtype": "float32", "range": list(denoiser.data_range), "clipped": False,
+            "description": "the generated sample in the model's data range (not clipped)"}
 
 
 def sampler_sidecar(graph: SamplerGraph, fmt: str, file: str, batch_size: int | None, extra: dict | None = None) -> dict:
@@ -69,9 +111,9 @@ def sampler_sidecar(graph: SamplerGraph, fmt: str, file: str, batch_size: int | 
         "distribution": "standard_normal",
         "description": "standard normal noise drawn by the caller (any initial scaling happens inside); the same noise gives the same sample",
     }]
-    condition = _condition_spec(denoiser, batch)
-    if condition:
-        inputs.append(condition)
+    inputs += _condition_specs(denoiser, batch)
+    if graph.negative_names:
+        inputs += _condition_specs(denoiser, batch, negative=True)
     default_scale = graph.default_guidance_scale
     if graph.guidance:
         inputs.append({
@@ -87,16 +129,9 @@ def sampler_sidecar(graph: SamplerGraph, fmt: str, file: str, batch_size: int | 
         "format": fmt,
         "file": file,
         "inputs": inputs,
-        "outputs": [{
-            "name": "sample",
-            "shape": shape,
-            "dtype": "float32",
-            "range": list(denoiser.data_range),
-            "clipped": False,
-            "description": "the generated sample in the model's data range (not clipped)",
-        }],
+        "outputs": [_sampler_output(graph, batch)],
         "batch": {"dynamic": batch_size is None, "size": batch_size},
-        "data_range": list(denoiser.data_range),
+        "data_range": [0.0, 1.0] if graph.decoder is not None else list(denoiser.data_range) if denoiser.space == "pixels" else None,
         "prediction_type": denoiser.prediction_type,
         "solver": {
             "name": solver.name,
@@ -126,9 +161,7 @@ def denoiser_sidecar(graph: DenoiserGraph, fmt: str, file: str, batch_size: int 
         {"name": "timestep", "shape": [batch], "dtype": "float32", "range": [0, denoiser.schedule.num_train_timesteps - 1],
          "description": "training timestep of each sample (fractional values allowed)"},
     ]
-    condition = _condition_spec(denoiser, batch)
-    if condition:
-        inputs.append(condition)
+    inputs += _condition_specs(denoiser, batch)
     return {
         "schema": SCHEMA,
         "kind": "denoiser",
@@ -138,7 +171,7 @@ def denoiser_sidecar(graph: DenoiserGraph, fmt: str, file: str, batch_size: int 
         "outputs": [{"name": "prediction", "shape": shape, "dtype": "float32",
                      "description": f"the raw network output ({denoiser.prediction_type}); no guidance, no solver step"}],
         "batch": {"dynamic": batch_size is None, "size": batch_size},
-        "data_range": list(denoiser.data_range),
+        "data_range": list(denoiser.data_range) if denoiser.space == "pixels" else None,
         "prediction_type": denoiser.prediction_type,
         "schedule": {
             "num_train_timesteps": denoiser.schedule.num_train_timesteps,
@@ -156,3 +189,103 @@ def denoiser_sidecar(graph: DenoiserGraph, fmt: str, file: str, batch_size: int 
 def write_sidecar(path: Path, sidecar: dict) -> Path:
     path.write_text(json.dumps(sidecar, indent=2) + "\n")
     return path
+
+
+PIPELINE_FILE = "pipeline.json"
+PIPELINE_SCHEMA = "diffusion-compress/pipeline/1"
+# The file of a component in each format, by its kind.
+FORMAT_FILES = {"onnx": "{}.onnx", "openvino": "{}.xml", "coreml": "{}.mlpackage"}
+
+
+def _tokenizer_info(encoder: TextEncoder) -> dict:
+    tok = encoder.tokenizer
+    return {"file": f"{encoder.tokenizer_name}/tokenizer.json", "max_length": encoder.max_length, "padding": "max_length",
+            "truncation": True, "pad_id": tok.pad_token_id, "bos_id": tok.bos_token_id, "eos_id": tok.eos_token_id,
+            "description": "tokenizers.Tokenizer.from_file(file).encode(prompt).ids: already padded and truncated to max_length"}
+
+
+def text_encoder_sidecar(encoder: TextEncoder, fmt: str, file: str, batch_size: int | None) -> dict:
+    batch, length = _batch_dim(batch_size), encoder.max_length
+    outputs = [{"name": "hidden_states", "shape": [batch, length, encoder.hidden_size], "dtype": "float32",
+                "description": "last hidden state after the final norm" if encoder.hidden_layer == -1 else "penultimate hidden state (before the final norm)"}]
+    if encoder.pooled:
+        outputs.append({"name": "pooled", "shape": [batch, encoder.pooled_size], "dtype": "float32",
+                        "description": "the projected pooled output (at the end-of-text token)"})
+    return {
+        "schema": SCHEMA,
+        "kind": encoder.name,
+        "format": fmt,
+        "file": file,
+        "inputs": [{"name": "input_ids", "shape": [batch, length], "dtype": "int64",
+                    "description": f"token ids from {encoder.tokenizer_name}/tokenizer.json, padded to {length}; longer prompts are truncated"}],
+        "outputs": outputs,
+        "batch": {"dynamic": batch_size is None, "size": batch_size},
+        "tokenizer": _tokenizer_info(encoder),
+        "model": {"class": type(encoder.module).__name__, "parameters": sum(p.numel() for p in encoder.module.parameters())},
+    }
+
+
+def vae_sidecar(graph, kind: str, fmt: str, file: str, batch_size: int | None) -> dict:
+    batch = _batch_dim(batch_size)
+    vae = graph.module.vae
+    image = {"dtype": "float32", "range": [0.0, 1.0], "layout": "NCHW, RGB", "description": "image in [0, 1]"}
+    latents = {"dtype": "float32", "range": None, "description": "latents scaled as the denoiser takes them (the sampler's latent output)"}
+    (name_in,), (name_out,) = graph.input_names, graph.output_names
+    shapes = {name_in: [batch, *graph.input_shape], name_out: [batch, *graph.output_shape]}
+    spec = {"image": image, "latents": latents}
+    return {
+        "schema": SCHEMA,
+        "kind": kind,
+        "format": fmt,
+        "file": file,
+        "inputs": [{"name": name_in, "shape": shapes[name_in], **spec[name_in]}],
+        "outputs": [{"name": name_out, "shape": shapes[name_out], **spec[name_out]}],
+        "batch": {"dynamic": batch_size is None, "size": batch_size},
+        "scaling": {"scaling_factor": vae.scaling_factor, "shift_factor": vae.shift_factor, "latents_mean": vae.latents_mean, "latents_std": vae.latents_std,
+                    "applied_inside": True},
+        "model": {"class": vae.kind, "parameters": sum(p.numel() for p in vae.module.parameters())},
+    }
+
+
+def record_component_files(pipeline_json: Path, records: list[dict]) -> None:
+    """Adds each artifact record's file to pipeline.json's components, under its kind and format."""
+    data = json.loads(pipeline_json.read_text())
+    for r in records:
+        data["components"].setdefault(r["kind"], {})[r["format"]] = Path(r["path"]).name
+    write_sidecar(pipeline_json, data)
+
+
+def pipeline_sidecar(pipeline, sampler: SamplerGraph, batch_size: int | None) -> dict:
+    """How the files of a text-to-image export chain from a prompt to an image."""
+    denoiser, batch = pipeline.denoiser, _batch_dim(batch_size)
+    encoders = pipeline.text_encoders
+    joined = [f"{e.name}.hidden_states" for e in encoders]
+    concat = "concat(axis=-1)" if len(joined) > 1 else "identity"
+    chain = [{"from": "prompt", "through": e.tokenizer_name, "to": f"{e.name}.input_ids"} for e in encoders]
+    chain.append({"from": joined, "op": concat, "to": "sampler.encoder_hidden_states"})
+    pooled = [f"{e.name}.pooled" for e in encoders if e.pooled]
+    if denoiser.added_cond_shapes:
+        chain += [{"from": pooled, "op": "identity", "to": "sampler.text_embeds"},
+                  {"value": [float(v) for v in pipeline.time_ids(1)[0]], "to": "sampler.time_ids", "op": "repeat per sample"}]
+    if sampler.negative_names:
+        how = "zeros_like(the prompt's)" if pipeline.force_zeros_for_empty_prompt else "the same chain for the negative prompt"
+        chain.append({"from": "negative prompt", "op": f"the chain above; with no negative prompt: {how}",
+                      "to": [f"sampler.{n}" for n in sampler.negative_names]})
+    chain.append({"from": f"standard normal noise {[batch, *denoiser.sample_shape]} (the caller's seed)", "to": "sampler.noise"})
+    if sampler.guidance:
+        chain.append({"value": [sampler.default_guidance_scale], "to": "sampler.guidance_scale"})
+    if sampler.decoder is None:
+        chain.append({"from": "sampler.sample", "to": "vae_decoder.latents"})
+    return {
+        "schema": PIPELINE_SCHEMA,
+        "class_name": pipeline.class_name,
+        "source": denoiser.source,
+        "image": {"shape": [batch, *pipeline.image_shape], "range": [0.0, 1.0], "output": "sampler.image" if sampler.decoder is not None else "vae_decoder.image"},
+        "latents": {"shape": [batch, *denoiser.sample_shape]},
+        "tokenizers": {e.tokenizer_name: _tokenizer_info(e) for e in encoders},
+        "guidance": {"enabled": sampler.guidance, "default_scale": sampler.default_guidance_scale, "default_negative_prompt": "",
+                     "zeros_for_empty_negative_prompt": pipeline.force_zeros_for_empty_prompt},
+        "solver": {"name": sampler.solver.name, "steps": sampler.solver.steps, "nfe": sampler.table.evaluations},
+        "components": {},  # kind -> {format: file}, filled in as each format is written
+        "chain": chain,
+    }

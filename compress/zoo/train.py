@@ -106,7 +106,12 @@ def save_checkpoint(model: torch.nn.Module, path: Path, metadata: dict) -> None:
 
 
 def train_zoo_model(name: str, out_dir: Path, iterations: int | None = None, resume: bool = False, lr: float | None = None) -> Path:
-    """Trains a zoo model into out_dir; ``resume`` continues a diffusion model's checkpoint there (a second phase)."""
+    """Trains a zoo model into out_dir; ``resume`` continues a diffusion model's checkpoint there (a second phase).
+    digits-t2i becomes the folder out_dir/digits-t2i, written in a sibling folder and renamed at the end."""
+    if name == "digits-t2i":  # a pipeline folder, not one safetensors file
+        from compress.zoo.t2i import train_digits_t2i
+
+        return train_digits_t2i(out_dir, iterations, resume, lr)
     start = time.time()
     path = out_dir / f"{name}.safetensors"
     phases = []

@@ -1,0 +1,274 @@
+"""A pipeline: the `Denoiser` with the components around it (tokenizers, text encoders, a VAE).
+
+A pixel-space model is a pipeline with a denoiser alone. A latent text-to-image pipeline adds
+text encoders (prompt -> the denoiser's condition) and an autoencoder (latents <-> images).
+Every stage takes this one description: export writes one artifact per component and the
+sampler with the decoder baked in, calibration and validation draw conditions from prompts.
+
+The conventions follow diffusers' pipelines, which are the reference the tests compare with:
+- prompts are padded to the tokenizer's max length and truncated;
+- SD 1.x/2.x: the condition is the text encoder's last hidden state (after its final norm);
+- SDXL: both encoders' penultimate hidden states, concatenated, plus the second encoder's
+  projected pooled output (`text_embeds`) and `time_ids` (original size, crop, target size);
+- the unconditional branch is the encoded negative prompt, "" by default, except that SDXL
+  with ``force_zeros_for_empty_prompt`` uses zeros when no negative prompt is given;
+- latents are decoded as ``vae.decode(latents / scaling_factor + shift_factor)`` (SDXL:
+  ``latents * latents_std / scaling_factor + latents_mean``) and shown as ``image / 2 + 0.5``
+  clipped to [0, 1].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.denoiser import Denoiser, map_condition
+from compress.errors import UserError
+
+
+@dataclass
+class TextEncoder:
+    """One tokenizer + text encoder pair of a pipeline."""
+
+    name: str  # the pipeline's component name: text_encoder, text_encoder_2
+    module: nn.Module  # transformers CLIPTextModel / CLIPTextModelWithProjection
+    tokenizer: Any  # a transformers tokenizer
+    tokenizer_name: str  # tokenizer, tokenizer_2
+    hidden_layer: int = -1  # -1: the last hidden state after the final norm; -2: the penultimate (SDXL)
+    pooled: bool = False  # also returns the projected pooled output (SDXL's text_encoder_2)
+
+    @property
+    def max_length(self) -> int:
+        return int(self.tokenizer.model_max_length)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.module.config.hidden_size)
+
+    @property
+    def pooled_size(self) -> int:
+        config = self.module.config
+        return int(getattr(config, "projection_dim", None) or config.hidden_size)
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        """input_ids [B, max_length] int64: padded to the max length and truncated, as diffusers does."""
+        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt").input_ids
+        return ids.long()
+
+    def truncated(self, prompt: str) -> bool:
+        return len(self.tokenizer(prompt, truncation=False).input_ids) > self.max_length
+
+    @torch.no_grad()
+    def encode(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return TextEncoderGraph(self)(input_ids.to(next(self.module.parameters()).device))
+
+
+class TextEncoderGraph(nn.Module):
+    """input_ids [B, L] int64 -> hidden_states [B, L, D] (+ pooled [B, P])."""
+
+    def __init__(self, encoder: TextEncoder):
+        super().__init__()
+        self.encoder = encoder
+        self.network = encoder.module.eval()
+
+    @property
+    def input_names(self) -> list[str]:
+        return ["input_ids"]
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["hidden_states", "pooled"] if self.encoder.pooled else ["hidden_states"]
+
+    def example_inputs(self, batch: int = 2) -> tuple[torch.Tensor, ...]:
+        return (self.encoder.tokenize(["a handwritten seven", ""] * batch)[:batch],)
+
+    def forward(self, input_ids: torch.Tensor):
+        penultimate = self.encoder.hidden_layer != -1
+        out = self.network(input_ids, output_hidden_states=penultimate)
+        hidden = out.hidden_states[self.encoder.hidden_layer] if penultimate else out.last_hidden_state
+        if not self.encoder.pooled:
+            return hidden
+        pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+        return hidden, pooled
+
+
+@dataclass
+class Autoencoder:
+    """The pipeline's VAE (AutoencoderKL or AutoencoderTiny) with its latent scaling."""
+
+    module: nn.Module
+    scaling_factor: float = 1.0
+    shift_factor: float | None = None
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
+
+    @classmethod
+    def from_module(cls, vae: nn.Module) -> "Autoencoder":
+        c = vae.config
+        mean, std = c.get("latents_mean"), c.get("latents_std")
+        return cls(vae.eval(), float(c.get("scaling_factor") or 1.0), c.get("shift_factor"),
+                   tuple(mean) if mean is not None and std is not None else None, tuple(std) if mean is not None and std is not None else None)
+
+    @property
+    def kind(self) -> str:
+        return type(self.module).__name__
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.module.config.latent_channels)
+
+    @property
+    def image_channels(self) -> int:
+        return int(self.module.config.out_channels)
+
+    @property
+    def downscale(self) -> int:
+        """Pixels per latent along each side, as diffusers' pipelines compute vae_scale_factor."""
+        config = self.module.config
+        if self.kind == "AutoencoderTiny":  # every decoder block but the last upsamples
+            return int(config.upsampling_scaling_factor) ** (len(config.decoder_block_out_channels) - 1)
+        return 2 ** (len(config.block_out_channels) - 1)
+
+    def _view(self, values, like: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(values, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+
+    def unscale(self, latents: torch.Tensor) -> torch.Tensor:
+        """The denoiser's (scaled) latents -> what the VAE decodes."""
+        if self.latents_mean is not None:
+            return latents * self._view(self.latents_std, latents) / self.scaling_factor + self._view(self.latents_mean, latents)
+        x = latents / self.scaling_factor
+        return x + self.shift_factor if self.shift_factor is not None else x
+
+    def scale(self, raw: torch.Tensor) -> torch.Tensor:
+        if self.latents_mean is not None:
+            return (raw - self._view(self.latents_mean, raw)) * self.scaling_factor / self._view(self.latents_std, raw)
+        x = raw - self.shift_factor if self.shift_factor is not None else raw
+        return x * self.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in [0, 1]."""
+        image = self.module.decode(self.unscale(latents)).sample
+        return (image / 2 + 0.5).clamp(0, 1)
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> scaled latents (the posterior mean: an artifact draws no noise)."""
+        out = self.module.encode(image * 2 - 1)
+        raw = out.latent_dist.mode() if hasattr(out, "latent_dist") else out.latents
+        return self.scale(raw)
+
+
+class LatentDecoder(nn.Module):
+    """latents [B, c, h, w] (the denoiser's scaled latents) -> image [B, 3, H, W] in [0, 1]."""
+
+    def __init__(self, vae: Autoencoder):
+        super().__init__()
+        self.vae = vae
+        self.network = vae.module
+
+    def output_shape(self, latent_shape) -> tuple[int, int, int]:
+        _, h, w = latent_shape
+        return (self.vae.image_channels, h * self.vae.downscale, w * self.vae.downscale)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents)
+
+
+class ImageEncoder(nn.Module):
+    """image [B, 3, H, W] in [0, 1] -> latents [B, c, h, w], scaled as the denoiser takes them."""
+
+    def __init__(self, vae: Autoencoder):
+        super().__init__()
+        self.vae = vae
+        self.network = vae.module
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(image)
+
+
+@dataclass
+class Pipeline:
+    """A denoiser and, for text-to-image pipelines, the components around it."""
+
+    denoiser: Denoiser
+    text_encoders: tuple[TextEncoder, ...] = ()
+    vae: Autoencoder | None = None
+    class_name: str = ""  # the diffusers pipeline class, or "" for a bare denoiser
+    force_zeros_for_empty_prompt: bool = False
+    default_guidance_scale: float | None = None  # what the pipeline's __call__ uses
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def is_text_to_image(self) -> bool:
+        return bool(self.text_encoders)
+
+    @property
+    def name(self) -> str:
+        return self.denoiser.name
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """[C, H, W] of the pipeline's output (the decoded image, or the denoiser's sample)."""
+        if self.vae is None:
+            return tuple(self.denoiser.sample_shape)
+        return LatentDecoder(self.vae).output_shape(self.denoiser.sample_shape)
+
+    def components(self) -> dict[str, nn.Module]:
+        """Every network of the pipeline by component name (what per-component recipes refer to)."""
+        found = {"denoiser": self.denoiser.module}
+        for encoder in self.text_encoders:
+            found[encoder.name] = encoder.module
+        if self.vae is not None:
+            found["vae"] = self.vae.module
+        return found
+
+    def to(self, device) -> "Pipeline":
+        for module in self.components().values():
+            module.to(device)
+        return self
+
+    def time_ids(self, batch: int) -> torch.Tensor:
+        """SDXL's added time ids for the denoiser's resolution: original size, crop (0, 0), target size."""
+        _, h, w = self.image_shape
+        return torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32).expand(batch, 6).contiguous()
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]):
+        """Prompts -> the denoiser's condition: hidden states [B, L, D], or SDXL's dict."""
+        if not self.text_encoders:
+            raise UserError(f"model {self.name!r} takes no text prompts")
+        hidden, pooled = [], None
+        for encoder in self.text_encoders:
+            out = encoder.encode(encoder.tokenize(prompts))
+            if encoder.pooled:
+                out, pooled = out
+            hidden.append(out.float().cpu())
+        states = torch.cat(hidden, dim=-1)
+        if self.denoiser.added_cond_shapes is None:
+            return states
+        return {"encoder_hidden_states": states, "text_embeds": pooled.float().cpu(), "time_ids": self.time_ids(len(prompts))}
+
+    def negative_condition(self, batch: int, negative_prompt: str | list[str] | None = None):
+        """The unconditional branch's condition, as the diffusers pipeline builds it."""
+        if negative_prompt is None and self.force_zeros_for_empty_prompt:
+            zeros = map_condition(torch.zeros_like, self.encode_prompts([""] * batch))
+            if isinstance(zeros, dict):
+                zeros["time_ids"] = self.time_ids(batch)
+            return zeros
+        prompts = [negative_prompt or ""] * batch if not isinstance(negative_prompt, list) else negative_prompt
+        return self.encode_prompts(prompts)
+
+    def check_prompts(self, prompts: list[str], log=lambda message: None) -> None:
+        for encoder in self.text_encoders:
+            for prompt in prompts:
+                if encoder.truncated(prompt):
+                    log(f"prompt truncated to {encoder.max_length} tokens by {encoder.tokenizer_name}: {prompt[:60]!r}...")
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        if self.vae is None:
+            return latents
+        device = next(self.vae.module.parameters()).device
+        return torch.cat([self.vae.decode(latents[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(latents), batch_size)])

@@ -1,0 +1,72 @@
+"""The non-denoiser parts of a pipeline as traceable graphs, and the tokenizer in the form apps load.
+
+Every graph here has the interface the writers need (``input_names``, ``output_names``,
+``example_inputs(batch)``), as `SamplerGraph` and `TextEncoderGraph` do.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compress.components import Autoencoder, ImageEncoder, LatentDecoder, TextEncoder
+from compress.errors import UserError
+
+# Prompts whose ids the written tokenizer.json must reproduce exactly (padding, truncation, case, digits).
+_TOKENIZER_PROBES = ("", "a handwritten seven", "The Digit 7!", "word " * 100)
+
+
+class ComponentGraph(nn.Module):
+    """One tensor in, one tensor out, with names: the VAE decoder and encoder."""
+
+    def __init__(self, module: nn.Module, input_name: str, output_name: str, input_shape: tuple[int, ...], output_shape: tuple[int, ...]):
+        super().__init__()
+        self.module = module.eval()
+        self.input_names, self.output_names = [input_name], [output_name]
+        self.input_shape, self.output_shape = tuple(input_shape), tuple(output_shape)
+
+    def example_inputs(self, batch: int = 2) -> tuple[torch.Tensor, ...]:
+        x = torch.randn(batch, *self.input_shape, generator=torch.Generator().manual_seed(0))
+        return (x.clamp(0, 1) if self.input_names == ["image"] else x,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+def vae_graphs(vae: Autoencoder, latent_shape: tuple[int, int, int]) -> dict[str, ComponentGraph]:
+    decoder = LatentDecoder(vae)
+    image_shape = decoder.output_shape(latent_shape)
+    graphs = {"vae_decoder": ComponentGraph(decoder, "latents", "image", latent_shape, image_shape)}
+    if getattr(vae.module, "encoder", None) is not None:
+        graphs["vae_encoder"] = ComponentGraph(ImageEncoder(vae), "image", "latents", image_shape, latent_shape)
+    return graphs
+
+
+def write_tokenizer_json(encoder: TextEncoder, folder: Path) -> Path:
+    """``folder/tokenizer.json`` for the `tokenizers` library, padding and truncating as the pipeline does.
+
+    The written file is read back and must give the pipeline's own ids for a few probe prompts:
+    an app that tokenizes with it feeds the text encoder exactly what diffusers would.
+    """
+    from tokenizers import Tokenizer
+
+    tokenizer = encoder.tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow (python) tokenizer: convert it as transformers does
+        from transformers.convert_slow_tokenizer import convert_slow_tokenizer
+
+        backend = convert_slow_tokenizer(tokenizer)
+    fast = Tokenizer.from_str(backend.to_str())
+    fast.enable_truncation(max_length=encoder.max_length)
+    fast.enable_padding(length=encoder.max_length, pad_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "tokenizer.json"
+    fast.save(str(path))
+    reloaded = Tokenizer.from_file(str(path))
+    for prompt in _TOKENIZER_PROBES:
+        ours = reloaded.encode(prompt).ids
+        theirs = encoder.tokenize([prompt])[0].tolist()
+        if ours != theirs:
+            raise UserError(f"{encoder.tokenizer_name} cannot be written as a tokenizer.json that reproduces its ids (prompt {prompt[:30]!r}: {ours[:8]}... vs {theirs[:8]}...)")
+    return path

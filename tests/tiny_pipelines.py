@@ -1,0 +1,115 @@
+"""Tiny random text-to-image pipeline folders built in place: SD 1.x (AutoencoderKL or AutoencoderTiny) and SDXL.
+
+Saved with diffusers' own `save_pretrained`, so the folders are what users have on disk, and
+diffusers' pipelines loaded from them are the reference every export is compared with.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+MAX_TOKENS = 77
+
+
+def _bytes_to_unicode() -> list[str]:
+    """CLIP's byte-level alphabet: one printable character per byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def write_char_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> Path:
+    """A CLIP tokenizer whose vocabulary is the byte alphabet (no merges: one token per character)."""
+    from transformers import CLIPTokenizer
+
+    chars = _bytes_to_unicode()
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    staging = folder / ".raw"
+    staging.mkdir(parents=True, exist_ok=True)
+    (staging / "vocab.json").write_text(json.dumps(vocab))
+    (staging / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(staging / "vocab.json"), str(staging / "merges.txt"), pad_token=pad_token, model_max_length=MAX_TOKENS)
+    tokenizer.save_pretrained(str(folder))
+    for f in staging.iterdir():
+        f.unlink()
+    staging.rmdir()
+    return folder
+
+
+def _text_encoder(hidden: int, projection: int | None, seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(vocab_size=514, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=MAX_TOKENS, projection_dim=projection or hidden,
+                            bos_token_id=512, eos_token_id=513, pad_token_id=513)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+
+
+def _unet(cross: int, sdxl: bool, seed: int):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    extra = dict(addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8) if sdxl else {}
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross, attention_head_dim=4, norm_num_groups=8, **extra,
+    ).eval()
+
+
+def _vae(kind: str, seed: int):
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    torch.manual_seed(seed)
+    if kind == "tiny":
+        return AutoencoderTiny(in_channels=3, out_channels=3, encoder_block_out_channels=(16, 16), decoder_block_out_channels=(16, 16),
+                               num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), latent_channels=4).eval()
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         block_out_channels=(16, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8, scaling_factor=0.5).eval()
+
+
+def _scheduler():
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="trailing", steps_offset=1)
+
+
+def build_sd_folder(folder: Path, vae: str = "kl", seed: int = 0) -> Path:
+    """A StableDiffusionPipeline folder: char tokenizer, 32-wide CLIP encoder, 4x8x8 latents, 16x16 images."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=_vae(vae, seed), text_encoder=_text_encoder(32, None, seed + 1), tokenizer=_tokenizer(folder),
+        unet=_unet(32, False, seed + 2), scheduler=_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
+def build_sdxl_folder(folder: Path, seed: int = 0) -> Path:
+    """A StableDiffusionXLPipeline folder: two encoders (16 + 32 wide), pooled 16, time ids."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline(
+        vae=_vae("kl", seed), text_encoder=_text_encoder(16, None, seed + 1), text_encoder_2=_text_encoder(32, 16, seed + 3),
+        tokenizer=_tokenizer(folder), tokenizer_2=_tokenizer(folder, "tokenizer_2", pad_token="!"),
+        unet=_unet(48, True, seed + 2), scheduler=_scheduler(),
+    )
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
+def _tokenizer(folder: Path, name: str = "tokenizer", pad_token: str = "<|endoftext|>"):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(write_char_tokenizer(folder / f".{name}", pad_token)))
