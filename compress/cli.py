@@ -98,13 +98,14 @@ def zoo():
 @zoo.command("list")
 def zoo_list():
     """List the zoo models and their checkpoints."""
-    from compress.zoo import CHECKPOINTS, ZOO, training_info
+    from compress.zoo import ZOO, stored_path, training_info
 
     for entry in ZOO.values():
-        path = CHECKPOINTS / f"{entry.name}.safetensors"
-        state = f"{path.stat().st_size / 1e6:.1f} MB" if path.is_file() else "not trained"
+        path = stored_path(entry.name)  # a file, or a pipeline's folder
+        files = [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path] if path.is_file() else []
+        state = f"{sum(f.stat().st_size for f in files) / 1e6:.1f} MB" if files else "not trained"
         click.echo(f"zoo:{entry.name:<18} {entry.kind:<10} {state:<12} {entry.summary}")
-        if path.is_file():
+        if files:
             info = training_info(entry.name)
             click.echo(f"    trained: {json.dumps(info)}")
 

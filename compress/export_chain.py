@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from compress.components import Pipeline
 from compress.denoiser import Denoiser
 from compress.errors import UserError
 from compress.solvers import SolverConfig
@@ -47,23 +48,56 @@ def resolve_solver(
     return config
 
 
-def export_artifacts(denoiser: Denoiser, solver: SolverConfig, out_dir: Path, formats: list[str], batch_size: int | None = None, opset: int = 18) -> list[dict]:
-    """Writes sampler.* and denoiser.* (+ sidecars) for each format; returns one record per model file."""
-    from export.onnx_export import export_onnx
+def pipeline_guidance(pipeline: Pipeline, guidance: float | None) -> float | None:
+    """The guidance scale to bake: the one asked for, else the pipeline's own default.
 
-    records = export_onnx(denoiser, solver, out_dir, batch_size=batch_size, opset=opset)
+    As in diffusers, a scale of 1 or less turns classifier-free guidance off (one branch);
+    guidance-distilled pipelines (LCM, Turbo) have no default and run one branch.
+    """
+    if not pipeline.is_text_to_image:
+        return guidance
+    scale = pipeline.default_guidance_scale if guidance is None else guidance
+    return scale if scale is not None and scale > 1 else None
+
+
+def export_artifacts(model: Denoiser | Pipeline, solver: SolverConfig, out_dir: Path, formats: list[str], batch_size: int | None = None,
+                     opset: int = 18, output: str = "image") -> list[dict]:
+    """Writes sampler.* and denoiser.* (+ sidecars) for each format; returns one record per model file.
+
+    A text-to-image pipeline also gets its text encoder(s), VAE decoder and encoder, tokenizers
+    and pipeline.json; its sampler ends in the decoder (``output`` 'image') unless ``output`` is 'latents'.
+    """
+    from export.onnx_export import export_onnx, export_pipeline_onnx
+    from export.sidecar import PIPELINE_FILE, drop_component_format, record_component_files
+
+    pipeline = model if isinstance(model, Pipeline) else Pipeline(model)
+    denoiser = pipeline.denoiser
+    if pipeline.is_text_to_image:
+        if "coreml" in formats:
+            raise UserError("Core ML export of text-to-image pipelines is not available yet; use --format onnx or openvino")
+        records = export_pipeline_onnx(pipeline, solver, out_dir, batch_size=batch_size, opset=opset, output=output)
+    else:
+        if output != "image":
+            raise UserError(f"--output {output} applies to latent text-to-image pipelines; {denoiser.name!r} samples pixels directly")
+        records = export_onnx(denoiser, solver, out_dir, batch_size=batch_size, opset=opset)
     if "openvino" in formats:
         from export.openvino_export import export_openvino
 
-        records += export_openvino(records, out_dir)
+        converted = export_openvino(records, out_dir)
+        if pipeline.is_text_to_image:
+            record_component_files(Path(out_dir) / PIPELINE_FILE, converted)
+        records += converted
     if "coreml" in formats:
         from export.coreml_export import export_coreml
 
         records += export_coreml(denoiser, solver, out_dir, batch_size=batch_size or 1)
     if "onnx" not in formats:
-        for r in [r for r in records if r["format"] == "onnx"]:
-            for key in ("path", "sidecar"):
+        dropped = [r for r in records if r["format"] == "onnx"]
+        for r in dropped:
+            for key in ("path", "sidecar", "external_data"):
                 if r.get(key):
-                    Path(r[key]).unlink(missing_ok=True)
+                    (Path(out_dir) / Path(r[key]).name).unlink(missing_ok=True)
             records.remove(r)
+        if pipeline.is_text_to_image:
+            drop_component_format(Path(out_dir) / PIPELINE_FILE, "onnx")
     return records

@@ -75,9 +75,20 @@ def _text_encoders(folder: Path, index: dict, sdxl: bool) -> tuple[TextEncoder, 
     return tuple(encoders)
 
 
+def _quiet_libraries() -> None:
+    """Per-weight progress bars and notes about ignored config keys are noise on a command line."""
+    import diffusers
+    import transformers
+
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
+
+
 def load_pipeline_folder(folder: str | Path, source: str, name: str, flags=None) -> Pipeline:
     import diffusers
 
+    _quiet_libraries()
     folder = Path(folder)
     index = _read_json(folder / "model_index.json")
     class_name = index.get("_class_name", "")

@@ -98,6 +98,8 @@ def export_pipeline_onnx(
         raise UserError(f"{pipeline.name!r} is not a text-to-image pipeline (it needs text encoders and a VAE)")
     denoiser = pipeline.denoiser
     decoder = LatentDecoder(pipeline.vae)
+    if guidance is None:  # a pipeline guides when its scale asks for it, as diffusers' do_classifier_free_guidance
+        guidance = solver_config.guidance_scale is not None
     sampler = SamplerGraph(denoiser, solver_config, guidance, decoder=decoder if output == "image" else None, negative_inputs=True)
     graphs = [(TextEncoderGraph(e), e.name, text_encoder_sidecar(e, "onnx", f"{e.name}.onnx", batch_size)) for e in pipeline.text_encoders]
     graphs.append((sampler, "sampler", sampler_sidecar(sampler, "onnx", "sampler.onnx", batch_size)))

@@ -255,6 +255,13 @@ def record_component_files(pipeline_json: Path, records: list[dict]) -> None:
     write_sidecar(pipeline_json, data)
 
 
+def drop_component_format(pipeline_json: Path, fmt: str) -> None:
+    data = json.loads(pipeline_json.read_text())
+    for files in data["components"].values():
+        files.pop(fmt, None)
+    write_sidecar(pipeline_json, data)
+
+
 def pipeline_sidecar(pipeline, sampler: SamplerGraph, batch_size: int | None) -> dict:
     """How the files of a text-to-image export chain from a prompt to an image."""
     denoiser, batch = pipeline.denoiser, _batch_dim(batch_size)
@@ -283,6 +290,8 @@ def pipeline_sidecar(pipeline, sampler: SamplerGraph, batch_size: int | None) ->
         "image": {"shape": [batch, *pipeline.image_shape], "range": [0.0, 1.0], "output": "sampler.image" if sampler.decoder is not None else "vae_decoder.image"},
         "latents": {"shape": [batch, *denoiser.sample_shape]},
         "tokenizers": {e.tokenizer_name: _tokenizer_info(e) for e in encoders},
+        # In this order: each prompt is tokenized and encoded by every encoder, hidden states concatenated.
+        "text_encoders": [{"name": e.name, "tokenizer": e.tokenizer_name, "pooled": e.pooled} for e in encoders],
         "guidance": {"enabled": sampler.guidance, "default_scale": sampler.default_guidance_scale, "default_negative_prompt": "",
                      "zeros_for_empty_negative_prompt": pipeline.force_zeros_for_empty_prompt},
         "solver": {"name": sampler.solver.name, "steps": sampler.solver.steps, "nfe": sampler.table.evaluations},

@@ -26,7 +26,11 @@ def model_options(fn):
 
 
 def load_from_flags(reference: str, kw: dict):
-    from compress.loading import ScheduleFlags, load_model
+    return load_pipeline_from_flags(reference, kw).denoiser
+
+
+def load_pipeline_from_flags(reference: str, kw: dict):
+    from compress.loading import ScheduleFlags, load_pipeline
 
     shape = kw.pop("sample_shape")
     if shape:
@@ -35,4 +39,4 @@ def load_from_flags(reference: str, kw: dict):
         except ValueError:
             raise UserError(f"--sample-shape {shape!r}: expected C,H,W such as 3,32,32") from None
     flags = ScheduleFlags(kw.pop("num_train_timesteps"), kw.pop("beta_schedule"), kw.pop("beta_start"), kw.pop("beta_end"), kw.pop("prediction_type"), shape)
-    return load_model(reference, flags)
+    return load_pipeline(reference, flags)

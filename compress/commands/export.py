@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from compress.commands.common import load_from_flags, model_options
+from compress.commands.common import load_pipeline_from_flags, model_options
 from compress.errors import UserError
 
 FORMATS = ("onnx", "coreml", "openvino")
@@ -34,11 +34,13 @@ def parse_timesteps(text: str | None) -> tuple[int, ...] | None:
 @click.option("--target", default="generic", show_default=True,
               help="generic, npu-qnn, npu-qnn-w8a16 or npu-openvino; NPU targets export static shapes (batch 1 unless --batch-size).")
 @click.option("--opset", type=int, default=18, show_default=True)
+@click.option("--output", "output", type=click.Choice(["image", "latents"]), default="image", show_default=True,
+              help="Text-to-image pipelines: the sampler ends in the VAE decoder (image in [0, 1]) or returns the latents.")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False))
 @model_options
-def export(model, solver, steps, spacing, schedule, timesteps, guidance, formats, batch_size, target, opset, out, **kw):
+def export(model, solver, steps, spacing, schedule, timesteps, guidance, formats, batch_size, target, opset, output, out, **kw):
     """Export MODEL's whole sampler as one graph (sampler.*) and its denoiser (denoiser.*)."""
-    from compress.export_chain import export_artifacts, resolve_solver
+    from compress.export_chain import export_artifacts, pipeline_guidance, resolve_solver
     from compress.outputs import staged_folder
     from export.targets import get_target
 
@@ -46,9 +48,10 @@ def export(model, solver, steps, spacing, schedule, timesteps, guidance, formats
         if f not in FORMATS:
             raise UserError(f"unknown export format {f!r} (available: {', '.join(FORMATS)})")
     batch_size = get_target(target).batch_size(batch_size)  # NPU targets fix the batch: static shapes
-    denoiser = load_from_flags(model, kw)
-    config = resolve_solver(denoiser, solver, steps, spacing, guidance, schedule, parse_timesteps(timesteps))
+    pipeline = load_pipeline_from_flags(model, kw)
+    guidance = pipeline_guidance(pipeline, guidance)
+    config = resolve_solver(pipeline.denoiser, solver, steps, spacing, guidance, schedule, parse_timesteps(timesteps))
     with staged_folder(Path(out)) as root:
-        records = export_artifacts(denoiser, config, root, list(formats), batch_size=batch_size, opset=opset)
+        records = export_artifacts(pipeline, config, root, list(formats), batch_size=batch_size, opset=opset, output=output)
     for r in records:
         click.echo(f"wrote {Path(out) / Path(r['path']).name} ({r['bytes'] / 1e6:.2f} MB)")

@@ -16,7 +16,7 @@ CHECKPOINTS = Path(__file__).parent / "checkpoints"
 @dataclass(frozen=True)
 class ZooEntry:
     name: str
-    kind: str  # "denoiser" or "classifier"
+    kind: str  # "denoiser", "classifier" or "pipeline" (a diffusers pipeline folder)
     summary: str
 
 
@@ -26,21 +26,44 @@ ZOO = {
         ZooEntry("digits", "denoiser", "unconditional UNet2DModel, 16x16x1, epsilon, 1000-step linear schedule"),
         ZooEntry("digits-cond", "denoiser", "class-conditional UNet2DConditionModel (class token via cross-attention, CFG)"),
         ZooEntry("digits-classifier", "classifier", "small CNN; penultimate features define FD, its labels check samples"),
+        ZooEntry("digits-t2i", "pipeline", "latent text-to-image StableDiffusionPipeline: VAE to 4x8x8, tiny CLIP text encoder, UNet2DConditionModel"),
     )
 }
 
 
-def checkpoint_path(name: str) -> Path:
+def _known(name: str) -> ZooEntry:
     if name not in ZOO:
         import difflib
 
         close = difflib.get_close_matches(name, ZOO, n=1)
         hint = f"; did you mean 'zoo:{close[0]}'?" if close else ""
         raise UserError(f"unknown zoo model {name!r}{hint} (available: {', '.join(ZOO)})")
+    return ZOO[name]
+
+
+def checkpoint_path(name: str) -> Path:
+    """The single safetensors file of a denoiser or classifier entry."""
+    if _known(name).kind == "pipeline":
+        raise UserError(f"zoo:{name} is a pipeline folder, not one checkpoint file (see pipeline_folder)")
     path = CHECKPOINTS / f"{name}.safetensors"
     if not path.is_file():
         raise UserError(f"zoo checkpoint {path} is missing; run 'compress zoo train {name}'")
     return path
+
+
+def pipeline_folder(name: str) -> Path:
+    """The diffusers pipeline folder of a pipeline entry (StableDiffusionPipeline.from_pretrained loads it)."""
+    if _known(name).kind != "pipeline":
+        raise UserError(f"zoo:{name} is a {ZOO[name].kind}, not a pipeline")
+    folder = CHECKPOINTS / name
+    if not (folder / "model_index.json").is_file():
+        raise UserError(f"zoo pipeline folder {folder} is missing; run 'compress zoo train {name}'")
+    return folder
+
+
+def stored_path(name: str) -> Path:
+    """Where an entry lives, trained or not: its checkpoint file or, for a pipeline, its folder."""
+    return CHECKPOINTS / (name if _known(name).kind == "pipeline" else f"{name}.safetensors")
 
 
 def read_metadata(path: Path) -> dict:
@@ -53,9 +76,9 @@ def load_denoiser(name: str):
     from compress.schedule import NoiseSchedule
     from compress.zoo.models import build_digits_cond_unet, build_digits_unet
 
-    path = checkpoint_path(name)
-    if ZOO[name].kind != "denoiser":
+    if _known(name).kind != "denoiser":
         raise UserError(f"zoo:{name} is a {ZOO[name].kind}, not a diffusion model")
+    path = checkpoint_path(name)
     meta = read_metadata(path)
     schedule = NoiseSchedule.from_betas("linear", 1000)
     if name == "digits":
@@ -78,4 +101,6 @@ def load_classifier():
 
 
 def training_info(name: str) -> dict:
+    if _known(name).kind == "pipeline":  # a folder keeps its training record beside the parts
+        return json.loads((pipeline_folder(name) / "training.json").read_text())
     return read_metadata(checkpoint_path(name)).get("training", {})

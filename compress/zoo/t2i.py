@@ -83,11 +83,14 @@ SCHEDULER = dict(
 
 PROMPT_DROPOUT = 0.1  # the empty prompt is diffusers' unconditional branch of classifier-free guidance
 KL_WEIGHT = 1e-3  # per latent element: keeps latents near unit scale without blurring reconstructions
-VAE_ITERATIONS = 2000
-DIFFUSION_ITERATIONS = 4500
+VAE_ITERATIONS = 1500
+DIFFUSION_ITERATIONS = 3600
 DIFFUSION_LR = 1e-3
 RESUME_ITERATIONS = 1500
 RESUME_LR = 3e-4
+# One thread: on the shared 2-core machine two OpenMP threads ran a step 30x slower while other jobs
+# ran (barrier spinning), one thread only 1.4x slower than two free cores.
+TRAIN_THREADS = 1
 
 
 # -- prompts --------------------------------------------------------------------------------------
@@ -317,6 +320,15 @@ def _replace_folder(staging: Path, folder: Path) -> None:
 def train_digits_t2i(out_dir: Path, iterations: int | None = None, resume: bool = False, lr: float | None = None) -> Path:
     """Trains the pipeline into out_dir/digits-t2i: the VAE, then UNet + text encoder. ``resume`` keeps the
     folder's VAE and tokenizer and continues UNet + text encoder for another phase at a lower rate."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(TRAIN_THREADS)
+    try:
+        return _train(out_dir, iterations, resume, lr)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(out_dir: Path, iterations: int | None, resume: bool, lr: float | None) -> Path:
     start = time.time()
     folder = out_dir / NAME
     staging = out_dir / f"{NAME}.partial"
@@ -351,7 +363,6 @@ def train_digits_t2i(out_dir: Path, iterations: int | None = None, resume: bool 
         # Wall time of every run that made this folder (a --resume run adds its own).
         "train_seconds": round(earlier["train_seconds"] + run_seconds if resume else run_seconds, 1),
         "threads": torch.get_num_threads(),
-        "configs": {"vae": VAE, "text_encoder": TEXT_ENCODER, "unet": UNET, "scheduler": SCHEDULER},
     }
     (staging / "training.json").write_text(json.dumps(training, indent=2) + "\n")
     _replace_folder(staging, folder)

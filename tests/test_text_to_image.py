@@ -1,0 +1,264 @@
+"""Text-to-image pipelines: tiny random SD 1.x (AutoencoderKL, AutoencoderTiny) and SDXL folders, exported and
+run as an app runs them (examples/text_to_image_onnx.py: numpy, onnxruntime, tokenizers), against diffusers' own
+pipelines from the same latents, prompts and negative prompt."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from compress.cli import main
+from compress.errors import UserError
+from compress.export_chain import export_artifacts, pipeline_guidance, resolve_solver
+from compress.loading import load_pipeline
+from tests.tiny_pipelines import build_sd_folder, build_sdxl_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["a handwritten seven", "the digit 3"]
+NEGATIVE = "blurry"
+STEPS = 4
+
+
+def _example():
+    spec = importlib.util.spec_from_file_location("text_to_image_onnx", ROOT / "examples" / "text_to_image_onnx.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipelines")
+    return {
+        "sd-kl": build_sd_folder(root / "sd-kl", vae="kl"),
+        "sd-tiny": build_sd_folder(root / "sd-tiny", vae="tiny"),
+        "sdxl": build_sdxl_folder(root / "sdxl"),
+    }
+
+
+@pytest.fixture(scope="module")
+def exported(folders, tmp_path_factory):
+    """The default ONNX export of each folder, made once: name -> (pipeline, records, folder)."""
+    made = {}
+
+    def get(name):
+        if name not in made:
+            out = tmp_path_factory.mktemp(f"export-{name}")
+            made[name] = (*_export(folders[name], out), out)
+        return made[name]
+
+    return get
+
+
+def _diffusers_images(folder: Path, noise: torch.Tensor, guidance: float, negative=NEGATIVE) -> np.ndarray:
+    import diffusers
+
+    index = json.loads((folder / "model_index.json").read_text())
+    pipe = getattr(diffusers, index["_class_name"]).from_pretrained(str(folder))
+    pipe.set_progress_bar_config(disable=True)
+    negative = None if negative is None else [negative] * len(PROMPTS)
+    out = pipe(PROMPTS, negative_prompt=negative, num_inference_steps=STEPS, guidance_scale=guidance, latents=noise.clone(),
+               output_type="np", height=16, width=16)
+    return out.images
+
+
+def _export(folder: Path, out: Path, guidance: float | None = None, formats=("onnx",), output="image"):
+    pipeline = load_pipeline(f"diffusers:{folder}")
+    solver = resolve_solver(pipeline.denoiser, "model", STEPS, guidance=pipeline_guidance(pipeline, guidance))
+    return pipeline, export_artifacts(pipeline, solver, out, list(formats), output=output)
+
+
+@pytest.mark.parametrize("name", ["sd-kl", "sd-tiny", "sdxl"])
+def test_exported_pipeline_matches_diffusers_from_prompt_to_image(folders, exported, name):
+    pipeline, records, tmp_path = exported(name)
+    kinds = {r["kind"] for r in records}
+    encoders = {"text_encoder", "text_encoder_2"} if name == "sdxl" else {"text_encoder"}
+    assert kinds == encoders | {"sampler", "denoiser", "vae_decoder", "vae_encoder"}
+    noise = torch.randn(len(PROMPTS), 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    guidance = pipeline.default_guidance_scale
+    ours = _example().generate(tmp_path, PROMPTS, NEGATIVE, guidance=guidance, noise=noise.numpy())
+    reference = _diffusers_images(folders[name], noise, guidance)
+    assert ours.shape == reference.shape == (2, 16, 16, 3)
+    assert reference.std() > 0.02  # a real picture, not a constant
+    assert np.abs(ours - reference).max() < 1e-3  # the image range is [0, 1]
+    sidecar = json.loads((tmp_path / "sampler.json").read_text())
+    assert sidecar["outputs"][0]["name"] == "image" and sidecar["outputs"][0]["range"] == [0.0, 1.0]
+    assert [i["name"] for i in sidecar["inputs"]][:2] == ["noise", "encoder_hidden_states"]
+
+
+def test_sdxl_without_a_negative_prompt_uses_zeros_as_diffusers_does(folders, exported):
+    pipeline, _, tmp_path = exported("sdxl")
+    assert json.loads((tmp_path / "pipeline.json").read_text())["guidance"]["zeros_for_empty_negative_prompt"] is True
+    noise = torch.randn(len(PROMPTS), 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    ours = _example().generate(tmp_path, PROMPTS, None, guidance=5.0, noise=noise.numpy())
+    reference = _diffusers_images(folders["sdxl"], noise, 5.0, negative=None)
+    assert np.abs(ours - reference).max() < 1e-3
+
+
+def test_empty_negative_prompt_is_the_baked_null_condition(folders):
+    """SD 1.x: the unconditional branch of host sampling and calibration is the encoded "" (not zeros)."""
+    pipeline = load_pipeline(f"diffusers:{folders['sd-kl']}")
+    encoded = pipeline.encode_prompts([""])
+    assert torch.equal(pipeline.denoiser.null_condition(1), encoded)
+    assert encoded.abs().sum() > 0
+
+
+def test_guidance_off_exports_one_branch_that_matches_diffusers(folders, tmp_path):
+    pipeline, _ = _export(folders["sd-kl"], tmp_path, guidance=0.0)
+    sidecar = json.loads((tmp_path / "sampler.json").read_text())
+    assert [i["name"] for i in sidecar["inputs"]] == ["noise", "encoder_hidden_states"]
+    assert sidecar["guidance"]["enabled"] is False and sidecar["solver"]["network_batch"] == "batch"
+    noise = torch.randn(len(PROMPTS), 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    ours = _example().generate(tmp_path, PROMPTS, noise=noise.numpy())
+    reference = _diffusers_images(folders["sd-kl"], noise, 0.0, negative=None)
+    assert np.abs(ours - reference).max() < 1e-3
+
+
+def test_latent_output_chains_into_the_vae_decoder(folders, exported, tmp_path):
+    import onnxruntime as ort
+
+    _export(folders["sd-kl"], tmp_path / "latents", output="latents")
+    image_folder = exported("sd-kl")[2]
+    sidecar = json.loads((tmp_path / "latents" / "sampler.json").read_text())
+    out = sidecar["outputs"][0]
+    assert out["name"] == "sample" and out["range"] is None and out["space"] == "latents"
+    rng = np.random.default_rng(0)
+    feeds = {"noise": rng.standard_normal((2, 4, 8, 8), dtype=np.float32),
+             "encoder_hidden_states": rng.standard_normal((2, 77, 32), dtype=np.float32),
+             "negative_encoder_hidden_states": rng.standard_normal((2, 77, 32), dtype=np.float32),
+             "guidance_scale": np.array([7.5], np.float32)}
+
+    def run(folder, kind, inputs):
+        return ort.InferenceSession(str(folder / f"{kind}.onnx")).run(None, inputs)[0]
+
+    latents = run(tmp_path / "latents", "sampler", feeds)
+    decoded = run(image_folder, "vae_decoder", {"latents": latents})
+    np.testing.assert_allclose(decoded, run(image_folder, "sampler", feeds), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["sd-kl", "sd-tiny"])
+def test_vae_encoder_gives_the_scaled_posterior_mean(exported, name):
+    import onnxruntime as ort
+
+    pipeline, _, tmp_path = exported(name)
+    image = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    ours = ort.InferenceSession(str(tmp_path / "vae_encoder.onnx")).run(None, {"image": image.numpy()})[0]
+    vae = pipeline.vae.module
+    with torch.no_grad():
+        out = vae.encode(image * 2 - 1)
+        raw = out.latent_dist.mode() if hasattr(out, "latent_dist") else out.latents
+    np.testing.assert_allclose(ours, (raw * vae.config.scaling_factor).numpy(), atol=1e-4)
+
+
+def test_tokenizer_json_pads_and_truncates_like_the_pipeline(exported):
+    from tokenizers import Tokenizer
+
+    pipeline, _, tmp_path = exported("sdxl")
+    long_prompt = "seven " * 40
+    for encoder in pipeline.text_encoders:
+        tokenizer = Tokenizer.from_file(str(tmp_path / encoder.tokenizer_name / "tokenizer.json"))
+        for prompt in ["", "a handwritten seven", long_prompt]:
+            assert tokenizer.encode(prompt).ids == encoder.tokenize([prompt])[0].tolist()
+        assert encoder.truncated(long_prompt) and not encoder.truncated("a seven")
+    assert json.loads((tmp_path / "text_encoder.json").read_text())["tokenizer"]["truncation"] is True
+
+
+def test_openvino_ir_of_every_component_matches_onnxruntime(folders, tmp_path):
+    import onnxruntime as ort
+    import openvino as ov
+
+    _export(folders["sdxl"], tmp_path, formats=("onnx", "openvino"))
+    files = json.loads((tmp_path / "pipeline.json").read_text())["components"]
+    assert set(files) == {"text_encoder", "text_encoder_2", "sampler", "denoiser", "vae_decoder", "vae_encoder"}
+    core = ov.Core()
+    for kind, by_format in files.items():
+        onnx_session = ort.InferenceSession(str(tmp_path / by_format["onnx"]))
+        feeds = {}
+        for i in onnx_session.get_inputs():
+            shape = [2 if isinstance(d, str) else d for d in i.shape]
+            feeds[i.name] = (np.arange(np.prod(shape)).reshape(shape) % 500).astype(np.int64) if "int64" in i.type else \
+                np.random.default_rng(0).random(shape, dtype=np.float32)
+        compiled = core.compile_model(str(tmp_path / by_format["openvino"]), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        theirs = compiled(feeds)
+        for j, out in enumerate(onnx_session.get_outputs()):
+            np.testing.assert_allclose(theirs[compiled.outputs[j]], onnx_session.run(None, feeds)[j], atol=1e-3, err_msg=kind)
+
+
+def _edit_json(path: Path, **changes):
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def _fails_with(capsys, folder: Path, out: Path, expected: str):
+    code = main(["export", f"diffusers:{folder}", "--solver", "model", "--steps", "2", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and expected in err, err
+    assert not out.exists()
+
+
+def test_bad_pipeline_folders_fail_with_one_line(folders, tmp_path, capsys):
+    def copy(name):
+        target = tmp_path / f"bad-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(folders[name], target)
+        return target
+
+    missing_vae = copy("sd-kl")
+    _edit_json(missing_vae / "model_index.json", vae=[None, None])
+    _fails_with(capsys, missing_vae, tmp_path / "o1", "has no vae")
+
+    wrong_class = copy("sd-kl")
+    _edit_json(wrong_class / "model_index.json", _class_name="KandinskyPipeline")
+    _fails_with(capsys, wrong_class, tmp_path / "o2", "StableDiffusionPipeline")
+
+    wrong_latents = copy("sd-kl")
+    _edit_json(wrong_latents / "vae" / "config.json", latent_channels=8)
+    shutil.rmtree(wrong_latents / "vae")
+    from diffusers import AutoencoderKL
+
+    AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                  latent_channels=8, norm_num_groups=8).save_pretrained(str(wrong_latents / "vae"))
+    _fails_with(capsys, wrong_latents, tmp_path / "o3", "8 latent channels but the UNet takes 4")
+
+    other_tokenizer = copy("sd-kl")
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(other_tokenizer / "tokenizer"))
+    tokenizer.add_tokens([f"word{i}" for i in range(100)])  # 614 tokens for a 514-row embedding
+    tokenizer.save_pretrained(str(other_tokenizer / "tokenizer"))
+    _fails_with(capsys, other_tokenizer, tmp_path / "o4", "does not belong to this text encoder")
+
+
+def test_unsupported_export_options_for_pipelines_are_refused(folders, tmp_path):
+    pipeline = load_pipeline(f"diffusers:{folders['sd-kl']}")
+    solver = resolve_solver(pipeline.denoiser, "ddim", 2)
+    with pytest.raises(UserError, match="--output latents applies to latent"):
+        export_artifacts(load_pipeline("zoo:digits"), solver, tmp_path / "x", ["onnx"], output="latents")
+    with pytest.raises(UserError, match="unknown sampler output"):
+        export_artifacts(pipeline, solver, tmp_path / "y", ["onnx"], output="pixels")
+
+
+def test_onnxruntime_app_makes_a_png_without_torch_diffusers_or_transformers(exported, tmp_path):
+    export_dir = exported("sd-kl")[2]
+    png = tmp_path / "seven.png"
+    probe = (
+        "import runpy, sys\n"
+        f"sys.argv = ['app', {str(export_dir)!r}, 'a handwritten seven', '--negative', 'blurry', '--out', {str(png)!r}]\n"
+        f"runpy.run_path({str(ROOT / 'examples' / 'text_to_image_onnx.py')!r}, run_name='__main__')\n"
+        "banned = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]\n"
+        "assert not banned, banned\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    from PIL import Image
+
+    image = Image.open(png)
+    assert image.size == (16, 16) and image.mode == "RGB"
