@@ -65,15 +65,24 @@ def record_states(denoiser: Denoiser, requests: Requests, noise: torch.Tensor, c
     return states
 
 
-def calibrate(denoiser: Denoiser, config: CalibrationConfig, solver: SolverConfig | None = None, device="cpu") -> CalibrationSet:
-    """Records a calibration set from ``denoiser``'s own full-precision trajectories."""
+def calibrate(denoiser: Denoiser, config: CalibrationConfig, solver: SolverConfig | None = None, device="cpu",
+              conditions=None, final_latents: SolverConfig | None = None) -> CalibrationSet:
+    """Records a calibration set from ``denoiser``'s own full-precision trajectories.
+
+    ``conditions`` (text-to-image pipelines: the encoded calibration prompts) are cycled over the
+    trajectories instead of drawn at random. ``final_latents`` (the baked solver) also records where
+    each trajectory ends under it: the latents the pipeline's VAE decoder will see.
+    """
     config.validate()
     if config.guidance_scale is not None and not denoiser.supports_guidance:
         raise UserError(f"model {denoiser.name!r} is unconditional: calibration guidance needs a conditional model")
     requests = sample_requests(config, denoiser.schedule, solver)
     generator = torch.Generator().manual_seed(config.seed)
     noise = torch.randn((requests.trajectories, *denoiser.sample_shape), generator=generator)
-    cond = trajectory_conditions(denoiser, requests.trajectories, generator)
+    if conditions is not None:
+        cond = conditions[torch.arange(requests.trajectories) % len(conditions)]
+    else:
+        cond = trajectory_conditions(denoiser, requests.trajectories, generator)
     x = record_states(denoiser, requests, noise, cond, config, device)
     t = torch.from_numpy(requests.t.astype(np.float32))
     state_cond = None if cond is None else cond[torch.from_numpy(requests.trajectory)]
@@ -83,4 +92,11 @@ def calibrate(denoiser: Denoiser, config: CalibrationConfig, solver: SolverConfi
         x, t = x.repeat_interleave(2, 0), t.repeat_interleave(2, 0)
         state_cond = torch.stack([state_cond, null], 1).flatten(0, 1)
     header = build_header(denoiser, config, solver, requests, inputs=len(x))
-    return CalibrationSet(x.contiguous(), t.contiguous(), state_cond, noise, cond, header)
+    negative = denoiser.null_condition(1) if denoiser.null_text is not None else None
+    latents = None
+    if final_latents is not None:
+        from compress.sampling import sample
+
+        latents = sample(denoiser, final_latents, noise, cond, batch_size=config.batch_size, device=device, show_progress=False)
+        header["latents"] = {"solver": final_latents.name, "steps": final_latents.steps, "guidance_scale": final_latents.guidance_scale}
+    return CalibrationSet(x.contiguous(), t.contiguous(), state_cond, noise, cond, header, negative, latents)

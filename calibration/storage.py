@@ -82,6 +82,10 @@ class CalibrationSet:
     noise: torch.Tensor  # [M, C, H, W] float32: x_T of each trajectory
     noise_condition: torch.Tensor | None  # [M, ...]: the condition of each trajectory
     header: dict
+    # Text-to-image pipelines: the unconditional branch's condition (the encoded negative prompt, [1, S, D])
+    # and the final latents the baked solver reaches from each trajectory start (what the VAE decoder sees).
+    negative_condition: torch.Tensor | None = None
+    latents: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.sample)
@@ -100,17 +104,29 @@ class CalibrationSet:
             items.append(item)
         return items
 
-    def sampler_inputs(self, condition_name: str | None, guidance_scale: float | None, limit: int | None = None) -> list[dict]:
+    def sampler_inputs(self, condition_name: str | None, guidance_scale: float | None, limit: int | None = None, negative_name: str | None = None) -> list[dict]:
         """One feed dict of batch 1 per trajectory start, named as sampler.onnx's inputs."""
         items = []
+        if negative_name and self.negative_condition is None:
+            raise UserError(f"the sampler takes {negative_name} but the calibration set has no negative condition; record it from the pipeline")
         for k in range(len(self.noise) if limit is None else min(limit, len(self.noise))):
             item = {"noise": self.noise[k : k + 1].numpy()}
             if condition_name and self.noise_condition is not None:
                 item[condition_name] = self.noise_condition[k : k + 1].numpy()
+            if negative_name:
+                item[negative_name] = self.negative_condition.numpy()
             if guidance_scale is not None:
                 item["guidance_scale"] = np.array([guidance_scale], dtype=np.float32)
             items.append(item)
         return items
+
+
+    def latent_inputs(self, limit: int | None = None) -> list[dict]:
+        """One feed dict of batch 1 per final latent, named as vae_decoder.onnx's input."""
+        if self.latents is None:
+            raise UserError("the calibration set holds no final latents; record it from a text-to-image pipeline to calibrate its decoder")
+        n = len(self.latents) if limit is None else min(limit, len(self.latents))
+        return [{"latents": self.latents[k : k + 1].numpy()} for k in range(n)]
 
 
 def save_calibration(calib: CalibrationSet, path: str | Path) -> Path:
@@ -123,6 +139,9 @@ def save_calibration(calib: CalibrationSet, path: str | Path) -> Path:
     if calib.condition is not None:
         tensors["condition"] = calib.condition
         tensors["noise_condition"] = calib.noise_condition
+    for name in ("negative_condition", "latents"):
+        if getattr(calib, name) is not None:
+            tensors[name] = getattr(calib, name)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
     try:
@@ -158,7 +177,8 @@ def load_calibration(path: str | Path) -> CalibrationSet:
     n = len(tensors["sample"])
     if len(tensors["timestep"]) != n or ("condition" in tensors and len(tensors["condition"]) != n):
         raise UserError(f"calibration file {path} is corrupt: its tensors disagree in length")
-    return CalibrationSet(tensors["sample"], tensors["timestep"], tensors.get("condition"), tensors["noise"], tensors.get("noise_condition"), header)
+    return CalibrationSet(tensors["sample"], tensors["timestep"], tensors.get("condition"), tensors["noise"], tensors.get("noise_condition"), header,
+                          tensors.get("negative_condition"), tensors.get("latents"))
 
 
 def check_calibration_matches(calib: CalibrationSet, model: dict, where: str = "the model") -> None:

@@ -30,6 +30,7 @@ Each quantized artifact gets the float sidecar plus a ``quantization`` section.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import heapq
 import json
@@ -47,12 +48,17 @@ from onnx import helper, numpy_helper
 from compress.errors import UserError
 from compress.outputs import sha256_of
 from compress.section_config import SectionConfig
+from export.sidecar import PIPELINE_FILE
 
 SCHEMES = ("w8a8", "w8a16", "int8-weights", "int4-weights", "fp16")
 GRANULARITIES = ("per-step", "shared")
 SHARED_FROM = ("denoiser", "union")
 PRESETS = ("mixed", "performance")
 TARGETS = ("sampler", "denoiser")
+# A text encoder has no calibration inputs here (token ids are recorded for nothing else): weights only.
+TEXT_ENCODER_SCHEMES = ("int8-weights", "int4-weights", "fp16")
+# Besides sampler and denoiser, the graphs of a text-to-image export (see pipeline.json).
+PIPELINE_KINDS = ("text_encoder", "text_encoder_2", "vae_decoder", "vae_encoder")
 # Node-name patterns (regex, searched) kept in float: first/last layers and the conditioning path.
 DEFAULT_IGNORED = (
     r"(^|/)conv_in/", r"(^|/)conv_out/", r"(^|/)conv_norm_out/",
@@ -61,6 +67,7 @@ DEFAULT_IGNORED = (
     r"(^|/)pos_embed/", r"(^|/)proj_out(_\d)?/", r"(^|/)norm_out/", r"\.emb/", r"(^|/)emb/",
 )
 STEP_PREFIX = re.compile(r"^s(\d+)/")
+DECODER_SCOPE = "decoder/"  # nodes of the VAE decoder inside a sampler that outputs images
 CALIBRATED = ("w8a8", "w8a16")
 
 
@@ -99,8 +106,14 @@ class QuantizeConfig(SectionConfig):
     preset: str = "mixed"
     subset_size: int = 256
     targets: list[str] = field(default_factory=lambda: list(TARGETS))
+    # Text-to-image pipelines: a scheme per component (None keeps it float). ``denoiser`` is ``scheme``.
+    denoiser: str | None = None
+    decoder: str | None = None
+    text_encoder: str | None = None
 
     def __post_init__(self):
+        if self.denoiser is not None:
+            self.scheme = self.denoiser
         self.validate()
 
     def validate(self) -> "QuantizeConfig":
@@ -110,6 +123,11 @@ class QuantizeConfig(SectionConfig):
                 close = difflib.get_close_matches(str(value), allowed, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise UserError(f"unknown quantize {name} {value!r}{hint} (expected one of {', '.join(allowed)})")
+        for component in ("decoder", "text_encoder"):
+            value = getattr(self, component)
+            allowed = SCHEMES if component == "decoder" else TEXT_ENCODER_SCHEMES
+            if value is not None and value not in allowed:
+                raise UserError(f"unknown quantize {component} scheme {value!r} (expected one of {', '.join(allowed)}, or null for float)")
         self.targets = list(self.targets)
         for target in self.targets:
             if target not in TARGETS:
@@ -128,6 +146,20 @@ class QuantizeConfig(SectionConfig):
     @property
     def ignored_patterns(self) -> list[str]:
         return (list(DEFAULT_IGNORED) if self.default_ignored else []) + list(self.ignored)
+
+    def component_scheme(self, kind: str) -> str | None:
+        """The scheme of a pipeline export's graph, by its kind (None: copied as it is)."""
+        if kind in ("sampler", "denoiser"):
+            return self.scheme
+        if kind == "vae_decoder":
+            return self.decoder
+        if kind.startswith("text_encoder"):
+            return self.text_encoder
+        return None
+
+    def for_component(self, kind: str) -> "QuantizeConfig | None":
+        scheme = self.component_scheme(kind)
+        return None if scheme is None else dataclasses.replace(self, scheme=scheme, denoiser=None)
 
 
 # ----------------------------------------------------------------------------- the entry point
@@ -155,18 +187,36 @@ def quantize_(target, calib, config: QuantizeConfig | None = None, out_dir: str 
         raise UserError("quantize_ works on exported ONNX graphs: export the model first ('compress export' or export.onnx_export.export_onnx)")
     if out_dir is None:
         raise UserError("quantize_ needs out_dir for ONNX artifacts")
-    artifacts = _find_artifacts(Path(target), config)
-    chosen = [p for p, s in artifacts.items() if s["kind"] in config.targets and (Path(target).is_dir() or p == Path(target))]
+    target = Path(target)
+    pipeline = target.is_dir() and (target / PIPELINE_FILE).is_file()
+    artifacts = _find_artifacts(target, config)
+    if pipeline:  # every graph of the pipeline, each with its component's scheme
+        chosen = list(artifacts)
+        configs = {p: config.for_component(s["kind"]) for p, s in artifacts.items()}
+        for path, c in configs.items():
+            if c is not None and c.scheme in CALIBRATED and not isinstance(calib, CalibrationSet):
+                raise UserError(f"{path.name}: scheme {c.scheme!r} needs a calibration set recorded from the pipeline")
+    else:
+        chosen = [p for p, s in artifacts.items() if s["kind"] in config.targets and (target.is_dir() or p == target)]
+        configs = {p: config for p in chosen}
     if calib is not None:  # before any long work, and before anything is written
         from calibration import check_calibration_matches
 
         for path in chosen:
-            check_calibration_matches(calib, artifacts[path]["model"], where=f"{path.name}'s model")
+            if artifacts[path]["kind"] in TARGETS:
+                check_calibration_matches(calib, artifacts[path]["model"], where=f"{path.name}'s model")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".quantize-", dir=out_dir))
     try:
-        records = [_quantize_artifact(path, artifacts[path], artifacts, calib, config, stage) for path in chosen]
+        records = []
+        for path in chosen:
+            if configs[path] is None:  # a float component of a pipeline: the same file
+                records.append(_copy_artifact(path, stage))
+            else:
+                records.append(_quantize_artifact(path, artifacts[path], artifacts, calib, configs[path], stage))
+        if pipeline:
+            _copy_pipeline_files(target, stage, records)
         for item in sorted(stage.iterdir()):
             os.replace(item, out_dir / item.name)
     finally:
@@ -176,10 +226,31 @@ def quantize_(target, calib, config: QuantizeConfig | None = None, out_dir: str 
     return records
 
 
+def _copy_artifact(path: Path, stage: Path) -> dict:
+    shutil.copy2(path, stage / path.name)
+    shutil.copy2(path.with_suffix(".json"), stage / path.with_suffix(".json").name)
+    sidecar = json.loads(path.with_suffix(".json").read_text())
+    return {"path": path.name, "format": "onnx", "kind": sidecar["kind"], "scheme": None, "bytes": path.stat().st_size,
+            "float_bytes": path.stat().st_size, "sha256": sha256_of(path), "sidecar": path.with_suffix(".json").name}
+
+
+def _copy_pipeline_files(source: Path, stage: Path, records: list[dict]) -> None:
+    """Tokenizers and pipeline.json, so the quantized folder is again a whole pipeline (ONNX files only)."""
+    from export.sidecar import record_component_files
+
+    for folder in sorted(p for p in source.iterdir() if p.is_dir() and (p / "tokenizer.json").is_file()):
+        shutil.copytree(folder, stage / folder.name)
+    info = json.loads((source / PIPELINE_FILE).read_text())
+    info["components"] = {}
+    (stage / PIPELINE_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    record_component_files(stage / PIPELINE_FILE, records)
+
+
 def _find_artifacts(target: Path, config: QuantizeConfig) -> dict[Path, dict]:
     """{onnx path: its sidecar} for a folder from `compress export`, or for one .onnx file."""
     if target.is_dir():
-        paths = [p for p in (target / "sampler.onnx", target / "denoiser.onnx") if p.is_file()]
+        kinds = ("sampler", "denoiser") + (PIPELINE_KINDS if (target / PIPELINE_FILE).is_file() else ())
+        paths = [p for p in (target / f"{kind}.onnx" for kind in kinds) if p.is_file()]
         if not paths:
             raise UserError(f"{target} holds no sampler.onnx or denoiser.onnx; export the model first with 'compress export'")
     elif target.is_file() and target.suffix == ".onnx":
@@ -259,14 +330,15 @@ def _quantize_activations(model, kind, sidecar, path, artifacts, calib, config: 
     """NNCF on the graph itself; for shared sampler scales, also on the denoiser (or a union)."""
     condition = sidecar.get("conditioning", {}).get("input")
     transformer = _is_transformer(model)
-    if kind == "denoiser":
-        items = calib.denoiser_inputs(condition, config.subset_size)
+    if kind in ("denoiser", "vae_decoder"):
+        items = calib.denoiser_inputs(condition, config.subset_size) if kind == "denoiser" else calib.latent_inputs(config.subset_size)
         quantized = _nncf_quantize(model, items, config, transformer, bias_correction=True)
         return quantized, {"granularity": "shared", "calibration_inputs": len(items), "activation_quantizers": _count_activation_quantizers(quantized)}
 
     guidance = sidecar.get("guidance", {})
     scale = calib.guidance_scale if calib.guidance_scale is not None else guidance.get("default_scale")
-    items = calib.sampler_inputs(condition, scale if guidance.get("enabled") else None, config.subset_size)
+    negative = f"negative_{condition}" if condition and any(i["name"] == f"negative_{condition}" for i in sidecar["inputs"]) else None
+    items = calib.sampler_inputs(condition, scale if guidance.get("enabled") else None, config.subset_size, negative_name=negative)
     quantized = _nncf_quantize(model, items, config, transformer, bias_correction=False)
     info = {"granularity": config.granularity, "calibration_inputs": len(items), "guidance_scale": scale if guidance.get("enabled") else None}
     if config.granularity == "shared":
@@ -452,9 +524,10 @@ def ignored_nodes(model: onnx.ModelProto, config: QuantizeConfig) -> list[str]:
     patterns = [re.compile(p) for p in config.ignored_patterns]
     producer = {o: n for n in model.graph.node for o in n.output}
     names = []
+    decoder_float = config.decoder != config.scheme  # a sampler with the VAE decoder baked in: the decoder's own scheme
     for node in model.graph.node:
         path = module_path(node.name)
-        outside = "/" not in path
+        outside = "/" not in path or (decoder_float and path.startswith(DECODER_SCOPE))
         matched = any(p.search(path) for p in patterns)
         softmax = config.keep_softmax and node.op_type == "MatMul" and any(
             _source_op(producer, i) == "Softmax" for i in node.input)
