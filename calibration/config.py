@@ -36,6 +36,7 @@ class CalibrationConfig(SectionConfig):
     trajectory_steps: int = 100
     guidance_scale: float | None = None
     batch_size: int = 64
+    prompts: list[str] | None = None  # text-to-image pipelines: the trajectories' prompts, cycled (default: the validation prompts)
 
     def __post_init__(self):
         self.validate()

@@ -68,36 +68,51 @@ def export_artifacts(model: Denoiser | Pipeline, solver: SolverConfig, out_dir: 
     and pipeline.json; its sampler ends in the decoder (``output`` 'image') unless ``output`` is 'latents'.
     """
     from export.onnx_export import export_onnx, export_pipeline_onnx
-    from export.sidecar import PIPELINE_FILE, drop_component_format, record_component_files
+    from export.sidecar import PIPELINE_FILE, record_component_files
 
     pipeline = model if isinstance(model, Pipeline) else Pipeline(model)
     denoiser = pipeline.denoiser
     if pipeline.is_text_to_image:
-        if "coreml" in formats:
-            raise UserError("Core ML export of text-to-image pipelines is not available yet; use --format onnx or openvino")
         records = export_pipeline_onnx(pipeline, solver, out_dir, batch_size=batch_size, opset=opset, output=output)
     else:
         if output != "image":
             raise UserError(f"--output {output} applies to latent text-to-image pipelines; {denoiser.name!r} samples pixels directly")
         records = export_onnx(denoiser, solver, out_dir, batch_size=batch_size, opset=opset)
     if "openvino" in formats:
-        from export.openvino_export import export_openvino
-
-        converted = export_openvino(records, out_dir)
-        if pipeline.is_text_to_image:
-            record_component_files(Path(out_dir) / PIPELINE_FILE, converted)
-        records += converted
+        records += add_openvino(records, out_dir)
     if "coreml" in formats:
-        from export.coreml_export import export_coreml
+        from export.coreml_export import export_coreml, export_pipeline_coreml
 
-        records += export_coreml(denoiser, solver, out_dir, batch_size=batch_size or 1)
+        if pipeline.is_text_to_image:  # Core ML shapes are static: the batch is fixed, 1 unless one is given
+            packages = export_pipeline_coreml(pipeline, solver, out_dir, batch_size=batch_size or 1, output=output)
+            record_component_files(Path(out_dir) / PIPELINE_FILE, packages)
+            records += packages
+        else:
+            records += export_coreml(denoiser, solver, out_dir, batch_size=batch_size or 1)
     if "onnx" not in formats:
-        dropped = [r for r in records if r["format"] == "onnx"]
-        for r in dropped:
-            for key in ("path", "sidecar", "external_data"):
-                if r.get(key):
-                    (Path(out_dir) / Path(r[key]).name).unlink(missing_ok=True)
-            records.remove(r)
-        if pipeline.is_text_to_image:
-            drop_component_format(Path(out_dir) / PIPELINE_FILE, "onnx")
+        drop_onnx(records, out_dir)
     return records
+
+
+def add_openvino(records: list[dict], out_dir: Path) -> list[dict]:
+    """OpenVINO IR of every ONNX record in ``out_dir`` (listed in its pipeline.json, if it has one)."""
+    from export.openvino_export import export_openvino
+    from export.sidecar import PIPELINE_FILE, record_component_files
+
+    converted = export_openvino(records, out_dir)
+    if (Path(out_dir) / PIPELINE_FILE).is_file():
+        record_component_files(Path(out_dir) / PIPELINE_FILE, converted)
+    return converted
+
+
+def drop_onnx(records: list[dict], out_dir: Path) -> None:
+    """Removes the ONNX files a format conversion started from, when ONNX itself was not asked for."""
+    from export.sidecar import PIPELINE_FILE, drop_component_format
+
+    for r in [r for r in records if r["format"] == "onnx"]:
+        for key in ("path", "sidecar", "external_data"):
+            if r.get(key):
+                (Path(out_dir) / Path(r[key]).name).unlink(missing_ok=True)
+        records.remove(r)
+    if (Path(out_dir) / PIPELINE_FILE).is_file():
+        drop_component_format(Path(out_dir) / PIPELINE_FILE, "onnx")

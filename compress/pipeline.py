@@ -20,14 +20,16 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from compress.checks import evaluate_checks, parse_checks
 from compress.denoiser import Denoiser
 from compress.errors import UserError
-from compress.export_chain import export_artifacts, resolve_solver
+from compress.components import Pipeline
+from compress.export_chain import add_openvino, drop_onnx, export_artifacts, pipeline_guidance, resolve_solver
 from compress.images import save_grid
-from compress.loading import ScheduleFlags, load_model
+from compress.loading import ScheduleFlags, load_pipeline
 from compress.outputs import MANIFEST, Manifest, staged_folder, write_json
 from compress.recipe import Recipe
 from compress.sampling import default_device, make_noise, sample
@@ -72,9 +74,26 @@ def stage_configs(recipe: Recipe) -> StageConfigs:
 
 
 def model_from_recipe(recipe: Recipe) -> Denoiser:
+    return pipeline_from_recipe(recipe).denoiser
+
+
+def pipeline_from_recipe(recipe: Recipe) -> Pipeline:
     m = recipe.model
     flags = ScheduleFlags(m.num_train_timesteps, m.beta_schedule, m.beta_start, m.beta_end, m.prediction_type, tuple(m.sample_shape) if m.sample_shape else None)
-    return load_model(m.ref, flags)
+    return load_pipeline(m.ref, flags)
+
+
+def validation_prompts(pipeline: Pipeline, recipe: Recipe) -> tuple[list[str], torch.Tensor | None]:
+    """The validation prompts cycled over the samples, and the prompted digit of each for zoo models."""
+    n = recipe.validate_.samples
+    if recipe.validate_.prompts:
+        prompts = recipe.validate_.prompts
+        return [prompts[i % len(prompts)] for i in range(n)], None
+    if pipeline.denoiser.source.startswith("zoo:"):
+        from compress.zoo.t2i import digit_prompts
+
+        return digit_prompts(n)
+    raise UserError("recipe: a text-to-image pipeline needs validate.prompts (the prompts every artifact is validated on)")
 
 
 def validation_conditioning(denoiser: Denoiser, recipe: Recipe) -> torch.Tensor | None:
@@ -92,9 +111,15 @@ def run(recipe: Recipe, out: Path, force: bool = False, resume: bool = False, lo
 
     configs = stage_configs(recipe)
     checks = parse_checks(recipe.report.checks)
-    denoiser = model_from_recipe(recipe)
+    pipeline = pipeline_from_recipe(recipe)
+    denoiser = pipeline.denoiser
+    text_to_image = pipeline.is_text_to_image
+    if text_to_image and (configs.prune is not None or configs.slim is not None):
+        raise UserError("recipe: prune and slim are not available for text-to-image pipelines yet; remove those sections")
     v, s = recipe.validate_, recipe.solver
     guidance = s.guidance_scale if s.guidance_scale is not None else v.guidance_scale
+    if text_to_image:
+        guidance = pipeline_guidance(pipeline, guidance)
     reference = SolverConfig(v.reference.name, v.reference.steps, v.reference.spacing, guidance)
     reference.plan(denoiser.schedule)
     solver = resolve_solver(denoiser, s.name, s.steps, s.spacing, guidance, s.schedule, tuple(s.timesteps) if s.timesteps else None, s.options, log)
@@ -113,11 +138,16 @@ def run(recipe: Recipe, out: Path, force: bool = False, resume: bool = False, lo
         key = stage_key(model=model_key, validate=recipe.section("validate"), guidance=guidance)
         baseline_dir = root / "baseline"
         if not cache.reuse("baseline", key):
-            log(f"baseline: float32 {reference.name}-{reference.steps} on {device} ({v.samples} samples, seed {v.seed})")
-            files = _baseline(denoiser, reference, recipe, guidance, device).save(baseline_dir)
-            save_grid(_load_baseline(baseline_dir, denoiser).samples[:GRID_SAMPLES], baseline_dir / "grid.png", denoiser.data_range)
+            if text_to_image:
+                log(f"baseline: diffusers' {pipeline.class_name} in float32, {reference.name}-{reference.steps} ({v.samples} samples, seed {v.seed})")
+                baseline = _image_baseline(pipeline, reference, recipe, guidance)
+            else:
+                log(f"baseline: float32 {reference.name}-{reference.steps} on {device} ({v.samples} samples, seed {v.seed})")
+                baseline = _baseline(denoiser, reference, recipe, guidance, device)
+            files = baseline.save(baseline_dir)
+            save_grid(_samples_of(_load_baseline(baseline_dir, denoiser, text_to_image))[:GRID_SAMPLES], baseline_dir / "grid.png", _grid_range(pipeline))
             cache.done("baseline", key, [*files, baseline_dir / "grid.png"])
-        baseline = _load_baseline(baseline_dir, denoiser)
+        baseline = _load_baseline(baseline_dir, denoiser, text_to_image)
         for path in sorted(baseline_dir.iterdir()):
             manifest.add(path, path.suffix.lstrip("."), "baseline", recipe.section("validate"), device=baseline.info["device"])
 
@@ -127,23 +157,35 @@ def run(recipe: Recipe, out: Path, force: bool = False, resume: bool = False, lo
             if config is not None:
                 variants[_variant_name(stage)] = _transform(stage, config, denoiser, model_key, root, cache, manifest, recipe, log)
 
-        rows = [_baseline_row(baseline, denoiser, reference, device)]
         grids = {"baseline": "../baseline/grid.png"}
         artifacts: list[tuple[str, Path, Denoiser]] = []
+        if text_to_image:
+            rows = [_image_baseline_row(baseline, pipeline, reference)]
+        else:
+            rows = [_baseline_row(baseline, denoiser, reference, device)]
         for name, (model, weights_key) in variants.items():
-            row, samples = _torch_row(name, model, solver, baseline, recipe.bench, log)
+            if text_to_image:
+                row, samples = _torch_image_row(name, pipeline, solver, baseline, recipe.bench, log)
+            else:
+                row, samples = _torch_row(name, model, solver, baseline, recipe.bench, log)
             rows.append(row)
-            grids[_label(row)] = _grid(root, row, samples, model)
+            grids[_label(row)] = _grid(root, row, samples, pipeline)
             if recipe.export:
-                artifacts += _export(name, model, weights_key, solver, solver_record, recipe, configs, root, cache, manifest, log)
+                exported = pipeline if text_to_image else model
+                artifacts += _export(name, exported, weights_key, solver, solver_record, recipe, configs, root, cache, manifest, log)
 
+        from runtimes.text_to_image import validate_pipeline_folder
         from runtimes.validate import validate_artifact
 
         for name, path, model in artifacts:
-            def keep_grid(row, samples, model=model):
-                grids[_label(row)] = _grid(root, row, samples, model)
+            def keep_grid(row, samples):
+                grids[_label(row)] = _grid(root, row, samples, pipeline)
 
-            for row in validate_artifact(path, baseline, f"{name}/{path.name}", recipe.bench.runtimes, recipe.bench.runs, log, keep_grid):
+            if text_to_image:
+                found = validate_pipeline_folder(path, baseline, f"{name}/pipeline", recipe.bench.runtimes, recipe.bench.runs, log, keep_grid)
+            else:
+                found = validate_artifact(path, baseline, f"{name}/{path.name}", recipe.bench.runtimes, recipe.bench.runs, log, keep_grid)
+            for row in found:
                 row["macs"] = _macs(model, row.get("nfe"), guidance)
                 rows.append(row)
 
@@ -183,7 +225,24 @@ def _baseline(denoiser, reference, recipe, guidance, device):
     return Baseline(samples.float().cpu(), noise, cond, guidance, denoiser.data_range, info)
 
 
-def _load_baseline(folder: Path, denoiser: Denoiser):
+def _image_baseline(pipeline: Pipeline, reference: SolverConfig, recipe: Recipe, guidance):
+    """diffusers' own pipeline from the recipe's latent noise and prompts: the images every artifact is held to."""
+    from runtimes.text_to_image import ImageBaseline, diffusers_images, diffusers_pipeline
+
+    v = recipe.validate_
+    prompts, labels = validation_prompts(pipeline, recipe)
+    pipeline.check_prompts(prompts + [v.negative_prompt or ""], log=print)
+    noise = make_noise(pipeline.denoiser, v.samples, v.seed)
+    pipe = diffusers_pipeline(pipeline.extra["folder"], reference.name)
+    start = time.perf_counter()
+    images = diffusers_images(pipe, prompts, noise, reference.steps, guidance, v.negative_prompt)
+    info = {"solver": f"{reference.name}-{reference.steps}", "scheduler": type(pipe.scheduler).__name__, "device": "cpu", "nfe": reference.steps,
+            "pipeline": pipeline.class_name, "seconds": time.perf_counter() - start}
+    return ImageBaseline(images, noise, prompts, v.negative_prompt, guidance, labels, info)
+
+
+def _load_baseline(folder: Path, denoiser: Denoiser, text_to_image: bool = False):
+    from runtimes.text_to_image import ImageBaseline
     from runtimes.validate import Baseline
 
     judge = held_out = None
@@ -192,7 +251,15 @@ def _load_baseline(folder: Path, denoiser: Denoiser):
         from compress.zoo.data import load_digits_tensors
 
         judge, (held_out, _) = DigitsJudge(), load_digits_tensors("heldout")
-    return Baseline.load(folder, judge=judge, held_out=held_out)
+    return (ImageBaseline if text_to_image else Baseline).load(folder, judge=judge, held_out=held_out)
+
+
+def _samples_of(baseline) -> torch.Tensor:
+    return baseline.images if hasattr(baseline, "images") else baseline.samples
+
+
+def _grid_range(pipeline: Pipeline) -> tuple[float, float]:
+    return (0.0, 1.0) if pipeline.is_text_to_image else pipeline.denoiser.data_range
 
 
 def _variant_name(stage: str) -> str:
@@ -231,12 +298,16 @@ def _export(name, model, weights_key, solver, solver_record, recipe, configs, ro
     folder = root / "artifacts" / name
     export_section = recipe.section("export")
     key = stage_key(model=weights_key, solver=solver_record, export=export_section)
+    pipeline = model if isinstance(model, Pipeline) else None
+    if pipeline is not None:
+        model = pipeline.denoiser
     if not cache.reuse(f"export/{name}", key):
         log(f"export {name}: {', '.join(recipe.export.formats)}")
-        export_artifacts(model, solver, folder, recipe.export.formats, recipe.export.batch_size, recipe.export.opset)
+        export_artifacts(pipeline or model, solver, folder, recipe.export.formats, recipe.export.batch_size, recipe.export.opset,
+                         **({"output": recipe.export.output} if pipeline is not None else {}))
         cache.done(f"export/{name}", key, [folder])
     _add_folder(manifest, root, folder, "export", export_section)
-    out = [(name, p, model) for p in _samplers(folder)]
+    out = [(name, folder, model)] if pipeline is not None else [(name, p, model) for p in _samplers(folder)]
 
     if configs.quantize is not None:
         qname = f"{name}-{configs.quantize.scheme}"
@@ -250,7 +321,8 @@ def _export(name, model, weights_key, solver, solver_record, recipe, configs, ro
 
                 log(f"calibration {name}: {configs.calibration.sampler}, {configs.calibration.samples} states")
                 solver_config = solver if configs.calibration.sampler == "solver" else None
-                save_calibration(calibrate(model, configs.calibration, solver_config, device="cpu"), calib_path)
+                extra = _prompt_calibration(pipeline, configs.calibration, solver, recipe) if pipeline is not None else {}
+                save_calibration(calibrate(model, configs.calibration, solver_config, device="cpu", **extra), calib_path)
                 cache.done(f"calibration/{name}", calib_key, [calib_path])
             manifest.add(calib_path, "safetensors", "calibration", recipe.calibration)
         qkey = stage_key(export=key, calibration=calib_key, quantize=configs.quantize.to_dict(), formats=recipe.export.formats)
@@ -262,16 +334,21 @@ def _export(name, model, weights_key, solver, solver_record, recipe, configs, ro
             calib = load_calibration(calib_path) if configs.calibration is not None else None
             records = quantize_(folder, calib, configs.quantize, out_dir=qfolder)
             if "openvino" in recipe.export.formats:
-                from export.openvino_export import export_openvino
-
-                export_openvino(records, qfolder)
+                add_openvino(records, qfolder)
             if "onnx" not in recipe.export.formats:
-                for r in records:
-                    Path(r["path"]).unlink()
+                drop_onnx(records, qfolder)
             cache.done(f"quantize/{name}", qkey, [qfolder])
         _add_folder(manifest, root, qfolder, "quantize", recipe.quantize)
-        out += [(qname, p, model) for p in _samplers(qfolder)]
+        out += [(qname, qfolder, model)] if pipeline is not None else [(qname, p, model) for p in _samplers(qfolder)]
     return out
+
+
+def _prompt_calibration(pipeline: Pipeline, config, solver: SolverConfig, recipe: Recipe) -> dict:
+    """A pipeline's calibration conditions: its calibration prompts (else the validation prompts), encoded by its own text encoder."""
+    if pipeline.denoiser.added_cond_shapes:
+        raise UserError("calibration of SDXL-style pipelines (added text_embeds/time_ids conditioning) is not available yet")
+    prompts = config.prompts or validation_prompts(pipeline, recipe)[0]
+    return {"conditions": pipeline.encode_prompts(list(dict.fromkeys(prompts))), "final_latents": solver}
 
 
 def _samplers(folder: Path) -> list[Path]:
@@ -299,6 +376,58 @@ def _baseline_row(baseline, denoiser, reference, device) -> dict:
             "status": "ok", "scheme": "float32", "solver": info["solver"], "nfe": info["nfe"], "latency_ms": sorted(times)[1],
             "params": sum(p.numel() for p in denoiser.module.parameters()),
             "macs": _macs(denoiser, info["nfe"], baseline.guidance_scale), **baseline.quality(baseline.samples)}
+
+
+def _image_baseline_row(baseline, pipeline: Pipeline, reference) -> dict:
+    """diffusers' pipeline with the reference scheduler; its latency (prompt -> image, batch 1) measured now."""
+    from runtimes.text_to_image import diffusers_images, diffusers_pipeline
+
+    pipe = diffusers_pipeline(pipeline.extra["folder"], reference.name)
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        diffusers_images(pipe, baseline.prompts[:1], baseline.noise[:1], reference.steps, baseline.guidance_scale, baseline.negative_prompt, show_progress=False)
+        times.append((time.perf_counter() - start) * 1000)
+    info = baseline.info
+    return {"artifact": "baseline", "runtime": "diffusers", "device": "cpu", "status": "ok", "scheme": "float32", "solver": info["solver"],
+            "nfe": info["nfe"], "latency_ms": sorted(times)[1], "params": sum(sum(p.numel() for p in m.parameters()) for m in pipeline.components().values()),
+            "macs": _macs(pipeline.denoiser, info["nfe"], baseline.guidance_scale), **baseline.quality(baseline.images)}
+
+
+def _torch_image_row(name, pipeline: Pipeline, solver, baseline, bench, log) -> tuple[dict, torch.Tensor]:
+    """The pipeline's own modules with the few-step solver and the decoder baked in, on torch."""
+    from compress.components import LatentDecoder
+    from compress.denoiser import SHARED_CONDITION_KEYS
+    from export.sampler_graph import NEGATIVE, SamplerGraph
+
+    log(f"validate: {name} modules ({solver.name}-{solver.steps}, decoder baked in) on torch")
+    guidance = solver.guidance_scale is not None
+    graph = SamplerGraph(pipeline.denoiser, solver, guidance=guidance, decoder=LatentDecoder(pipeline.vae), negative_inputs=guidance)
+
+    def named(cond, prefix=""):
+        parts = cond if isinstance(cond, dict) else {"encoder_hidden_states": cond}
+        return {prefix + k: v for k, v in parts.items() if not (prefix and k in SHARED_CONDITION_KEYS)}
+
+    def generate(rows: slice, prompts: list[str]) -> torch.Tensor:
+        feeds = named(pipeline.encode_prompts(prompts))
+        if guidance:
+            feeds.update(named(pipeline.negative_condition(len(prompts), baseline.negative_prompt), NEGATIVE))
+            feeds["guidance_scale"] = torch.tensor([float(solver.guidance_scale)])
+        return graph(baseline.noise[rows], *[feeds[n] for n in graph.input_names[1:]])
+
+    with torch.no_grad():
+        images = torch.cat([generate(slice(i, i + 32), baseline.prompts[i : i + 32]) for i in range(0, len(baseline.prompts), 32)])
+        times = []
+        for _ in range(max(3, min(bench.runs, 5))):
+            start = time.perf_counter()
+            generate(slice(0, 1), baseline.prompts[:1])
+            times.append((time.perf_counter() - start) * 1000)
+    nfe = graph.table.evaluations
+    row = {"artifact": f"{name}/modules", "runtime": "torch", "device": "cpu", "status": "ok", "scheme": "float32", "solver": solver.name,
+           "steps": solver.steps, "nfe": nfe, "batch": 1, "latency_ms": float(np.median(times)),
+           "params": sum(sum(p.numel() for p in m.parameters()) for m in pipeline.components().values()),
+           "macs": _macs(pipeline.denoiser, nfe, baseline.guidance_scale), **baseline.quality(images)}
+    return row, images
 
 
 def _torch_row(name, model, solver, baseline, bench, log) -> tuple[dict, torch.Tensor]:
@@ -337,10 +466,10 @@ def _label(row: dict) -> str:
     return row["artifact"] if row["runtime"] == "torch" else f"{row['artifact']} @ {row['runtime']}"
 
 
-def _grid(root: Path, row: dict, samples: torch.Tensor, model: Denoiser) -> str:
+def _grid(root: Path, row: dict, samples: torch.Tensor, model: Denoiser | Pipeline) -> str:
     slug = re.sub(r"[^A-Za-z0-9]+", "-", _label(row)).strip("-")
     path = root / "report" / "grids" / f"{slug}.png"
-    save_grid(samples[:GRID_SAMPLES], path, model.data_range)
+    save_grid(samples[:GRID_SAMPLES], path, _grid_range(model) if isinstance(model, Pipeline) else model.data_range)
     return f"grids/{path.name}"
 
 

@@ -47,10 +47,14 @@ class ValidateSection(Section):
     seed: int = 0
     labels: list[int] | None = None  # class-conditional models: labels cycle over these (default: all classes)
     guidance_scale: float | None = None
+    # Text-to-image pipelines: the prompts cycle over the samples (zoo:digits-t2i: every digit, by default)
+    prompts: list[str] | None = None
+    negative_prompt: str | None = None  # None: as diffusers without one ("" encoded, or zeros for SDXL)
 
 
 class ExportSection(Section):
     formats: list[Literal["onnx", "coreml", "openvino"]] = Field(default_factory=lambda: ["onnx"])
+    output: Literal["image", "latents"] = "image"  # text-to-image pipelines: the sampler ends in the VAE decoder or not
     batch_size: int | None = None  # None: dynamic batch
     opset: int = 18
 

@@ -76,10 +76,15 @@ class OnnxRuntimeRunner(Runner):
         return self.provider
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session.run([self.output], self._feeds(inputs))[0]
+
+    def run_outputs(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(None, self._feeds(inputs))
+
+    def _feeds(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.session is None:
             raise RuntimeError("load an artifact before run")
-        feeds = {name: np.asarray(inputs[name], dtype=dtype) for name, dtype in self.input_types.items()}
-        return self.session.run([self.output], feeds)[0]
+        return {name: np.asarray(inputs[name], dtype=dtype) for name, dtype in self.input_types.items()}
 
     def describe(self) -> dict:
         import onnxruntime as ort

@@ -85,6 +85,13 @@ class OpenVINORunner(Runner):
         return self.compiled[key]
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        return self._infer(inputs).get_output_tensor(0).data.copy()
+
+    def run_outputs(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        request = self._infer(inputs)
+        return [request.get_output_tensor(i).data.copy() for i in range(len(self.model.outputs))]
+
+    def _infer(self, inputs: dict[str, np.ndarray]):
         if self.model is None:
             raise RuntimeError("load an artifact before run")
         if None in self.compiled:
@@ -98,7 +105,7 @@ class OpenVINORunner(Runner):
             name = next(n for n in port.get_names() if n in inputs)
             feeds[name] = np.ascontiguousarray(inputs[name], dtype=port.get_element_type().to_dtype())
         request.infer(feeds)
-        return request.get_output_tensor(0).data.copy()
+        return request
 
     def _input_names(self) -> list[str]:
         return [port.get_any_name() for port in self.model.inputs]

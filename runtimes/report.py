@@ -10,8 +10,8 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-COLUMNS = ("artifact", "runtime", "device", "scheme", "solver", "nfe", "latency_ms", "speedup", "bytes", "macs",
-           "psnr", "ssim", "fd", "confident_share", "class_agreement")
+COLUMNS = ("artifact", "runtime", "device", "scheme", "solver", "nfe", "latency_ms", "latency_text_encoder_ms", "latency_text_encoder_2_ms",
+           "latency_sampler_ms", "speedup", "bytes", "macs", "psnr", "ssim", "fd", "confident_share", "class_agreement")
 PLOT_FILE = "pareto.png"
 
 
@@ -89,7 +89,11 @@ def markdown(report: dict) -> str:
     columns = _columns(rows)
     lines = [f"# Report: {report['recipe']}", ""]
     baseline = report.get("baseline") or {}
-    if baseline:
+    if baseline.get("pipeline"):
+        lines += [f"Baseline: diffusers' {baseline['pipeline']} in float32 with {baseline.get('scheduler')}, {baseline.get('solver')}, "
+                  f"{baseline.get('samples')} prompts, seed {baseline.get('seed')}. Every row goes from the same prompts and latent noise "
+                  "to images, compared with the baseline's in [0, 1]; a pipeline row's latency is the whole prompt -> image path.", ""]
+    elif baseline:
         lines += [f"Baseline: float32 {baseline.get('solver')} on {baseline.get('device')}, {baseline.get('samples')} samples, "
                   f"seed {baseline.get('seed')}. Every row is run from the baseline's noise and compared with its samples.", ""]
     lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

@@ -41,6 +41,10 @@ class Runner(ABC):
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """One call of the artifact: its single output (the sample, or the raw prediction of a denoiser)."""
 
+    def run_outputs(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Every output of one call, in the artifact's order (a text encoder's hidden states and pooled embedding)."""
+        return [self.run(inputs)]
+
     def describe(self) -> dict:
         """Library version, execution provider or device precision: whatever decides the numbers."""
         return {}

@@ -262,3 +262,36 @@ def test_onnxruntime_app_makes_a_png_without_torch_diffusers_or_transformers(exp
 
     image = Image.open(png)
     assert image.size == (16, 16) and image.mode == "RGB"
+
+
+def test_compress_run_takes_a_pipeline_from_prompts_to_validated_int8_images(folders, tmp_path):
+    from compress.pipeline import run
+    from compress.recipe import parse_recipe
+
+    recipe = parse_recipe({
+        "name": "tiny-t2i",
+        "model": f"diffusers:{folders['sd-kl']}",
+        "solver": {"name": "dpmpp-2m", "steps": 4, "guidance_scale": 7.5},
+        "calibration": {"sampler": "ndtc", "samples": 8, "trajectory_steps": 8, "guidance_scale": 7.5},
+        "quantize": {"denoiser": "w8a8", "decoder": "w8a8", "text_encoder": "int8-weights", "subset_size": 4},
+        "export": {"formats": ["onnx", "openvino"]},
+        "validate": {"reference": {"name": "dpmpp-2m", "steps": 4}, "samples": 4, "prompts": PROMPTS, "negative_prompt": NEGATIVE},
+        "bench": {"runs": 2},
+        "report": {"checks": ["float32/pipeline@*:psnr>=40", "float32-w8a8/pipeline@onnxruntime:psnr>=20"]},
+    })
+    report = run(recipe, tmp_path / "out", log=lambda m: None)
+    rows = {(r["artifact"], r["runtime"]): r for r in report["rows"]}
+    assert set(rows) >= {("baseline", "diffusers"), ("float32/modules", "torch"), ("float32/pipeline", "onnxruntime"),
+                         ("float32/pipeline", "openvino"), ("float32-w8a8/pipeline", "onnxruntime"), ("float32-w8a8/pipeline", "openvino")}
+    # The baseline is diffusers' own pipeline with the same scheduler and steps: the float exports reproduce it.
+    assert rows[("float32/pipeline", "onnxruntime")]["psnr"] > 50
+    assert all(c["passed"] for c in report["checks"]), report["checks"]
+    w8a8 = rows[("float32-w8a8/pipeline", "onnxruntime")]
+    assert w8a8["schemes"] == {"text_encoder": "int8-weights", "sampler": "w8a8", "denoiser": "w8a8", "vae_decoder": "w8a8", "vae_encoder": "float32"}
+    assert w8a8["bytes_by_component"]["text_encoder"] < 0.5 * rows[("float32/pipeline", "onnxruntime")]["bytes_by_component"]["text_encoder"]
+    assert w8a8["latency_sampler_ms"] > 0 and w8a8["latency_text_encoder_ms"] > 0
+    quantized = tmp_path / "out" / "artifacts" / "float32-w8a8"
+    files = json.loads((quantized / "pipeline.json").read_text())["components"]
+    assert files["sampler"] == {"onnx": "sampler.onnx", "openvino": "sampler.xml"}
+    assert (quantized / "tokenizer" / "tokenizer.json").is_file()
+    assert "diffusers' StableDiffusionPipeline" in (tmp_path / "out" / "report" / "report.md").read_text()
