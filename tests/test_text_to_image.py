@@ -26,8 +26,8 @@ NEGATIVE = "blurry"
 STEPS = 4
 
 
-def _example():
-    spec = importlib.util.spec_from_file_location("text_to_image_onnx", ROOT / "examples" / "text_to_image_onnx.py")
+def _example(name: str = "text_to_image_onnx"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -170,11 +170,18 @@ def test_tokenizer_json_pads_and_truncates_like_the_pipeline(exported):
     assert json.loads((tmp_path / "text_encoder.json").read_text())["tokenizer"]["truncation"] is True
 
 
-def test_openvino_ir_of_every_component_matches_onnxruntime(folders, tmp_path):
+@pytest.fixture(scope="module")
+def sdxl_with_openvino(folders, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sdxl-openvino")
+    _export(folders["sdxl"], out, formats=("onnx", "openvino"))
+    return out
+
+
+def test_openvino_ir_of_every_component_matches_onnxruntime(sdxl_with_openvino):
     import onnxruntime as ort
     import openvino as ov
 
-    _export(folders["sdxl"], tmp_path, formats=("onnx", "openvino"))
+    tmp_path = sdxl_with_openvino
     files = json.loads((tmp_path / "pipeline.json").read_text())["components"]
     assert set(files) == {"text_encoder", "text_encoder_2", "sampler", "denoiser", "vae_decoder", "vae_encoder"}
     core = ov.Core()
@@ -189,6 +196,14 @@ def test_openvino_ir_of_every_component_matches_onnxruntime(folders, tmp_path):
         theirs = compiled(feeds)
         for j, out in enumerate(onnx_session.get_outputs()):
             np.testing.assert_allclose(theirs[compiled.outputs[j]], onnx_session.run(None, feeds)[j], atol=1e-3, err_msg=kind)
+
+
+def test_openvino_app_makes_the_onnxruntime_apps_image(sdxl_with_openvino):
+    tmp_path = sdxl_with_openvino
+    onnx_image = _example().generate(tmp_path, PROMPTS, NEGATIVE, seed=3)
+    openvino_image = _example("text_to_image_openvino").generate(tmp_path, PROMPTS, NEGATIVE, seed=3, config={"INFERENCE_PRECISION_HINT": "f32"})
+    assert onnx_image.std() > 0.02
+    assert np.abs(openvino_image - onnx_image).max() < 1e-3
 
 
 def _edit_json(path: Path, **changes):
