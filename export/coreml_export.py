@@ -1,12 +1,18 @@
-"""Core ML writer: `sampler.mlpackage` (the whole few-step sampler) and `denoiser.mlpackage` (the bare network).
+"""Core ML writer: `sampler.mlpackage` (the whole few-step sampler) and `denoiser.mlpackage` (the bare network);
+for a text-to-image pipeline also `text_encoder*.mlpackage`, `vae_decoder.mlpackage` and `vae_encoder.mlpackage`.
 
 Each graph goes through torch.export and `run_decompositions` to coremltools (ML program,
 float16 compute): converting a `torch.jit.trace` of these models fails on the timestep op.
 Weights can then be compressed by coremltools.optimize (int8 linear symmetric or 6-bit
 k-means palettization); int8 activations are calibrated by running the model, which Core ML
 can only do on macOS. Inputs and outputs carry the names of the sidecar (the automatically
-named output becomes `sample` / `prediction`); class labels are int32 because Core ML has no
-int64 inputs.
+named outputs become `sample` / `prediction` / `image` / `hidden_states` + `pooled`); class labels
+and token ids are int32 because Core ML has no int64 inputs. Shapes are static (a fixed batch).
+
+torch.export of a CLIP text encoder slices its position-id buffer to the sequence length; with
+the static length that slice covers the whole buffer, and `run_decompositions` turns it into
+`aten.alias`, which coremltools 9.0 has no conversion for ("Unsupported fx node alias"). A
+functional graph's alias is its input, so `_drop_aliases` rewires its users before conversion.
 
 Prediction needs macOS, so every package is checked structurally after it is written (the spec
 loads, names, shapes and dtypes match the sidecar, the weights are stored once) on any OS.
@@ -30,11 +36,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from compress.components import LatentDecoder, Pipeline, TextEncoderGraph
 from compress.denoiser import Denoiser
 from compress.errors import UserError
 from compress.solvers import SolverConfig
+from export.component_graphs import vae_graphs
 from export.sampler_graph import DenoiserGraph, SamplerGraph
-from export.sidecar import denoiser_sidecar, sampler_sidecar, write_sidecar
+from export.sidecar import denoiser_sidecar, sampler_sidecar, text_encoder_sidecar, vae_sidecar, write_sidecar
 
 WEIGHTS = ("float", "int8", "palettize6")
 ACTIVATIONS = ("float", "int8")
@@ -47,6 +55,9 @@ CALIBRATION_SAMPLES = 8
 # it is not part of the package (Manifest.json does not list it) and can outweigh a small model.
 DEBUG_MAPPING = "executorch_debug_handle_mapping.json"
 METADATA_PREFIX = "diffusion_compress."
+SAMPLER_OUTPUTS = ("image", "latents")
+# Sidecar sections copied into a package's metadata when its sidecar has them.
+METADATA_SECTIONS = ("prediction_type", "data_range", "tokenizer", "scaling")
 
 
 def import_coremltools():
@@ -79,22 +90,76 @@ def export_coreml(
     device = denoiser.device
     denoiser.to("cpu")  # traced and converted on the CPU; the caller's device is restored at the end
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".coreml-export-", dir=out_dir))
     try:
         sampler, network = SamplerGraph(denoiser, solver_config, guidance), DenoiserGraph(denoiser)
         extra = {"coreml": settings}
-        records = [
-            _write_package(sampler, "sampler", _coreml_sidecar(sampler_sidecar(sampler, "coreml", "sampler.mlpackage", batch_size, extra)), stage, settings),
-            _write_package(network, "denoiser", _coreml_sidecar(denoiser_sidecar(network, "coreml", "denoiser.mlpackage", batch_size, extra)), stage, settings),
+        graphs = [
+            (sampler, "sampler", sampler_sidecar(sampler, "coreml", "sampler.mlpackage", batch_size, extra)),
+            (network, "denoiser", denoiser_sidecar(network, "coreml", "denoiser.mlpackage", batch_size, extra)),
         ]
+        return _write_packages(graphs, out_dir, settings)
+    finally:
+        denoiser.to(device)
+
+
+def export_pipeline_coreml(
+    pipeline: Pipeline,
+    solver_config: SolverConfig,
+    out_dir: str | Path,
+    batch_size: int = 1,
+    weights: str = "float",
+    guidance: bool | None = None,
+    output: str = "image",
+) -> list[dict]:
+    """A text-to-image pipeline as Core ML packages in ``out_dir``, next to its ONNX files; one record per package.
+
+    Writes text_encoder(_2).mlpackage (input_ids int32), sampler.mlpackage (the VAE decoder baked in
+    when ``output`` is 'image'; 'latents' keeps the latent output `sample`), denoiser.mlpackage,
+    vae_decoder.mlpackage and vae_encoder.mlpackage, each with its <kind>.coreml.json. Guidance is
+    on iff the solver has a guidance scale (as export_pipeline_onnx), with the negative prompt's
+    condition as inputs. The tokenizers and pipeline.json are the ONNX export's: add these
+    packages to pipeline.json with `export.sidecar.record_component_files`.
+    """
+    _check_options(batch_size, weights, "float", None)
+    if output not in SAMPLER_OUTPUTS:
+        raise UserError(f"unknown sampler output {output!r}; expected one of {', '.join(SAMPLER_OUTPUTS)}")
+    if pipeline.vae is None or not pipeline.text_encoders:
+        raise UserError(f"{pipeline.name!r} is not a text-to-image pipeline (it needs text encoders and a VAE)")
+    settings = {"weights": weights, "activations": "float", "deployment_target": "iOS16", "compute_precision": "float16"}
+    denoiser = pipeline.denoiser
+    if guidance is None:  # a pipeline guides when its scale asks for it, as diffusers' do_classifier_free_guidance
+        guidance = solver_config.guidance_scale is not None
+    device = denoiser.device
+    pipeline.to("cpu")
+    try:
+        decoder = LatentDecoder(pipeline.vae) if output == "image" else None
+        sampler = SamplerGraph(denoiser, solver_config, guidance, decoder=decoder, negative_inputs=True)
+        extra = {"coreml": settings}
+        graphs = [(TextEncoderGraph(e), e.name, {**text_encoder_sidecar(e, "coreml", f"{e.name}.mlpackage", batch_size), **extra})
+                  for e in pipeline.text_encoders]
+        graphs.append((sampler, "sampler", sampler_sidecar(sampler, "coreml", "sampler.mlpackage", batch_size, extra)))
+        network = DenoiserGraph(denoiser)
+        graphs.append((network, "denoiser", denoiser_sidecar(network, "coreml", "denoiser.mlpackage", batch_size, extra)))
+        for kind, graph in vae_graphs(pipeline.vae, tuple(denoiser.sample_shape)).items():
+            graphs.append((graph, kind, {**vae_sidecar(graph, kind, "coreml", f"{kind}.mlpackage", batch_size), **extra}))
+        return _write_packages(graphs, out_dir, settings)
+    finally:
+        pipeline.to(device)
+
+
+def _write_packages(graphs: list[tuple[nn.Module, str, dict]], out_dir: Path, settings: dict) -> list[dict]:
+    """Converts each (graph, kind, sidecar) in a staging folder inside ``out_dir``, then renames them all into place."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".coreml-export-", dir=out_dir))
+    try:
+        records = [_write_package(graph, kind, _coreml_sidecar(sidecar), stage, settings) for graph, kind, sidecar in graphs]
         for item in sorted(stage.iterdir()):
             destination = out_dir / item.name
             if destination.is_dir():
                 shutil.rmtree(destination)
             os.replace(item, destination)
     finally:
-        denoiser.to(device)
         shutil.rmtree(stage, ignore_errors=True)
     for record in records:
         for key in ("path", "sidecar"):
@@ -118,10 +183,11 @@ def _check_options(batch_size, weights: str, activations: str, deployment_target
 
 
 def _coreml_sidecar(sidecar: dict) -> dict:
-    """Core ML has no int64 inputs: class labels are int32 in this format."""
+    """Core ML has no int64 inputs: class labels and token ids are int32 in this format."""
     for spec in sidecar["inputs"]:
         if spec["dtype"] == "int64":
             spec["dtype"] = "int32"
+            spec["note"] = "int32 in Core ML, which has no int64 inputs (the ONNX model takes int64; the values are the same)"
     return sidecar
 
 
@@ -160,16 +226,45 @@ def _convert(ct, graph: nn.Module, sidecar: dict, batch_size: int, deployment_ta
     dtypes = {"float32": np.float32, "int32": np.int32}
     inputs = [ct.TensorType(name=spec["name"], shape=tuple(x.shape), dtype=dtypes[spec["dtype"]]) for spec, x in zip(sidecar["inputs"], example)]
     with torch.no_grad(), _quiet():
-        program = torch.export.export(graph.eval(), example).run_decompositions({})
+        program = export_program(graph, example)
         return ct.convert(
             program,
             inputs=inputs,
-            # Named here, the output is renamed from its automatic name to the sidecar's.
-            outputs=[ct.TensorType(name=sidecar["outputs"][0]["name"], dtype=np.float32)],
+            # Named here, the outputs are renamed from their automatic names to the sidecar's (in the graph's order).
+            outputs=[ct.TensorType(name=spec["name"], dtype=np.float32) for spec in sidecar["outputs"]],
             convert_to="mlprogram",
             compute_precision=ct.precision.FLOAT16,
             minimum_deployment_target=getattr(ct.target, deployment_target),
         )
+
+
+def export_program(graph: nn.Module, example: tuple[torch.Tensor, ...]):
+    """The ExportedProgram that coremltools converts: torch.export, `run_decompositions`, no-op aliases dropped."""
+    with torch.no_grad():
+        program = torch.export.export(graph.eval(), example).run_decompositions({})
+    _drop_aliases(program)
+    return program
+
+
+def _drop_aliases(program) -> int:
+    """Replaces each `aten.alias` by its input; returns how many there were.
+
+    A slice over a whole dimension (CLIP's `position_ids[:, :seq_length]` at the full, static
+    length) decomposes to `aten.alias`, which coremltools cannot convert. The graph is functional
+    (nothing is mutated in place), so an alias and its input hold the same values. Aliases that
+    are graph outputs stay: the output signature names them.
+    """
+    graph = program.graph_module.graph
+    dropped = 0
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target == torch.ops.aten.alias.default and all(u.op != "output" for u in node.users):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+            dropped += 1
+    if dropped:
+        graph.lint()
+        program.graph_module.recompile()
+    return dropped
 
 
 def _compress(ct, model, graph: nn.Module, batch_size: int, settings: dict):
@@ -210,8 +305,7 @@ def _describe(model, kind: str, sidecar: dict) -> None:
     metadata = {
         "interface": {"inputs": sidecar["inputs"], "outputs": sidecar["outputs"], "batch": sidecar["batch"]},
         "kind": kind,
-        "prediction_type": sidecar["prediction_type"],
-        "data_range": sidecar["data_range"],
+        **{key: sidecar[key] for key in METADATA_SECTIONS if key in sidecar},
         "sidecar": f"{kind}{SIDECAR_SUFFIX}",
     }
     if kind == "sampler":

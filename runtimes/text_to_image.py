@@ -176,16 +176,15 @@ class PipelineRunner:
                                                                  baseline.negative_prompt, baseline.guidance_scale))))
         return torch.cat(out).float()
 
-    def latencies(self, baseline: ImageBaseline, runs: int) -> dict:
-        """Per-sample latency at batch 1 of each component and of the whole prompt -> image path."""
-        prompt, noise = baseline.prompts[:1], baseline.noise[:1].numpy()
-        ids = self.token_ids(prompt)
+    def latencies(self, prompt: str, noise: np.ndarray, negative_prompt: str | None, guidance_scale: float | None, runs: int) -> dict:
+        """Latency at batch 1 (one prompt, ``noise`` [1, c, h, w]) of each component and of the whole prompt -> image path."""
+        ids = self.token_ids([prompt])
         out = {}
         for e in self.encoders:
             out[f"latency_{e['name']}_ms"] = benchmark(self.runners[e["name"]], {"input_ids": ids[e["tokenizer"]]}, runs=runs, warmup=2)["latency_ms"]["median"]
-        feeds = self.feeds(prompt, noise, baseline.negative_prompt, baseline.guidance_scale)
+        feeds = self.feeds([prompt], noise, negative_prompt, guidance_scale)
         out["latency_sampler_ms"] = benchmark(self.runners["sampler"], feeds, runs=runs, warmup=2)["latency_ms"]["median"]
-        whole = benchmark(_WholePath(self, prompt, noise, baseline), {"noise": noise}, runs=runs, warmup=2)
+        whole = benchmark(_WholePath(self, [prompt], noise, negative_prompt, guidance_scale), {"noise": noise}, runs=runs, warmup=2)
         out.update(latency_ms=whole["latency_ms"]["median"], latency_p90_ms=whole["latency_ms"]["p90"], peak_rss_mb=whole["memory"].get("peak_rss_mb"), batch=1)
         return out
 
@@ -203,12 +202,12 @@ class PipelineRunner:
 class _WholePath:
     """The whole prompt -> image path behind the runner interface, for `benchmark`."""
 
-    def __init__(self, pipeline: PipelineRunner, prompt, noise, baseline: ImageBaseline):
-        self.pipeline, self.prompt, self.noise, self.baseline = pipeline, prompt, noise, baseline
+    def __init__(self, pipeline: PipelineRunner, prompts: list[str], noise: np.ndarray, negative_prompt: str | None, guidance_scale: float | None):
+        self.pipeline, self.args = pipeline, (prompts, noise, negative_prompt, guidance_scale)
         self.name, self.device, self.threads = pipeline.runtime, "cpu", None
 
     def run(self, feeds):
-        return self.pipeline.generate(self.prompt, self.noise, self.baseline.negative_prompt, self.baseline.guidance_scale)
+        return self.pipeline.generate(*self.args)
 
     def describe(self) -> dict:
         return self.pipeline.runners["sampler"].describe()
@@ -241,7 +240,7 @@ def validate_pipeline_folder(folder: Path, baseline: ImageBaseline, name: str, r
         try:
             runner = PipelineRunner(folder, runtime)
             images = runner.images(baseline)
-            timing = runner.latencies(baseline, runs)
+            timing = runner.latencies(baseline.prompts[0], baseline.noise[:1].numpy(), baseline.negative_prompt, baseline.guidance_scale, runs)
             sizes = runner.bytes()
         except Exception as e:  # a runtime that cannot run an artifact is a finding for the report, not a crash
             rows.append({**common, "runtime": runtime, "device": probe.device, "status": "failed", "reason": first_line(e)})
