@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from compress.commands.common import load_from_flags, model_options
+from compress.commands.common import load_from_flags, load_pipeline_from_flags, model_options
 from compress.errors import UserError
 
 
@@ -25,18 +25,37 @@ from compress.errors import UserError
 @click.option("--steps", type=int, default=8, show_default=True)
 @click.option("--spacing", default="trailing", show_default=True)
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--prompt", "prompts", multiple=True, help="Text-to-image pipelines: a calibration prompt; repeatable.")
+@click.option("--prompts-file", type=click.Path(dir_okay=False, exists=True), default=None, help="Text-to-image pipelines: one prompt per line.")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Output .safetensors file.")
 @model_options
-def calibrate(model, sampler, samples, seed, mean, std, interval, trajectory_steps, guidance, solver, steps, spacing, device, out, **kw):
-    """Record a timestep-aware calibration set from MODEL's own full-precision trajectories."""
+def calibrate(model, sampler, samples, seed, mean, std, interval, trajectory_steps, guidance, solver, steps, spacing, device, prompts, prompts_file, out, **kw):
+    """Record a timestep-aware calibration set from MODEL's own full-precision trajectories.
+
+    For a text-to-image pipeline the trajectories follow the given prompts (encoded by its own text
+    encoder, with the empty negative prompt for the unconditional half), and the set also holds the
+    latents the --solver/--steps sampler ends at, on which the VAE decoder is calibrated.
+    """
     from calibration import CalibrationConfig, calibrate as record, save_calibration
     from compress.solvers import SolverConfig
 
+    prompts = list(prompts) + (Path(prompts_file).read_text().splitlines() if prompts_file else [])
+    prompts = [p for p in prompts if p.strip()]
     config = CalibrationConfig(sampler=sampler, samples=samples, seed=seed, mean=mean, std=std, interval=interval,
-                               trajectory_steps=trajectory_steps, guidance_scale=guidance)
-    denoiser = load_from_flags(model, kw)
-    solver_config = SolverConfig(solver, steps, spacing, guidance) if sampler == "solver" else None
-    calib = record(denoiser, config, solver_config, device=device)
+                               trajectory_steps=trajectory_steps, guidance_scale=guidance, prompts=prompts or None)
+    pipeline = load_pipeline_from_flags(model, kw)
+    denoiser = pipeline.denoiser
+    baked = SolverConfig(solver, steps, spacing, guidance)
+    extra = {}
+    if pipeline.is_text_to_image:
+        if not prompts:
+            raise UserError(f"{model} is a text-to-image pipeline: give its calibration prompts with --prompt or --prompts-file")
+        if denoiser.added_cond_shapes:
+            raise UserError("calibration of SDXL-style pipelines (added text_embeds/time_ids conditioning) is not available yet")
+        extra = {"conditions": pipeline.encode_prompts(list(dict.fromkeys(prompts))), "final_latents": baked}
+    elif prompts:
+        raise UserError(f"--prompt needs a text-to-image pipeline; {model} takes no text")
+    calib = record(denoiser, config, baked if sampler == "solver" else None, device=device, **extra)
     path = save_calibration(calib, out)
     counts = calib.header["counts"]
     click.echo(f"wrote {path} ({counts['inputs']} inputs from {counts['trajectories']} trajectories, "
@@ -52,6 +71,10 @@ def calibrate(model, sampler, samples, seed, mean, std, interval, trajectory_ste
 @click.option("--shared-from", type=click.Choice(["denoiser", "union"]), default="denoiser", show_default=True,
               help="shared: the denoiser's scales calibrated on the set, or the union of the per-step ranges.")
 @click.option("--target", "targets", multiple=True, type=click.Choice(["sampler", "denoiser"]), help="Graphs to quantize (default both).")
+@click.option("--decoder", type=click.Choice(["w8a8", "w8a16", "int8-weights", "int4-weights", "fp16"]), default=None,
+              help="Text-to-image exports: the VAE decoder's scheme (default float; w8a8 also quantizes it inside the sampler).")
+@click.option("--text-encoder", type=click.Choice(["int8-weights", "int4-weights", "fp16"]), default=None,
+              help="Text-to-image exports: the text encoders' scheme (default float).")
 @click.option("--subset-size", type=int, default=256, show_default=True)
 @click.option("--ignore", "ignored", multiple=True, help="Extra node-name regex kept in float; repeatable.")
 @click.option("--solver", default="dpmpp-2m", show_default=True, help="For a model reference: the solver to export first.")
@@ -60,14 +83,19 @@ def calibrate(model, sampler, samples, seed, mean, std, interval, trajectory_ste
 @click.option("--guidance", type=float, default=None, help="For a model reference: default guidance scale of the export.")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False))
 @model_options
-def quantize(model_or_onnx, calib, scheme, granularity, shared_from, targets, subset_size, ignored, solver, steps, spacing, guidance, out, **kw):
-    """Quantize MODEL_OR_ONNX: an export folder or .onnx file, or a model reference (exported first)."""
+def quantize(model_or_onnx, calib, scheme, granularity, shared_from, targets, decoder, text_encoder, subset_size, ignored, solver, steps, spacing,
+             guidance, out, **kw):
+    """Quantize MODEL_OR_ONNX: an export folder or .onnx file, or a model reference (exported first).
+
+    A text-to-image export folder comes out whole: each graph with its component's scheme
+    (--scheme for the denoiser's steps, --decoder, --text-encoder), the rest copied.
+    """
     from calibration import check_calibration_matches, load_calibration, model_identity
     from compress.outputs import Manifest, staged_folder
     from compress.quantize import QuantizeConfig, quantize_
 
-    config = QuantizeConfig(scheme=scheme, granularity=granularity, shared_from=shared_from, subset_size=subset_size,
-                            ignored=list(ignored), **({"targets": list(targets)} if targets else {}))
+    config = QuantizeConfig(scheme=scheme, granularity=granularity, shared_from=shared_from, subset_size=subset_size, decoder=decoder,
+                            text_encoder=text_encoder, ignored=list(ignored), **({"targets": list(targets)} if targets else {}))
     calib_set = load_calibration(calib) if calib else None
     if scheme in ("w8a8", "w8a16") and calib_set is None:
         raise UserError(f"--scheme {scheme} needs --calib (record a set with 'compress calibrate')")
@@ -89,8 +117,10 @@ def quantize(model_or_onnx, calib, scheme, granularity, shared_from, targets, su
         records = quantize_(source, calib_set, config, out_dir=root)
         manifest = Manifest(root, "quantize")
         for r in records:
-            manifest.add(Path(r["path"]), "onnx", "quantize", config.to_dict(), kind=r["kind"], scheme=scheme)
+            manifest.add(Path(r["path"]), "onnx", "quantize", config.to_dict(), kind=r["kind"], scheme=r["scheme"] or "float32")
+        for path in sorted(p for p in root.rglob("*") if p.is_file() and (p.name == "pipeline.json" or p.parent.name.startswith("tokenizer"))):
+            manifest.add(path, path.suffix.lstrip("."), "quantize", config.to_dict())
         manifest.write()
     for r in records:
-        click.echo(f"wrote {Path(out) / Path(r['path']).name} ({r['bytes'] / 1e6:.2f} MB, float {r['float_bytes'] / 1e6:.2f} MB, {r['scheme']}"
+        click.echo(f"wrote {Path(out) / Path(r['path']).name} ({r['bytes'] / 1e6:.2f} MB, float {r['float_bytes'] / 1e6:.2f} MB, {r['scheme'] or 'float32'}"
                    + (f", {r['granularity']}" if r.get("granularity") else "") + ")")
