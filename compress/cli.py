@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from compress.commands.common import ChecksFailed, load_from_flags, model_options
+from compress.commands.common import ChecksFailed, load_pipeline_from_flags, model_options
 from compress.errors import UserError
 
 EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 1, 2, 3
@@ -48,31 +48,42 @@ def run(recipe, out, force, resume):
 @click.option("--n", "n", type=int, default=64, show_default=True, help="Number of samples.")
 @click.option("--label", type=int, default=None, help="Class label (class-conditional models).")
 @click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale.")
+@click.option("--prompt", default=None, help="Text-to-image pipelines: the prompt of every sample (decoded to images).")
+@click.option("--negative-prompt", default=None, help="Text-to-image pipelines: the unconditional branch's prompt.")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when present).")
 @click.option("--out", "out", default="grid.png", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--save-tensors", type=click.Path(dir_okay=False), default=None, help="Also write the samples as safetensors.")
 @model_options
-def sample(model, solver, steps, spacing, timesteps, seed, n, label, guidance, device, out, save_tensors, **kw):
+def sample(model, solver, steps, spacing, timesteps, seed, n, label, guidance, prompt, negative_prompt, device, out, save_tensors, **kw):
     """Sample an image grid from MODEL (zoo:NAME, diffusers:PATH, python:module:factory)."""
     import torch
 
     from compress.images import save_grid
     from compress.commands.export import parse_timesteps
-    from compress.export_chain import resolve_solver
+    from compress.export_chain import pipeline_guidance, resolve_solver
     from compress.sampling import make_noise, sample as run_sampler
 
     if n < 1:
         raise UserError(f"--n must be at least 1, got {n}")
-    denoiser = load_from_flags(model, kw)
+    pipeline = load_pipeline_from_flags(model, kw)
+    denoiser = pipeline.denoiser
     if label is not None and denoiser.conditioning != "class":
         raise UserError(f"--label needs a class-conditional model; {model} is conditioned on '{denoiser.conditioning}'")
+    if (prompt is not None or negative_prompt is not None) and not pipeline.is_text_to_image:
+        raise UserError(f"--prompt needs a text-to-image pipeline; {model} takes no text")
     cond = torch.full((n,), label, dtype=torch.long) if label is not None else None
-    if cond is None and denoiser.conditioning == "text":
+    if pipeline.is_text_to_image:
+        guidance = pipeline_guidance(pipeline, guidance)
+        cond = pipeline.encode_prompts([prompt or ""] * n)
+        denoiser.null_text = pipeline.negative_condition(1, negative_prompt)
+    elif cond is None and denoiser.conditioning == "text":
         cond = torch.zeros((n, *denoiser.cond_shape))
     timesteps = parse_timesteps(timesteps)
     config = resolve_solver(denoiser, solver, len(timesteps) if timesteps else steps, spacing, guidance, timesteps=timesteps)
     samples = run_sampler(denoiser, config, make_noise(denoiser, n, seed), cond, device=device, seed=seed)
-    save_grid(samples, Path(out), denoiser.data_range)
+    if pipeline.is_text_to_image:
+        samples = pipeline.decode(samples)
+    save_grid(samples, Path(out), (0.0, 1.0) if pipeline.is_text_to_image else denoiser.data_range)
     if save_tensors:
         from safetensors.torch import save_file
 

@@ -140,7 +140,7 @@ def run(recipe: Recipe, out: Path, force: bool = False, resume: bool = False, lo
         if not cache.reuse("baseline", key):
             if text_to_image:
                 log(f"baseline: diffusers' {pipeline.class_name} in float32, {reference.name}-{reference.steps} ({v.samples} samples, seed {v.seed})")
-                baseline = _image_baseline(pipeline, reference, recipe, guidance)
+                baseline = _image_baseline(pipeline, reference, recipe, guidance, log)
             else:
                 log(f"baseline: float32 {reference.name}-{reference.steps} on {device} ({v.samples} samples, seed {v.seed})")
                 baseline = _baseline(denoiser, reference, recipe, guidance, device)
@@ -225,13 +225,13 @@ def _baseline(denoiser, reference, recipe, guidance, device):
     return Baseline(samples.float().cpu(), noise, cond, guidance, denoiser.data_range, info)
 
 
-def _image_baseline(pipeline: Pipeline, reference: SolverConfig, recipe: Recipe, guidance):
+def _image_baseline(pipeline: Pipeline, reference: SolverConfig, recipe: Recipe, guidance, log):
     """diffusers' own pipeline from the recipe's latent noise and prompts: the images every artifact is held to."""
     from runtimes.text_to_image import ImageBaseline, diffusers_images, diffusers_pipeline
 
     v = recipe.validate_
     prompts, labels = validation_prompts(pipeline, recipe)
-    pipeline.check_prompts(prompts + [v.negative_prompt or ""], log=print)
+    pipeline.check_prompts(prompts + [v.negative_prompt or ""], log=log)
     noise = make_noise(pipeline.denoiser, v.samples, v.seed)
     pipe = diffusers_pipeline(pipeline.extra["folder"], reference.name)
     start = time.perf_counter()
