@@ -215,6 +215,22 @@ class Pipeline:
             return tuple(self.denoiser.sample_shape)
         return LatentDecoder(self.vae).output_shape(self.denoiser.sample_shape)
 
+    def at_resolution(self, height: int, width: int) -> "Pipeline":
+        """The same pipeline generating ``height`` x ``width`` images (the denoiser's latents scaled to match)."""
+        import dataclasses
+
+        if self.vae is None:
+            raise UserError(f"{self.name!r} samples pixels directly: its resolution is its sample shape {tuple(self.denoiser.sample_shape)}")
+        unet = getattr(self.denoiser.module, "unet", None)
+        levels = len(unet.config.block_out_channels) - 1 if unet is not None else 0
+        step = self.vae.downscale * 2**levels
+        if height <= 0 or width <= 0 or height % step or width % step:
+            raise UserError(f"resolution {height}x{width}: height and width must be positive multiples of {step} for {self.name!r} "
+                            f"(VAE downscale {self.vae.downscale} x the UNet's {2**levels})")
+        channels = self.denoiser.sample_shape[0]
+        denoiser = dataclasses.replace(self.denoiser, sample_shape=(channels, height // self.vae.downscale, width // self.vae.downscale))
+        return dataclasses.replace(self, denoiser=denoiser)
+
     def components(self) -> dict[str, nn.Module]:
         """Every network of the pipeline by component name (what per-component recipes refer to)."""
         found = {"denoiser": self.denoiser.module}

@@ -112,6 +112,10 @@ def run(recipe: Recipe, out: Path, force: bool = False, resume: bool = False, lo
     configs = stage_configs(recipe)
     checks = parse_checks(recipe.report.checks)
     pipeline = pipeline_from_recipe(recipe)
+    if recipe.export and recipe.export.resolution:
+        if len(recipe.export.resolution) != 2:
+            raise UserError(f"recipe: export.resolution is [height, width], got {recipe.export.resolution}")
+        pipeline = pipeline.at_resolution(*recipe.export.resolution)
     denoiser = pipeline.denoiser
     text_to_image = pipeline.is_text_to_image
     if text_to_image and (configs.prune is not None or configs.slim is not None):

@@ -55,6 +55,7 @@ class ValidateSection(Section):
 class ExportSection(Section):
     formats: list[Literal["onnx", "coreml", "openvino"]] = Field(default_factory=lambda: ["onnx"])
     output: Literal["image", "latents"] = "image"  # text-to-image pipelines: the sampler ends in the VAE decoder or not
+    resolution: list[int] | None = None  # text-to-image pipelines: [height, width] of the images (default: the UNet's sample size)
     batch_size: int | None = None  # None: dynamic batch
     opset: int = 18
 

@@ -57,7 +57,7 @@ def exported(folders, tmp_path_factory):
     return get
 
 
-def _diffusers_images(folder: Path, noise: torch.Tensor, guidance: float, negative=NEGATIVE) -> np.ndarray:
+def _diffusers_images(folder: Path, noise: torch.Tensor, guidance: float, negative=NEGATIVE, size=(16, 16)) -> np.ndarray:
     import diffusers
 
     index = json.loads((folder / "model_index.json").read_text())
@@ -65,12 +65,14 @@ def _diffusers_images(folder: Path, noise: torch.Tensor, guidance: float, negati
     pipe.set_progress_bar_config(disable=True)
     negative = None if negative is None else [negative] * len(PROMPTS)
     out = pipe(PROMPTS, negative_prompt=negative, num_inference_steps=STEPS, guidance_scale=guidance, latents=noise.clone(),
-               output_type="np", height=16, width=16)
+               output_type="np", height=size[0], width=size[1])
     return out.images
 
 
-def _export(folder: Path, out: Path, guidance: float | None = None, formats=("onnx",), output="image"):
+def _export(folder: Path, out: Path, guidance: float | None = None, formats=("onnx",), output="image", resolution=None):
     pipeline = load_pipeline(f"diffusers:{folder}")
+    if resolution:
+        pipeline = pipeline.at_resolution(*resolution)
     solver = resolve_solver(pipeline.denoiser, "model", STEPS, guidance=pipeline_guidance(pipeline, guidance))
     return pipeline, export_artifacts(pipeline, solver, out, list(formats), output=output)
 
@@ -110,15 +112,19 @@ def test_empty_negative_prompt_is_the_baked_null_condition(folders):
     assert encoded.abs().sum() > 0
 
 
-def test_guidance_off_exports_one_branch_that_matches_diffusers(folders, tmp_path):
-    pipeline, _ = _export(folders["sd-kl"], tmp_path, guidance=0.0)
+def test_guidance_off_exports_one_branch_at_the_asked_resolution_that_matches_diffusers(folders, tmp_path):
+    pipeline, _ = _export(folders["sd-kl"], tmp_path, guidance=0.0, resolution=(24, 32))
     sidecar = json.loads((tmp_path / "sampler.json").read_text())
     assert [i["name"] for i in sidecar["inputs"]] == ["noise", "encoder_hidden_states"]
     assert sidecar["guidance"]["enabled"] is False and sidecar["solver"]["network_batch"] == "batch"
-    noise = torch.randn(len(PROMPTS), 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    assert sidecar["outputs"][0]["shape"] == ["batch", 3, 24, 32]
+    noise = torch.randn(len(PROMPTS), 4, 12, 16, generator=torch.Generator().manual_seed(2))
     ours = _example().generate(tmp_path, PROMPTS, noise=noise.numpy())
-    reference = _diffusers_images(folders["sd-kl"], noise, 0.0, negative=None)
+    reference = _diffusers_images(folders["sd-kl"], noise, 0.0, negative=None, size=(24, 32))
+    assert ours.shape == reference.shape == (2, 24, 32, 3)
     assert np.abs(ours - reference).max() < 1e-3
+    with pytest.raises(UserError, match="multiples of 4"):
+        pipeline.at_resolution(30, 30)
 
 
 def test_latent_output_chains_into_the_vae_decoder(folders, exported, tmp_path):

@@ -20,6 +20,14 @@ def parse_timesteps(text: str | None) -> tuple[int, ...] | None:
         raise UserError(f"--timesteps {text!r}: expected comma-separated integers such as 999,749,499,249") from None
 
 
+def parse_resolution(text: str) -> tuple[int, int]:
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--resolution {text!r}: expected HxW such as 512x512") from None
+    return height, width
+
+
 @click.command()
 @click.argument("model")
 @click.option("--solver", default="dpmpp-2m", show_default=True)
@@ -34,11 +42,12 @@ def parse_timesteps(text: str | None) -> tuple[int, ...] | None:
 @click.option("--target", default="generic", show_default=True,
               help="generic, npu-qnn, npu-qnn-w8a16 or npu-openvino; NPU targets export static shapes (batch 1 unless --batch-size).")
 @click.option("--opset", type=int, default=18, show_default=True)
+@click.option("--resolution", default=None, help="Text-to-image pipelines: the image size to export, HxW such as 512x512 (default: the UNet's sample size).")
 @click.option("--output", "output", type=click.Choice(["image", "latents"]), default="image", show_default=True,
               help="Text-to-image pipelines: the sampler ends in the VAE decoder (image in [0, 1]) or returns the latents.")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False))
 @model_options
-def export(model, solver, steps, spacing, schedule, timesteps, guidance, formats, batch_size, target, opset, output, out, **kw):
+def export(model, solver, steps, spacing, schedule, timesteps, guidance, formats, batch_size, target, opset, resolution, output, out, **kw):
     """Export MODEL's whole sampler as one graph (sampler.*) and its denoiser (denoiser.*)."""
     from compress.export_chain import export_artifacts, pipeline_guidance, resolve_solver
     from compress.outputs import staged_folder
@@ -49,6 +58,8 @@ def export(model, solver, steps, spacing, schedule, timesteps, guidance, formats
             raise UserError(f"unknown export format {f!r} (available: {', '.join(FORMATS)})")
     batch_size = get_target(target).batch_size(batch_size)  # NPU targets fix the batch: static shapes
     pipeline = load_pipeline_from_flags(model, kw)
+    if resolution:
+        pipeline = pipeline.at_resolution(*parse_resolution(resolution))
     guidance = pipeline_guidance(pipeline, guidance)
     config = resolve_solver(pipeline.denoiser, solver, steps, spacing, guidance, schedule, parse_timesteps(timesteps))
     with staged_folder(Path(out)) as root:
