@@ -1,4 +1,5 @@
 """Quality of the zoo models: are DDIM-100 samples digits, and how far are they from real ones?
+zoo:digits-t2i is sampled by diffusers' own StableDiffusionPipeline (DDIM-50, as users run it).
 
 Writes bench/results/zoo_quality.{json,md}. Run: python bench/zoo_quality.py [--n 256]
 """
@@ -19,6 +20,27 @@ from compress.zoo.data import load_digits_tensors
 from runtimes.bench import processor_name
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def t2i_rows(judge: DigitsJudge, held_out: torch.Tensor, n: int, steps: int = 50) -> list[dict]:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from compress.zoo import pipeline_folder
+    from compress.zoo.t2i import digit_prompts
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(pipeline_folder("digits-t2i")), local_files_only=True)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    prompts, labels = digit_prompts(n)
+    rows = []
+    for guidance in (7.5, 3.0):  # 7.5: diffusers' default
+        start = time.perf_counter()
+        images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator().manual_seed(0), output_type="np").images
+        seconds = time.perf_counter() - start
+        digits = torch.from_numpy(images).mean(-1)[:, None] * 2 - 1  # [0, 1] RGB -> the judge's [-1, 1] gray
+        rows.append({"samples": f"zoo:digits-t2i (StableDiffusionPipeline) ddim-{steps} guidance {guidance:g}", "n": n,
+                     **judge.summary(digits, held_out, labels), "seconds": seconds})
+    return rows
 
 
 def main() -> None:
@@ -45,6 +67,8 @@ def main() -> None:
         out = sample(cond, SolverConfig("ddim", args.steps, guidance_scale=guidance), make_noise(cond, args.n, seed=0), labels)
         rows.append({"samples": f"zoo:digits-cond ddim-{args.steps} guidance {guidance:g}", "n": args.n,
                      **judge.summary(out, held_out, labels), "seconds": time.perf_counter() - start})
+
+    rows += t2i_rows(judge, held_out, args.n)
 
     RESULTS.mkdir(exist_ok=True)
     env = {"processor": processor_name(), "threads": torch.get_num_threads(), "torch": torch.__version__}
