@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from compress.errors import UserError
 from compress.progress import progress
 from compress.zoo.data import load_digits_tensors
-from compress.zoo.train import _ema_update, _lr_at
+from compress.zoo.train import optimizer_step
 
 NAME = "digits-t2i"
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -233,12 +233,7 @@ def train_vae(iterations: int = VAE_ITERATIONS, batch_size: int = 64, lr: float 
         recon = vae.decode(posterior.sample(generator=gen)).sample
         recon_loss = F.mse_loss(recon, x) + F.l1_loss(recon, x)
         kl = posterior.kl().mean() / posterior.mean[0].numel()
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, iterations, lr)
-        optimizer.zero_grad(set_to_none=True)
-        (recon_loss + KL_WEIGHT * kl).backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
+        optimizer_step(vae, optimizer, recon_loss + KL_WEIGHT * kl, step, iterations, lr)
         recon_losses.append(recon_loss.item())
         kls.append(kl.item())
     info = {"phase": "vae", "iterations": iterations, "batch_size": batch_size, "lr": lr, "seed": seed, "kl_weight": KL_WEIGHT,
@@ -285,13 +280,7 @@ def train_denoiser(latents: tuple[torch.Tensor, torch.Tensor, torch.Tensor], sca
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
         pred = unet(scheduler.add_noise(z0, noise, t), t, context).sample
         loss = F.mse_loss(pred, noise)
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, iterations, lr)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        _ema_update(ema, model, decay=min(0.999, (1 + step) / (10 + step)))
+        optimizer_step(model, optimizer, loss, step, iterations, lr, ema)
         losses.append(loss.item())
     info = {"phase": "denoiser", "iterations": iterations, "batch_size": batch_size, "lr": lr, "seed": seed,
             "prompt_dropout": PROMPT_DROPOUT, "final_loss": sum(losses[-100:]) / len(losses[-100:])}

@@ -39,6 +39,18 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
         e.lerp_(p, 1 - decay)
 
 
+def optimizer_step(model: torch.nn.Module, optimizer, loss: torch.Tensor, step: int, iterations: int, lr: float, ema: torch.nn.Module | None = None) -> None:
+    """One step of every zoo training loop: warm-up + cosine learning rate, gradient clipping at 1, EMA."""
+    for group in optimizer.param_groups:
+        group["lr"] = _lr_at(step, iterations, lr)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    if ema is not None:
+        _ema_update(ema, model, decay=min(0.999, (1 + step) / (10 + step)))
+
+
 def train_diffusion(conditional: bool, iterations: int, batch_size: int = 64, lr: float = 2e-3, seed: int = 0, init: dict | None = None):
     """Epsilon-prediction training; ``init`` (a state dict) continues from earlier weights."""
     torch.manual_seed(seed)
@@ -64,13 +76,7 @@ def train_diffusion(conditional: bool, iterations: int, batch_size: int = 64, lr
         else:
             pred = model(xt, t.float()).sample
         loss = F.mse_loss(pred, noise)
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, iterations, lr)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        _ema_update(ema, model, decay=min(0.999, (1 + step) / (10 + step)))
+        optimizer_step(model, optimizer, loss, step, iterations, lr, ema)
         losses.append(loss.item())
     final_loss = sum(losses[-100:]) / len(losses[-100:])
     return ema, {"iterations": iterations, "batch_size": batch_size, "lr": lr, "seed": seed, "final_loss": final_loss}
