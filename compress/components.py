@@ -109,8 +109,9 @@ class Autoencoder:
     def from_module(cls, vae: nn.Module) -> "Autoencoder":
         c = vae.config
         mean, std = c.get("latents_mean"), c.get("latents_std")
+        both = mean is not None and std is not None  # diffusers applies them only as a pair
         return cls(vae.eval(), float(c.get("scaling_factor") or 1.0), c.get("shift_factor"),
-                   tuple(mean) if mean is not None and std is not None else None, tuple(std) if mean is not None and std is not None else None)
+                   tuple(mean) if both else None, tuple(std) if both else None)
 
     @property
     def kind(self) -> str:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from compress.denoiser import Denoiser, guided
+from compress.denoiser import Denoiser, guided, map_condition
 from compress.errors import UserError
 from compress.progress import progress
 from compress.solvers import Predictor, SolverConfig, get_solver
@@ -51,7 +51,7 @@ def sample(
     batches = range(0, noise.shape[0], batch_size)
     for start in progress(batches, description=f"sample {solver.name}-{solver.steps}") if show_progress else batches:
         x = noise[start : start + batch_size].to(device)
-        c = None if cond is None else cond[start : start + batch_size].to(device)
+        c = map_condition(lambda t: t[start : start + batch_size].to(device), cond)
         null = denoiser.null_condition(x.shape[0], device) if c is not None and solver.guidance_scale is not None else None
 
         def network(xt, t):

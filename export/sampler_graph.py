@@ -146,18 +146,14 @@ class SamplerGraph(nn.Module):
         self.time_features = self._fold_time_embedding() if fold_time_embedding else None
 
     @property
-    def output_name(self) -> str:
-        return "image" if self.decoder is not None else "sample"
+    def output_names(self) -> list[str]:
+        return ["image" if self.decoder is not None else "sample"]
 
     @property
     def image_shape(self) -> tuple[int, ...]:
         """Per-sample shape of the output."""
         shape = tuple(self.denoiser.sample_shape)
         return self.decoder.output_shape(shape) if self.decoder is not None else shape
-
-    @property
-    def output_names(self) -> list[str]:
-        return [self.output_name]
 
     @property
     def default_guidance_scale(self) -> float | None:
