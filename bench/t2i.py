@@ -94,7 +94,8 @@ def main() -> None:
     results["export_seconds"] = time.perf_counter() - start
     prompt_list = list(dict.fromkeys(prompts))
     calib_config = CalibrationConfig(sampler="ndtc", samples=args.calibration_samples, trajectory_steps=25, guidance_scale=GUIDANCE)
-    calib = calibrate(pipeline.denoiser, calib_config, conditions=pipeline.encode_prompts(prompt_list), final_latents=solver)
+    pipeline.draw_from_prompts(prompt_list)
+    calib = calibrate(pipeline.denoiser, calib_config, final_latents=solver)
     folders = {"float32": work / "float32"}
     for label, schemes in SCHEMES.items():
         out = work / label.replace(" ", "_").replace("+", "")

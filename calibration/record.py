@@ -16,20 +16,11 @@ import torch
 from calibration.config import CalibrationConfig
 from calibration.storage import CalibrationSet, build_header
 from calibration.timesteps import Requests, sample_requests
-from compress.denoiser import Denoiser, guided
+from compress.denoiser import Denoiser, draw_conditions, guided
 from compress.errors import UserError
 from compress.solvers import Predictor, SolverConfig
 
 TRAJECTORY_SPACING = "trailing"  # starts at T - 1, so every timestep lies below the first level
-
-
-def trajectory_conditions(denoiser: Denoiser, count: int, generator: torch.Generator) -> torch.Tensor | None:
-    """One condition per trajectory: a random class, or random 'text' states (no text encoder here)."""
-    if denoiser.conditioning == "class":
-        return torch.randint(0, denoiser.num_classes, (count,), generator=generator)
-    if denoiser.conditioning == "text":
-        return torch.randn((count, *denoiser.cond_shape), generator=generator)
-    return None
 
 
 @torch.no_grad()
@@ -66,12 +57,12 @@ def record_states(denoiser: Denoiser, requests: Requests, noise: torch.Tensor, c
 
 
 def calibrate(denoiser: Denoiser, config: CalibrationConfig, solver: SolverConfig | None = None, device="cpu",
-              conditions=None, final_latents: SolverConfig | None = None) -> CalibrationSet:
+              final_latents: SolverConfig | None = None) -> CalibrationSet:
     """Records a calibration set from ``denoiser``'s own full-precision trajectories.
 
-    ``conditions`` (text-to-image pipelines: the encoded calibration prompts) are cycled over the
-    trajectories instead of drawn at random. ``final_latents`` (the baked solver) also records where
-    each trajectory ends under it: the latents the pipeline's VAE decoder will see.
+    Each trajectory's condition is drawn by `draw_conditions` (a random class; for a text-to-image
+    pipeline one of its encoded prompts from the denoiser's condition pool). ``final_latents`` (the
+    baked solver) also records where each trajectory ends under it: what the pipeline's VAE decoder sees.
     """
     config.validate()
     if config.guidance_scale is not None and not denoiser.supports_guidance:
@@ -79,10 +70,7 @@ def calibrate(denoiser: Denoiser, config: CalibrationConfig, solver: SolverConfi
     requests = sample_requests(config, denoiser.schedule, solver)
     generator = torch.Generator().manual_seed(config.seed)
     noise = torch.randn((requests.trajectories, *denoiser.sample_shape), generator=generator)
-    if conditions is not None:
-        cond = conditions[torch.arange(requests.trajectories) % len(conditions)]
-    else:
-        cond = trajectory_conditions(denoiser, requests.trajectories, generator)
+    cond = draw_conditions(denoiser, requests.trajectories, generator)
     x = record_states(denoiser, requests, noise, cond, config, device)
     t = torch.from_numpy(requests.t.astype(np.float32))
     state_cond = None if cond is None else cond[torch.from_numpy(requests.trajectory)]

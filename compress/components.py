@@ -232,6 +232,21 @@ class Pipeline:
         denoiser = dataclasses.replace(self.denoiser, sample_shape=(channels, height // self.vae.downscale, width // self.vae.downscale))
         return dataclasses.replace(self, denoiser=denoiser)
 
+    def draw_from_prompts(self, prompts: list[str]) -> None:
+        """Calibration, pruning and distillation draw the denoiser's conditions from these prompts, encoded here."""
+        if self.denoiser.added_cond_shapes:
+            raise UserError("calibration, pruning and slim students of SDXL-style pipelines (added text_embeds/time_ids) are not available yet")
+        self.denoiser.condition_pool = self.encode_prompts(list(dict.fromkeys(prompts)))
+
+    def with_denoiser(self, denoiser: Denoiser) -> "Pipeline":
+        """The pipeline around another denoiser of the same interface (a pruned or slim one): the other parts stay."""
+        import dataclasses
+
+        own = self.denoiser
+        carried = dataclasses.replace(denoiser, null_text=own.null_text, added_cond_shapes=own.added_cond_shapes, space=own.space,
+                                      condition_pool=own.condition_pool, sample_shape=own.sample_shape)
+        return dataclasses.replace(self, denoiser=carried)
+
     def components(self) -> dict[str, nn.Module]:
         """Every network of the pipeline by component name (what per-component recipes refer to)."""
         found = {"denoiser": self.denoiser.module}

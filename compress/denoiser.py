@@ -124,6 +124,9 @@ class Denoiser:
     # negative prompt; None means zeros. Added conditioning (SDXL) is a dict of the same keys.
     null_text: Condition | None = None
     added_cond_shapes: dict[str, tuple[int, ...]] | None = None  # SDXL: {"text_embeds": (P,), "time_ids": (6,)}
+    # Text: real conditions (a pipeline's encoded prompts) that calibration, pruning and distillation draw
+    # from; without a pool they draw random states.
+    condition_pool: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
 
     @property
@@ -166,6 +169,17 @@ class Denoiser:
             "schedule_fingerprint": self.schedule.fingerprint(),
             "parameters": sum(p.numel() for p in self.module.parameters()),
         }
+
+
+def draw_conditions(denoiser: Denoiser, count: int, generator: torch.Generator):
+    """Conditions for inputs the toolkit makes itself: random classes; text states from the model's pool, else random."""
+    if denoiser.conditioning == "class":
+        return torch.randint(0, denoiser.num_classes, (count,), generator=generator)
+    if denoiser.conditioning != "text":
+        return None
+    if denoiser.condition_pool is None:
+        return torch.randn((count, *denoiser.cond_shape), generator=generator)
+    return denoiser.condition_pool[torch.randint(0, len(denoiser.condition_pool), (count,), generator=generator)]
 
 
 def guided(module: nn.Module, x: torch.Tensor, t, cond, null_cond, guidance_scale) -> torch.Tensor:

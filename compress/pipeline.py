@@ -118,8 +118,8 @@ def run(recipe: Recipe, out: Path, force: bool = False, resume: bool = False, lo
         pipeline = pipeline.at_resolution(*recipe.export.resolution)
     denoiser = pipeline.denoiser
     text_to_image = pipeline.is_text_to_image
-    if text_to_image and (configs.prune is not None or configs.slim is not None):
-        raise UserError("recipe: prune and slim are not available for text-to-image pipelines yet; remove those sections")
+    if text_to_image and (configs.calibration is not None or configs.prune is not None or configs.slim is not None):
+        pipeline.draw_from_prompts((configs.calibration and configs.calibration.prompts) or validation_prompts(pipeline, recipe)[0])
     v, s = recipe.validate_, recipe.solver
     guidance = s.guidance_scale if s.guidance_scale is not None else v.guidance_scale
     if text_to_image:
@@ -168,15 +168,15 @@ def run(recipe: Recipe, out: Path, force: bool = False, resume: bool = False, lo
         else:
             rows = [_baseline_row(baseline, denoiser, reference, device)]
         for name, (model, weights_key) in variants.items():
-            if text_to_image:
-                row, samples = _torch_image_row(name, pipeline, solver, baseline, recipe.bench, log)
+            if text_to_image:  # a pruned or slim denoiser inside the same text encoder and VAE
+                variant = pipeline.with_denoiser(model)
+                row, samples = _torch_image_row(name, variant, solver, baseline, recipe.bench, log)
             else:
                 row, samples = _torch_row(name, model, solver, baseline, recipe.bench, log)
             rows.append(row)
             grids[_label(row)] = _grid(root, row, samples, pipeline)
             if recipe.export:
-                exported = pipeline if text_to_image else model
-                artifacts += _export(name, exported, weights_key, solver, solver_record, recipe, configs, root, cache, manifest, log)
+                artifacts += _export(name, variant if text_to_image else model, weights_key, solver, solver_record, recipe, configs, root, cache, manifest, log)
 
         from runtimes.text_to_image import validate_pipeline_folder
         from runtimes.validate import validate_artifact
@@ -325,8 +325,8 @@ def _export(name, model, weights_key, solver, solver_record, recipe, configs, ro
 
                 log(f"calibration {name}: {configs.calibration.sampler}, {configs.calibration.samples} states")
                 solver_config = solver if configs.calibration.sampler == "solver" else None
-                extra = _prompt_calibration(pipeline, configs.calibration, solver, recipe) if pipeline is not None else {}
-                save_calibration(calibrate(model, configs.calibration, solver_config, device="cpu", **extra), calib_path)
+                final_latents = solver if pipeline is not None else None  # what the pipeline's decoder is calibrated on
+                save_calibration(calibrate(model, configs.calibration, solver_config, device="cpu", final_latents=final_latents), calib_path)
                 cache.done(f"calibration/{name}", calib_key, [calib_path])
             manifest.add(calib_path, "safetensors", "calibration", recipe.calibration)
         qkey = stage_key(export=key, calibration=calib_key, quantize=configs.quantize.to_dict(), formats=recipe.export.formats)
@@ -345,14 +345,6 @@ def _export(name, model, weights_key, solver, solver_record, recipe, configs, ro
         _add_folder(manifest, root, qfolder, "quantize", recipe.quantize)
         out += [(qname, qfolder, model)] if pipeline is not None else [(qname, p, model) for p in _samplers(qfolder)]
     return out
-
-
-def _prompt_calibration(pipeline: Pipeline, config, solver: SolverConfig, recipe: Recipe) -> dict:
-    """A pipeline's calibration conditions: its calibration prompts (else the validation prompts), encoded by its own text encoder."""
-    if pipeline.denoiser.added_cond_shapes:
-        raise UserError("calibration of SDXL-style pipelines (added text_embeds/time_ids conditioning) is not available yet")
-    prompts = config.prompts or validation_prompts(pipeline, recipe)[0]
-    return {"conditions": pipeline.encode_prompts(list(dict.fromkeys(prompts))), "final_latents": solver}
 
 
 def _samplers(folder: Path) -> list[Path]:

@@ -341,12 +341,9 @@ def _self_samples(denoiser, count: int, seed: int, solver: str = "dpmpp-2m", ste
 
 
 def _conditions(denoiser, count: int, seed: int):
-    generator = torch.Generator().manual_seed(seed)
-    if denoiser.conditioning == "class":
-        return torch.randint(0, denoiser.num_classes, (count,), generator=generator)
-    if denoiser.conditioning == "text":
-        return torch.randn((count, *denoiser.cond_shape), generator=generator)
-    return None
+    from compress.denoiser import draw_conditions
+
+    return draw_conditions(denoiser, count, torch.Generator().manual_seed(seed))
 
 
 def training_target(denoiser, x0, eps, t):

@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from compress.denoiser import ClassTokenUNet, Denoiser, DiffusersUNet
+from compress.denoiser import ClassTokenUNet, Denoiser, DiffusersUNet, draw_conditions
 from compress.errors import UserError
 from compress.section_config import SectionConfig
 
@@ -262,15 +262,12 @@ def _training_data(teacher: Denoiser, config: SlimConfig) -> tuple[torch.Tensor,
     n = config.teacher_samples
     gen = torch.Generator().manual_seed(config.seed + 1)
     labels = torch.randint(0, teacher.num_classes, (n,), generator=gen) if teacher.conditioning == "class" else None
-    cond = labels if labels is not None else (_random_tokens(teacher, n, gen) if teacher.conditioning == "text" else None)
+    cond = labels if labels is not None else (draw_conditions(teacher, n, gen) if teacher.conditioning == "text" else None)
     images = sample(teacher, SolverConfig("ddim", config.teacher_sample_steps), make_noise(teacher, n, config.seed + 2),
                     cond, device="cpu", show_progress=False)
-    lo, hi = teacher.data_range
-    return images.clamp(lo, hi), labels, f"teacher ddim-{config.teacher_sample_steps}"
-
-
-def _random_tokens(teacher: Denoiser, n: int, gen: torch.Generator) -> torch.Tensor:
-    return torch.randn((n, *teacher.cond_shape), generator=gen)
+    if teacher.space == "pixels":  # latents have no data range to clamp to
+        images = images.clamp(*teacher.data_range)
+    return images, labels, f"teacher ddim-{config.teacher_sample_steps}"
 
 
 def _alpha_sigma(schedule, t) -> tuple[torch.Tensor, torch.Tensor]:
@@ -456,7 +453,7 @@ def _training_condition(teacher: Denoiser, labels, idx, gen) -> torch.Tensor | N
             y = torch.where(drop, torch.full_like(y, teacher.num_classes), y)
         return y
     if teacher.conditioning == "text":
-        tokens = _random_tokens(teacher, len(idx), gen)
+        tokens = draw_conditions(teacher, len(idx), gen)
         if teacher.has_null_condition:
             drop = (torch.rand(len(idx), generator=gen) < LABEL_DROPOUT).view(-1, 1, 1)
             tokens = torch.where(drop, torch.zeros_like(tokens), tokens)

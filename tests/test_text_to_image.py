@@ -316,3 +316,27 @@ def test_compress_run_takes_a_pipeline_from_prompts_to_validated_int8_images(fol
     assert files["sampler"] == {"onnx": "sampler.onnx", "openvino": "sampler.xml"}
     assert (quantized / "tokenizer" / "tokenizer.json").is_file()
     assert "diffusers' StableDiffusionPipeline" in (tmp_path / "out" / "report" / "report.md").read_text()
+
+
+def test_prune_and_slim_act_on_the_pipelines_denoiser_and_leave_the_other_parts(folders, tmp_path):
+    from compress.pipeline import run
+    from compress.recipe import parse_recipe
+
+    recipe = parse_recipe({
+        "name": "tiny-t2i-variants",
+        "model": f"diffusers:{folders['sd-kl']}",
+        "solver": {"name": "dpmpp-2m", "steps": 2, "guidance_scale": 7.5},
+        "prune": {"method": "magnitude", "ratio": 0.25, "finetune_steps": 5, "data_samples": 8},
+        "slim": {"width": 0.5, "steps": 5, "batch_size": 4, "teacher_samples": 8, "teacher_sample_steps": 2, "warmup": 1},
+        "export": {"formats": ["onnx"]},
+        "validate": {"reference": {"name": "dpmpp-2m", "steps": 2}, "samples": 2, "prompts": PROMPTS},
+        "bench": {"runs": 1},
+    })
+    report = run(recipe, tmp_path / "out", log=lambda m: None)
+    rows = {(r["artifact"], r["runtime"]): r for r in report["rows"]}
+    for variant in ("pruned", "slim"):
+        assert rows[(f"{variant}/pipeline", "onnxruntime")]["macs"] < rows[("float32/pipeline", "onnxruntime")]["macs"]
+        folder = tmp_path / "out" / "artifacts" / variant
+        for kind in ("text_encoder", "vae_decoder"):  # the same weights as the float32 export's
+            assert (folder / f"{kind}.onnx").read_bytes() == (tmp_path / "out" / "artifacts" / "float32" / f"{kind}.onnx").read_bytes()
+        assert json.loads((folder / "pipeline.json").read_text())["components"]["sampler"] == {"onnx": "sampler.onnx"}

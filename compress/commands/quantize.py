@@ -50,9 +50,8 @@ def calibrate(model, sampler, samples, seed, mean, std, interval, trajectory_ste
     if pipeline.is_text_to_image:
         if not prompts:
             raise UserError(f"{model} is a text-to-image pipeline: give its calibration prompts with --prompt or --prompts-file")
-        if denoiser.added_cond_shapes:
-            raise UserError("calibration of SDXL-style pipelines (added text_embeds/time_ids conditioning) is not available yet")
-        extra = {"conditions": pipeline.encode_prompts(list(dict.fromkeys(prompts))), "final_latents": baked}
+        pipeline.draw_from_prompts(prompts)
+        extra = {"final_latents": baked}
     elif prompts:
         raise UserError(f"--prompt needs a text-to-image pipeline; {model} takes no text")
     calib = record(denoiser, config, baked if sampler == "solver" else None, device=device, **extra)
