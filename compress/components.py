@@ -256,6 +256,9 @@ class Pipeline:
             found["vae"] = self.vae.module
         return found
 
+    def parameters(self) -> int:
+        return sum(p.numel() for module in self.components().values() for p in module.parameters())
+
     def to(self, device) -> "Pipeline":
         for module in self.components().values():
             module.to(device)

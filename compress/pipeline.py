@@ -149,7 +149,7 @@ def run(recipe: Recipe, out: Path, force: bool = False, resume: bool = False, lo
                 log(f"baseline: float32 {reference.name}-{reference.steps} on {device} ({v.samples} samples, seed {v.seed})")
                 baseline = _baseline(denoiser, reference, recipe, guidance, device)
             files = baseline.save(baseline_dir)
-            save_grid(_samples_of(_load_baseline(baseline_dir, denoiser, text_to_image))[:GRID_SAMPLES], baseline_dir / "grid.png", _grid_range(pipeline))
+            save_grid(_load_baseline(baseline_dir, denoiser, text_to_image).samples[:GRID_SAMPLES], baseline_dir / "grid.png", _grid_range(pipeline))
             cache.done("baseline", key, [*files, baseline_dir / "grid.png"])
         baseline = _load_baseline(baseline_dir, denoiser, text_to_image)
         for path in sorted(baseline_dir.iterdir()):
@@ -256,10 +256,6 @@ def _load_baseline(folder: Path, denoiser: Denoiser, text_to_image: bool = False
 
         judge, (held_out, _) = DigitsJudge(), load_digits_tensors("heldout")
     return (ImageBaseline if text_to_image else Baseline).load(folder, judge=judge, held_out=held_out)
-
-
-def _samples_of(baseline) -> torch.Tensor:
-    return baseline.images if hasattr(baseline, "images") else baseline.samples
 
 
 def _grid_range(pipeline: Pipeline) -> tuple[float, float]:
@@ -386,7 +382,7 @@ def _image_baseline_row(baseline, pipeline: Pipeline, reference) -> dict:
         times.append((time.perf_counter() - start) * 1000)
     info = baseline.info
     return {"artifact": "baseline", "runtime": "diffusers", "device": "cpu", "status": "ok", "scheme": "float32", "solver": info["solver"],
-            "nfe": info["nfe"], "latency_ms": sorted(times)[1], "params": sum(sum(p.numel() for p in m.parameters()) for m in pipeline.components().values()),
+            "nfe": info["nfe"], "latency_ms": sorted(times)[1], "params": pipeline.parameters(),
             "macs": _macs(pipeline.denoiser, info["nfe"], baseline.guidance_scale), **baseline.quality(baseline.images)}
 
 
@@ -421,7 +417,7 @@ def _torch_image_row(name, pipeline: Pipeline, solver, baseline, bench, log) -> 
     nfe = graph.table.evaluations
     row = {"artifact": f"{name}/modules", "runtime": "torch", "device": "cpu", "status": "ok", "scheme": "float32", "solver": solver.name,
            "steps": solver.steps, "nfe": nfe, "batch": 1, "latency_ms": float(np.median(times)),
-           "params": sum(sum(p.numel() for p in m.parameters()) for m in pipeline.components().values()),
+           "params": pipeline.parameters(),
            "macs": _macs(pipeline.denoiser, nfe, baseline.guidance_scale), **baseline.quality(images)}
     return row, images
 
