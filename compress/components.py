@@ -19,7 +19,6 @@ The conventions follow diffusers' pipelines, which are the reference the tests c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch

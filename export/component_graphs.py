@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compress.components import Autoencoder, ImageEncoder, LatentDecoder, TextEncoder
+from compress.components import Autoencoder, ImageEncoder, LatentDecoder, TextEncoder, TextEncoderGraph
 from compress.errors import UserError
 
 # Prompts whose ids the written tokenizer.json must reproduce exactly (padding, truncation, case, digits).
@@ -32,6 +32,41 @@ class ComponentGraph(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)
+
+
+SAMPLER_OUTPUTS = ("image", "latents")
+
+
+def pipeline_graphs(pipeline, solver_config, fmt: str, batch_size: int | None, guidance: bool | None = None, output: str = "image",
+                    extra: dict | None = None):
+    """Every graph of a text-to-image export with its sidecar, for one format: (sampler, [(graph, kind, sidecar)]).
+
+    The sampler ends in the VAE decoder (``output`` 'image') or returns latents; it guides when the
+    solver has a guidance scale (diffusers' do_classifier_free_guidance), taking the negative prompt's
+    condition as inputs.
+    """
+    from export.sampler_graph import DenoiserGraph, SamplerGraph
+    from export.sidecar import FORMAT_FILES, denoiser_sidecar, sampler_sidecar, text_encoder_sidecar, vae_sidecar
+
+    if output not in SAMPLER_OUTPUTS:
+        raise UserError(f"unknown sampler output {output!r}; expected one of {', '.join(SAMPLER_OUTPUTS)}")
+    if pipeline.vae is None or not pipeline.text_encoders:
+        raise UserError(f"{pipeline.name!r} is not a text-to-image pipeline (it needs text encoders and a VAE)")
+    denoiser, extra = pipeline.denoiser, extra or {}
+    if guidance is None:
+        guidance = solver_config.guidance_scale is not None
+    decoder = LatentDecoder(pipeline.vae) if output == "image" else None
+    sampler = SamplerGraph(denoiser, solver_config, guidance, decoder=decoder, negative_inputs=True)
+    network = DenoiserGraph(denoiser)
+
+    def file(kind: str) -> str:
+        return FORMAT_FILES[fmt].format(kind)
+
+    graphs = [(TextEncoderGraph(e), e.name, text_encoder_sidecar(e, fmt, file(e.name), batch_size)) for e in pipeline.text_encoders]
+    graphs += [(sampler, "sampler", sampler_sidecar(sampler, fmt, file("sampler"), batch_size)),
+               (network, "denoiser", denoiser_sidecar(network, fmt, file("denoiser"), batch_size))]
+    graphs += [(graph, kind, vae_sidecar(graph, kind, fmt, file(kind), batch_size)) for kind, graph in vae_graphs(pipeline.vae, tuple(denoiser.sample_shape)).items()]
+    return sampler, [(graph, kind, {**sidecar, **extra}) for graph, kind, sidecar in graphs]
 
 
 def vae_graphs(vae: Autoencoder, latent_shape: tuple[int, int, int]) -> dict[str, ComponentGraph]:

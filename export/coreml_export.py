@@ -36,13 +36,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from compress.components import LatentDecoder, Pipeline, TextEncoderGraph
+from compress.components import Pipeline
 from compress.denoiser import Denoiser
 from compress.errors import UserError
 from compress.solvers import SolverConfig
-from export.component_graphs import vae_graphs
+from export.component_graphs import pipeline_graphs
 from export.sampler_graph import DenoiserGraph, SamplerGraph
-from export.sidecar import denoiser_sidecar, sampler_sidecar, text_encoder_sidecar, vae_sidecar, write_sidecar
+from export.sidecar import denoiser_sidecar, sampler_sidecar, write_sidecar
 
 WEIGHTS = ("float", "int8", "palettize6")
 ACTIVATIONS = ("float", "int8")
@@ -55,7 +55,6 @@ CALIBRATION_SAMPLES = 8
 # it is not part of the package (Manifest.json does not list it) and can outweigh a small model.
 DEBUG_MAPPING = "executorch_debug_handle_mapping.json"
 METADATA_PREFIX = "diffusion_compress."
-SAMPLER_OUTPUTS = ("image", "latents")
 # Sidecar sections copied into a package's metadata when its sidecar has them.
 METADATA_SECTIONS = ("prediction_type", "data_range", "tokenizer", "scaling")
 
@@ -121,27 +120,11 @@ def export_pipeline_coreml(
     packages to pipeline.json with `export.sidecar.record_component_files`.
     """
     _check_options(batch_size, weights, "float", None)
-    if output not in SAMPLER_OUTPUTS:
-        raise UserError(f"unknown sampler output {output!r}; expected one of {', '.join(SAMPLER_OUTPUTS)}")
-    if pipeline.vae is None or not pipeline.text_encoders:
-        raise UserError(f"{pipeline.name!r} is not a text-to-image pipeline (it needs text encoders and a VAE)")
     settings = {"weights": weights, "activations": "float", "deployment_target": "iOS16", "compute_precision": "float16"}
-    denoiser = pipeline.denoiser
-    if guidance is None:  # a pipeline guides when its scale asks for it, as diffusers' do_classifier_free_guidance
-        guidance = solver_config.guidance_scale is not None
-    device = denoiser.device
+    device = pipeline.denoiser.device
     pipeline.to("cpu")
     try:
-        decoder = LatentDecoder(pipeline.vae) if output == "image" else None
-        sampler = SamplerGraph(denoiser, solver_config, guidance, decoder=decoder, negative_inputs=True)
-        extra = {"coreml": settings}
-        graphs = [(TextEncoderGraph(e), e.name, {**text_encoder_sidecar(e, "coreml", f"{e.name}.mlpackage", batch_size), **extra})
-                  for e in pipeline.text_encoders]
-        graphs.append((sampler, "sampler", sampler_sidecar(sampler, "coreml", "sampler.mlpackage", batch_size, extra)))
-        network = DenoiserGraph(denoiser)
-        graphs.append((network, "denoiser", denoiser_sidecar(network, "coreml", "denoiser.mlpackage", batch_size, extra)))
-        for kind, graph in vae_graphs(pipeline.vae, tuple(denoiser.sample_shape)).items():
-            graphs.append((graph, kind, {**vae_sidecar(graph, kind, "coreml", f"{kind}.mlpackage", batch_size), **extra}))
+        _, graphs = pipeline_graphs(pipeline, solver_config, "coreml", batch_size, guidance, output, extra={"coreml": settings})
         return _write_packages(graphs, out_dir, settings)
     finally:
         pipeline.to(device)

@@ -22,12 +22,12 @@ import onnx
 import torch
 from torch import nn
 
-from compress.components import LatentDecoder, Pipeline, TextEncoderGraph
+from compress.components import Pipeline
 from compress.denoiser import Denoiser
 from compress.errors import UserError
 from compress.outputs import sha256_of
 from compress.solvers import SolverConfig
-from export.component_graphs import vae_graphs, write_tokenizer_json
+from export.component_graphs import pipeline_graphs, write_tokenizer_json
 from export.sampler_graph import DenoiserGraph, SamplerGraph
 from export.sidecar import (
     BATCH,
@@ -36,12 +36,8 @@ from export.sidecar import (
     pipeline_sidecar,
     record_component_files,
     sampler_sidecar,
-    text_encoder_sidecar,
-    vae_sidecar,
     write_sidecar,
 )
-
-SAMPLER_OUTPUTS = ("image", "latents")
 
 # Above this many bytes of weights a model no longer fits one protobuf (2 GiB): weights go to a .data file.
 EXTERNAL_DATA_BYTES = 1_800_000_000
@@ -64,10 +60,7 @@ def export_onnx(
     ``batch_size`` None exports a dynamic batch dimension; an int fixes it (everything folds).
     ``guidance`` None means: classifier-free guidance whenever the model is conditional.
     """
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise UserError(f"export batch_size must be a positive integer or null (dynamic), got {batch_size!r}")
-    if opset not in OPSETS:
-        raise UserError(f"ONNX opset {opset} is not supported; use {OPSETS.start}..{OPSETS.stop - 1} (18 is the default)")
+    _check_options(batch_size, opset)
     sampler = SamplerGraph(denoiser, solver_config, guidance)
     network = DenoiserGraph(denoiser)
     out_dir = Path(out_dir)
@@ -92,22 +85,8 @@ def export_pipeline_onnx(
     in (``output`` 'image'; 'latents' keeps the latent output), the denoiser, vae_decoder,
     vae_encoder, the tokenizers as tokenizer.json and pipeline.json, which says how they chain.
     """
-    if output not in SAMPLER_OUTPUTS:
-        raise UserError(f"unknown sampler output {output!r}; expected one of {', '.join(SAMPLER_OUTPUTS)}")
-    if pipeline.vae is None or not pipeline.text_encoders:
-        raise UserError(f"{pipeline.name!r} is not a text-to-image pipeline (it needs text encoders and a VAE)")
-    denoiser = pipeline.denoiser
-    decoder = LatentDecoder(pipeline.vae)
-    if guidance is None:  # a pipeline guides when its scale asks for it, as diffusers' do_classifier_free_guidance
-        guidance = solver_config.guidance_scale is not None
-    sampler = SamplerGraph(denoiser, solver_config, guidance, decoder=decoder if output == "image" else None, negative_inputs=True)
-    graphs = [(TextEncoderGraph(e), e.name, text_encoder_sidecar(e, "onnx", f"{e.name}.onnx", batch_size)) for e in pipeline.text_encoders]
-    graphs.append((sampler, "sampler", sampler_sidecar(sampler, "onnx", "sampler.onnx", batch_size)))
-    network = DenoiserGraph(denoiser)
-    graphs.append((network, "denoiser", denoiser_sidecar(network, "onnx", "denoiser.onnx", batch_size)))
-    latent_shape = tuple(denoiser.sample_shape)
-    for kind, graph in vae_graphs(pipeline.vae, latent_shape).items():
-        graphs.append((graph, kind, vae_sidecar(graph, kind, "onnx", f"{kind}.onnx", batch_size)))
+    _check_options(batch_size, opset)
+    sampler, graphs = pipeline_graphs(pipeline, solver_config, "onnx", batch_size, guidance, output)
     out_dir = Path(out_dir)
     with _staged_files(out_dir) as stage:
         records = [_write_artifact(graph, kind, sidecar, stage, batch_size, opset) for graph, kind, sidecar in graphs]
@@ -116,6 +95,13 @@ def export_pipeline_onnx(
         write_sidecar(stage / PIPELINE_FILE, pipeline_sidecar(pipeline, sampler, batch_size))
         record_component_files(stage / PIPELINE_FILE, records)
     return _placed(records, out_dir)
+
+
+def _check_options(batch_size: int | None, opset: int) -> None:
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise UserError(f"export batch_size must be a positive integer or null (dynamic), got {batch_size!r}")
+    if opset not in OPSETS:
+        raise UserError(f"ONNX opset {opset} is not supported; use {OPSETS.start}..{OPSETS.stop - 1} (18 is the default)")
 
 
 def _placed(records: list[dict], out_dir: Path) -> list[dict]:
