@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.denoiser import Denoiser, map_condition
+from compress.denoiser import SHARED_CONDITION_KEYS, Denoiser
 from compress.errors import UserError
 
 
@@ -287,10 +287,11 @@ class Pipeline:
     def negative_condition(self, batch: int, negative_prompt: str | list[str] | None = None):
         """The unconditional branch's condition, as the diffusers pipeline builds it."""
         if negative_prompt is None and self.force_zeros_for_empty_prompt:
-            zeros = map_condition(torch.zeros_like, self.encode_prompts([""] * batch))
-            if isinstance(zeros, dict):
-                zeros["time_ids"] = self.time_ids(batch)
-            return zeros
+            shapes = self.denoiser.condition_shapes()
+            zeros = {k: torch.zeros((batch, *shape)) for k, shape in shapes.items() if k not in SHARED_CONDITION_KEYS}
+            if self.denoiser.added_cond_shapes is None:
+                return zeros["encoder_hidden_states"]
+            return {**zeros, "time_ids": self.time_ids(batch)}
         prompts = [negative_prompt or ""] * batch if not isinstance(negative_prompt, list) else negative_prompt
         return self.encode_prompts(prompts)
 

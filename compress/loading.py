@@ -95,7 +95,7 @@ def _load_diffusers(location: str, flags: ScheduleFlags) -> Denoiser:
         if any(key.startswith("text_encoder") for key in index):
             from compress.text_to_image import load_pipeline_folder
 
-            return load_pipeline_folder(path, source=f"diffusers:{location}", name=path.name, flags=flags)
+            return load_pipeline_folder(path, source=f"diffusers:{location}", name=path.name)
         sub = next((s for s in ("unet", "transformer") if s in index), None)
         if sub is None or not (path / sub).is_dir():
             raise UserError(f"pipeline folder {path} has no unet/ or transformer/ model")

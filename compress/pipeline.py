@@ -14,6 +14,7 @@ unchanged is copied from the previous folder instead of being run again.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import platform
 import re
@@ -262,6 +263,12 @@ def _grid_range(pipeline: Pipeline) -> tuple[float, float]:
     return (0.0, 1.0) if pipeline.is_text_to_image else pipeline.denoiser.data_range
 
 
+def _conditions_key(denoiser: Denoiser) -> dict:
+    """A stage that draws from the encoded prompts depends on them (the recipe may leave them to the validation prompts)."""
+    pool = denoiser.condition_pool
+    return {} if pool is None else {"conditions": hashlib.sha256(pool.contiguous().numpy().tobytes()).hexdigest()[:16]}
+
+
 def _variant_name(stage: str) -> str:
     return {"prune": "pruned", "slim": "slim"}[stage]
 
@@ -273,7 +280,7 @@ def _transform(stage, config, denoiser, model_key, root, cache, manifest, recipe
 
     name = _variant_name(stage)
     folder = root / "models" / name
-    key = stage_key(model=model_key, section=config.to_dict(), seed=recipe.seed)
+    key = stage_key(model=model_key, section=config.to_dict(), seed=recipe.seed, **_conditions_key(denoiser))
     if not cache.reuse(stage, key):
         log(f"{stage}: " + ", ".join(f"{k}={v}" for k, v in (recipe.section(stage) or {}).items()))
         if stage == "prune":
@@ -315,7 +322,7 @@ def _export(name, model, weights_key, solver, solver_record, recipe, configs, ro
         calib_key = None
         calib_path = root / "calibration" / f"{name}.safetensors"
         if configs.calibration is not None:
-            calib_key = stage_key(model=weights_key, calibration=configs.calibration.to_dict(), solver=solver_record)
+            calib_key = stage_key(model=weights_key, calibration=configs.calibration.to_dict(), solver=solver_record, **_conditions_key(model))
             if not cache.reuse(f"calibration/{name}", calib_key):
                 from calibration import calibrate, save_calibration
 

@@ -85,7 +85,7 @@ def _quiet_libraries() -> None:
         library.utils.logging.disable_progress_bar()
 
 
-def load_pipeline_folder(folder: str | Path, source: str, name: str, flags=None) -> Pipeline:
+def load_pipeline_folder(folder: str | Path, source: str, name: str) -> Pipeline:
     import diffusers
 
     _quiet_libraries()

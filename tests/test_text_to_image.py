@@ -285,22 +285,26 @@ def test_onnxruntime_app_makes_a_png_without_torch_diffusers_or_transformers(exp
     assert image.size == (16, 16) and image.mode == "RGB"
 
 
-def test_compress_run_takes_a_pipeline_from_prompts_to_validated_int8_images(folders, tmp_path):
+def _run_tiny(folder: Path, out: Path, steps: int, **sections) -> dict:
+    """`compress run` on a tiny folder: its own solver as the reference, so the float export should reproduce it."""
     from compress.pipeline import run
     from compress.recipe import parse_recipe
 
-    recipe = parse_recipe({
-        "name": "tiny-t2i",
-        "model": f"diffusers:{folders['sd-kl']}",
-        "solver": {"name": "dpmpp-2m", "steps": 4, "guidance_scale": 7.5},
-        "calibration": {"sampler": "ndtc", "samples": 8, "trajectory_steps": 8, "guidance_scale": 7.5},
-        "quantize": {"denoiser": "w8a8", "decoder": "w8a8", "text_encoder": "int8-weights", "subset_size": 4},
-        "export": {"formats": ["onnx", "openvino"]},
-        "validate": {"reference": {"name": "dpmpp-2m", "steps": 4}, "samples": 4, "prompts": PROMPTS, "negative_prompt": NEGATIVE},
-        "bench": {"runs": 2},
-        "report": {"checks": ["float32/pipeline@*:psnr>=40", "float32-w8a8/pipeline@onnxruntime:psnr>=20"]},
-    })
-    report = run(recipe, tmp_path / "out", log=lambda m: None)
+    recipe = parse_recipe({"name": "tiny-t2i", "model": f"diffusers:{folder}", "solver": {"name": "dpmpp-2m", "steps": steps, "guidance_scale": 7.5},
+                           "export": {"formats": ["onnx"]}, "bench": {"runs": 1}, **sections})
+    return run(recipe, out, log=lambda m: None)
+
+
+def test_compress_run_takes_a_pipeline_from_prompts_to_validated_int8_images(folders, tmp_path):
+    report = _run_tiny(
+        folders["sd-kl"], tmp_path / "out", 4,
+        calibration={"sampler": "ndtc", "samples": 8, "trajectory_steps": 8, "guidance_scale": 7.5},
+        quantize={"denoiser": "w8a8", "decoder": "w8a8", "text_encoder": "int8-weights", "subset_size": 4},
+        export={"formats": ["onnx", "openvino"]},
+        validate={"reference": {"name": "dpmpp-2m", "steps": 4}, "samples": 4, "prompts": PROMPTS, "negative_prompt": NEGATIVE},
+        bench={"runs": 2},
+        report={"checks": ["float32/pipeline@*:psnr>=40", "float32-w8a8/pipeline@onnxruntime:psnr>=20"]},
+    )
     rows = {(r["artifact"], r["runtime"]): r for r in report["rows"]}
     assert set(rows) >= {("baseline", "diffusers"), ("float32/modules", "torch"), ("float32/pipeline", "onnxruntime"),
                          ("float32/pipeline", "openvino"), ("float32-w8a8/pipeline", "onnxruntime"), ("float32-w8a8/pipeline", "openvino")}
@@ -319,20 +323,12 @@ def test_compress_run_takes_a_pipeline_from_prompts_to_validated_int8_images(fol
 
 
 def test_prune_and_slim_act_on_the_pipelines_denoiser_and_leave_the_other_parts(folders, tmp_path):
-    from compress.pipeline import run
-    from compress.recipe import parse_recipe
-
-    recipe = parse_recipe({
-        "name": "tiny-t2i-variants",
-        "model": f"diffusers:{folders['sd-kl']}",
-        "solver": {"name": "dpmpp-2m", "steps": 2, "guidance_scale": 7.5},
-        "prune": {"method": "magnitude", "ratio": 0.25, "finetune_steps": 5, "data_samples": 8},
-        "slim": {"width": 0.5, "steps": 5, "batch_size": 4, "teacher_samples": 8, "teacher_sample_steps": 2, "warmup": 1},
-        "export": {"formats": ["onnx"]},
-        "validate": {"reference": {"name": "dpmpp-2m", "steps": 2}, "samples": 2, "prompts": PROMPTS},
-        "bench": {"runs": 1},
-    })
-    report = run(recipe, tmp_path / "out", log=lambda m: None)
+    report = _run_tiny(
+        folders["sd-kl"], tmp_path / "out", 2,
+        prune={"method": "magnitude", "ratio": 0.25, "finetune_steps": 5, "data_samples": 8},
+        slim={"width": 0.5, "steps": 5, "batch_size": 4, "teacher_samples": 8, "teacher_sample_steps": 2, "warmup": 1},
+        validate={"reference": {"name": "dpmpp-2m", "steps": 2}, "samples": 2, "prompts": PROMPTS},
+    )
     rows = {(r["artifact"], r["runtime"]): r for r in report["rows"]}
     for variant in ("pruned", "slim"):
         assert rows[(f"{variant}/pipeline", "onnxruntime")]["macs"] < rows[("float32/pipeline", "onnxruntime")]["macs"]
