@@ -8,8 +8,10 @@ A model folder holds two files:
 
 The module is rebuilt by a registered builder from plain JSON arguments (for a pruned
 UNet: its original config and the pruned shapes), then the weights are loaded. Nothing is
-unpickled and no code named by the file is imported: builders come from `BUILDERS` only.
-A folder is loaded wherever a model reference is accepted, by its path.
+unpickled and builders come from `BUILDERS` only. The one piece of code a file can name is
+the ``python:module:factory`` a pruned user model came from: loading imports it exactly as
+that reference itself would be (the user gave it when pruning), builds its module and narrows
+the pruned tensors. A folder is loaded wherever a model reference is accepted, by its path.
 """
 from __future__ import annotations
 

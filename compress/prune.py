@@ -16,6 +16,10 @@ dims stay), and afterwards every module attribute that still describes the old w
 runs, exports and can be saved as a model folder (`rebuild_module` rebuilds it from JSON).
 A recovery fine-tune by distillation from the original model follows when ``finetune_steps`` > 0
 (`compress.distill`).
+
+Users' own networks (``python:`` factories) prune the same way: one traced forward pass first tells
+torch-pruning what it would get wrong there (`compress.prune_graph`: LayerNorms over (C, H, W), products
+of two activations, chunked outputs), and a pruned one is saved as its factory plus the pruned shapes.
 """
 from __future__ import annotations
 
@@ -34,6 +38,9 @@ from compress.section_config import SectionConfig
 
 METHODS = ("magnitude", "taylor", "mask")
 WRAPPERS = ("diffusers-unet", "class-token-unet", "diffusers-transformer")
+PYTHON_FACTORY = "compress_python_factory"  # the attribute a module rebuilt from a python: factory keeps it in
+# Widths that no tensor of a norm records when it has neither affine weights nor running statistics.
+TENSORLESS_WIDTHS = ((nn.LayerNorm, "normalized_shape"), (nn.GroupNorm, "num_channels"), (nn.modules.batchnorm._NormBase, "num_features"))
 
 
 @dataclass
@@ -129,6 +136,7 @@ def prune(denoiser, config: PruneConfig | None = None, progress: Callable[[str],
     teacher = denoiser
     device = teacher.device
     before = _safe_macs(teacher)
+    output_shape = _output_shape(teacher)
     student = dataclasses.replace(teacher, module=copy.deepcopy(teacher.module).to(device), extra=dict(teacher.extra))
     module = student.module
     head_dims = attention_head_dims(module)
@@ -137,18 +145,16 @@ def prune(denoiser, config: PruneConfig | None = None, progress: Callable[[str],
         used = accumulate_taylor_gradients(student, config, log)
         log(f"taylor: gradients accumulated over {len(used)} timesteps ({used[0]}..{used[-1]})")
     elif config.method == "mask":
-        from compress.trajectory_mask import search_mask
-
-        gates = search_mask(student, config, log)
+        gates = _search_gates(student, config, log)
     importance = _importance(config, gates)
     with torch.enable_grad():  # the dependency graph is traced through autograd
-        pruner = _make_pruner(student, config, importance)
-        pruner.step()
+        pruner, names = _make_pruner(student, config, importance, log)
+        _step(pruner, names, teacher.name)
     module.zero_grad(set_to_none=True)
     if gates is not None:
         gates.remove()
     sync_attributes(module, head_dims)
-    _check_runs(student)
+    _check_runs(student, output_shape)
     after = _safe_macs(student)
     if after["parameters"] >= before["parameters"]:
         raise UserError(f"pruning ratio {config.ratio} removed nothing from model {teacher.name!r}: its layers are too narrow "
@@ -178,24 +184,47 @@ def prune(denoiser, config: PruneConfig | None = None, progress: Callable[[str],
     return student
 
 
+def _search_gates(student, config: PruneConfig, log):
+    from compress.trajectory_mask import gate_sites, search_mask
+
+    if not gate_sites(student.module):
+        log(f"mask: model {student.name!r} has no diffusers attention, resnet or feed-forward blocks to gate; "
+            "every group is ranked by magnitude")
+        return None
+    return search_mask(student, config, log)
+
+
+def _reason(e: Exception) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    text = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 def _safe_macs(denoiser) -> dict:
     from compress.stats import count_macs
 
     try:
         return count_macs(denoiser)
     except Exception as e:  # a model the MAC counter cannot run is a model torch-pruning cannot trace either
-        raise UserError(f"cannot trace model {denoiser.name!r} for pruning: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise UserError(f"cannot trace model {denoiser.name!r} for pruning: {_reason(e)}") from None
 
 
-def _check_runs(denoiser) -> None:
+def _output_shape(denoiser) -> tuple:
     from compress.stats import example_inputs
 
+    with torch.no_grad():
+        return tuple(denoiser.module(*[None if v is None else v.to(denoiser.device) for v in example_inputs(denoiser, 2)]).shape)
+
+
+def _check_runs(denoiser, expected: tuple) -> None:
     try:
-        with torch.no_grad():
-            denoiser.module(*[None if v is None else v.to(denoiser.device) for v in example_inputs(denoiser, 2)])
+        shape = _output_shape(denoiser)
     except Exception as e:
-        raise UserError(f"the pruned model no longer runs ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+        raise UserError(f"the pruned model no longer runs ({_reason(e)}); "
                         "its architecture needs an attribute fix that compress.prune does not know") from None
+    if shape != expected:
+        raise UserError(f"the pruned model's output is {list(shape)} where the original's is {list(expected)}: a layer its output "
+                        "comes from was narrowed")
 
 
 # ----------------------------------------------------------------------------- driving torch-pruning
@@ -233,14 +262,15 @@ def _is_transformer_prunable(name: str) -> bool:
     return leaf in ("to_q", "to_k", "to_v") or name.endswith("ff.net.0.proj")
 
 
-def _make_pruner(denoiser, config: PruneConfig, importance):
+def _make_pruner(denoiser, config: PruneConfig, importance, log):
+    """The torch-pruning pruner for ``denoiser`` and {module: name}; what the survey found is logged."""
     import torch_pruning as tp
 
+    from compress.prune_graph import LayerNormPruner, survey
     from compress.stats import example_inputs
 
     module = denoiser.module
-    device = denoiser.device
-    inputs = tuple(None if v is None else v.to(device) for v in example_inputs(denoiser))
+    inputs = tuple(None if v is None else v.to(denoiser.device) for v in example_inputs(denoiser))
     num_heads = {}
     for _, a in _attention_modules(module):
         for layer in (a.to_q, a.to_k, a.to_v):
@@ -248,28 +278,86 @@ def _make_pruner(denoiser, config: PruneConfig, importance):
     # torch-pruning follows the autograd graph from the output back to the weights: without one there is nothing to follow.
     for p in module.parameters():  # our own copy: a frozen source model must still be traceable
         p.requires_grad_(True)
-    out = module(*inputs)
+    module.eval()  # tp traces in eval mode too; a BatchNorm in train mode would learn from the zero inputs
+    out, found = survey(module, inputs, exempt=frozenset(m for _, a in _attention_modules(module) for m in a.modules()))
     if not isinstance(out, torch.Tensor) or out.grad_fn is None:
         raise UserError(f"torch-pruning cannot trace model {denoiser.name!r}: its output is not on the autograd graph "
                         "(does its forward run under torch.no_grad or return a non-tensor?)")
     del out
+    names = {m: n for n, m in module.named_modules()}
+    _log_survey(found, names, log)
     try:
         pruner = tp.pruner.BasePruner(
             module,
             inputs,
-            importance,
+            GuardedImportance(importance, names),
             global_pruning=config.global_pruning,
             pruning_ratio=config.ratio,
-            ignored_layers=_kept_layers(module),
+            ignored_layers=_kept_layers(module) + list(found.output_layers) + list(found.contracted) + found.mixed_rank,
             round_to=config.round_to,
+            # Fresh dicts: tp's defaults are shared between pruners and fill up with every model's layers.
+            in_channel_groups={},
+            out_channel_groups=dict(found.split_groups),
             num_heads=num_heads,
             prune_num_heads=config.prune_heads and bool(num_heads),
             prune_head_dims=False,
             head_pruning_ratio=config.ratio if config.prune_heads else 0.0,
+            customized_pruners={nn.LayerNorm: LayerNormPruner(found)} if found.needs_layernorm_pruner() else None,
         )
     except Exception as e:
-        raise UserError(f"torch-pruning cannot trace model {denoiser.name!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    return pruner
+        raise UserError(f"torch-pruning cannot trace model {denoiser.name!r}: {_reason(e)}") from None
+    return pruner, names
+
+
+def _describe(layer, names: dict) -> str:
+    name = names.get(layer)
+    return f"{name} ({type(layer).__name__})" if name is not None else repr(layer)
+
+
+def _log_survey(found, names: dict, log) -> None:
+    order = {m: i for i, m in enumerate(names)}  # the module's own order, not the graph walk's
+    if found.contracted:
+        ops = ", ".join(sorted(set(found.contracted.values())))
+        layers = sorted(found.contracted, key=lambda m: order.get(m, len(order)))
+        log(f"kept out of pruning: {', '.join(_describe(m, names) for m in layers)}: their outputs are multiplied "
+            f"with each other ({ops}), which torch-pruning would couple index by index as if element-wise")
+    if found.mixed_rank:
+        log(f"kept out of pruning: {', '.join(_describe(m, names) for m in found.mixed_rank)}: called on inputs of different ranks")
+    if found.needs_layernorm_pruner():
+        odd = [ln for ln, dim in found.layernorm_dims.items() if dim != len(ln.normalized_shape) - 1]
+        log(f"LayerNorm cut along its channel dim, not its last: {', '.join(_describe(m, names) for m in odd)}")
+    if found.split_groups:
+        split = sorted(found.split_groups.items(), key=lambda item: order.get(item[0], len(order)))
+        log(f"pruned in equal parts (their outputs are chunked): {', '.join(f'{_describe(m, names)} x{k}' for m, k in split)}")
+
+
+def _step(pruner, names: dict, model: str) -> None:
+    """``pruner.step()``, with whatever torch-pruning raises turned into one line naming the layer."""
+    try:
+        for group in pruner.step(interactive=True):
+            try:
+                group.prune()
+            except Exception as e:
+                root = group[0].dep.target.module
+                raise UserError(f"torch-pruning failed to prune {_describe(root, names)} in model {model!r}: {_reason(e)}") from None
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"torch-pruning failed on model {model!r}: {_reason(e)}") from None
+
+
+class GuardedImportance:
+    """An importance whose failures name the group's root layer instead of ending in a traceback."""
+
+    def __init__(self, importance, names: dict):
+        self.importance, self.names = importance, names
+
+    def __call__(self, group):
+        try:
+            return self.importance(group)
+        except Exception as e:
+            root = group[0].dep.target.module
+            raise UserError(f"torch-pruning cannot score the channels of {_describe(root, self.names)}: {_reason(e)}") from None
 
 
 def _importance(config: PruneConfig, gates):
@@ -390,21 +478,7 @@ def sync_attributes(module: nn.Module, head_dims: dict[str, int]) -> None:
     from diffusers.models.upsampling import Upsample2D
 
     for name, m in module.named_modules():
-        if isinstance(m, nn.modules.conv._ConvNd):
-            if m.transposed:
-                m.in_channels, m.out_channels = m.weight.shape[0], m.weight.shape[1] * m.groups
-            else:
-                m.out_channels, m.in_channels = m.weight.shape[0], m.weight.shape[1] * m.groups
-        elif isinstance(m, nn.Linear):
-            m.out_features, m.in_features = m.weight.shape
-        elif isinstance(m, nn.GroupNorm) and m.weight is not None:
-            m.num_channels = m.weight.shape[0]
-            if m.num_channels % m.num_groups:
-                raise UserError(f"pruning left {name} with {m.num_channels} channels, not divisible into its {m.num_groups} groups")
-        elif isinstance(m, nn.LayerNorm) and m.weight is not None:
-            m.normalized_shape = tuple(m.weight.shape)
-        elif isinstance(m, nn.Embedding):
-            m.num_embeddings, m.embedding_dim = m.weight.shape
+        _sync_standard(name, m)
     for name, m in module.named_modules():
         if isinstance(m, (Downsample2D, Upsample2D)):
             conv = getattr(m, "conv", None) or getattr(m, "Conv2d_0", None)
@@ -424,6 +498,31 @@ def sync_attributes(module: nn.Module, head_dims: dict[str, int]) -> None:
             m.out_dim = m.to_out[0].out_features
             if m.heads < 1:
                 raise UserError(f"pruning removed every head of {name}")
+
+
+def _sync_standard(name: str, m: nn.Module) -> None:
+    """The widths of a torch module, read from its weights (or, for a norm without them, its statistics)."""
+    if isinstance(m, nn.modules.conv._ConvNd):
+        if m.transposed:
+            m.in_channels, m.out_channels = m.weight.shape[0], m.weight.shape[1] * m.groups
+        else:
+            m.out_channels, m.in_channels = m.weight.shape[0], m.weight.shape[1] * m.groups
+    elif isinstance(m, nn.Linear):
+        m.out_features, m.in_features = m.weight.shape
+    elif isinstance(m, nn.modules.batchnorm._NormBase):  # BatchNorm and InstanceNorm
+        source = m.weight if m.weight is not None else m.running_mean
+        if source is not None:
+            m.num_features = source.shape[0]
+    elif isinstance(m, nn.GroupNorm) and m.weight is not None:
+        m.num_channels = m.weight.shape[0]
+        if m.num_channels % m.num_groups:
+            raise UserError(f"pruning left {name} with {m.num_channels} channels, not divisible into its {m.num_groups} groups")
+    elif isinstance(m, nn.LayerNorm) and m.weight is not None:
+        m.normalized_shape = tuple(m.weight.shape)  # (C, H, W) as well as (C,)
+    elif isinstance(m, nn.Embedding):
+        m.num_embeddings, m.embedding_dim = m.weight.shape
+    elif isinstance(m, nn.PReLU):
+        m.num_parameters = m.weight.numel()
 
 
 # ----------------------------------------------------------------------------- saving and rebuilding
@@ -452,12 +551,12 @@ def _plain_config(config) -> dict:
     return {k: plain(v) for k, v in dict(config).items() if not k.startswith("_")}
 
 
-def builder_args(pruned_module: nn.Module) -> dict:
-    """JSON that `rebuild_module` turns back into the pruned architecture (random weights)."""
+def builder_args(pruned_module: nn.Module, source: str | None = None, sample_shape=None) -> dict:
+    """JSON that `rebuild_module` turns back into the pruned architecture (random weights). A module that is
+    not a diffusers wrapper is rebuilt by the ``python:`` factory it came from (``source``)."""
     wrapper, inner = _find_inner(pruned_module)
     if wrapper is None:
-        raise UserError(f"a pruned {type(pruned_module).__name__} cannot be saved as a model folder: only diffusers UNets and "
-                        "DiT transformers (zoo:, diffusers: models) can be rebuilt without pickles")
+        return _python_builder_args(pruned_module, source, sample_shape)
     reference = _build(wrapper, inner.__class__.__name__, _plain_config(inner.config), getattr(pruned_module, "num_classes", None))
     original = reference.state_dict()
     shapes = {k: list(v.shape) for k, v in pruned_module.state_dict().items() if k in original and tuple(original[k].shape) != tuple(v.shape)}
@@ -488,32 +587,104 @@ def _build(wrapper: str, class_name: str, config: dict, num_classes) -> nn.Modul
     return DiffusersTransformer(inner)
 
 
+def _python_builder_args(module: nn.Module, source: str | None, sample_shape) -> dict:
+    # A module rebuilt from a pruned folder remembers its factory: its Denoiser's source is then the folder.
+    factory = source if isinstance(source, str) and source.startswith("python:") else getattr(module, PYTHON_FACTORY, None)
+    if not factory:
+        raise UserError(f"a pruned {type(module).__name__} cannot be saved as a model folder: it did not come from a "
+                        f"python:module:factory reference (its source is {source!r}), and without one (or a diffusers "
+                        "UNet/DiT config) nothing can rebuild it without pickles")
+    original = _factory_module(factory, sample_shape)
+    reference, pruned = original.state_dict(), module.state_dict()
+    if set(reference) != set(pruned):
+        odd = sorted(set(reference) ^ set(pruned))[0]
+        raise UserError(f"a pruned {type(module).__name__} cannot be saved as a model folder: {factory} now builds a model whose "
+                        f"tensors differ from it (first: {odd!r})")
+    return {
+        "wrapper": "python",
+        "factory": factory,
+        "sample_shape": list(sample_shape) if sample_shape else None,
+        "shapes": {k: list(v.shape) for k, v in pruned.items() if tuple(reference[k].shape) != tuple(v.shape)},
+        "attributes": _tensorless_widths(module, original),
+    }
+
+
+def _tensorless_widths(module: nn.Module, original: nn.Module) -> dict:
+    """{module name: {attribute: value}} for the pruned norms whose width no tensor of theirs records."""
+    changed, before = {}, dict(original.named_modules())
+    for name, m in module.named_modules():
+        if any(t is not None for t in (*m._parameters.values(), *m._buffers.values())):
+            continue
+        for kind, attr in TENSORLESS_WIDTHS:
+            if isinstance(m, kind) and getattr(m, attr) != getattr(before.get(name), attr, None):
+                value = getattr(m, attr)
+                changed[name] = {attr: list(value) if isinstance(value, tuple) else value}
+    return changed
+
+
+def _factory_module(factory: str, sample_shape) -> nn.Module:
+    """The module of ``python:module:factory``, loaded as any ``python:`` reference is."""
+    from compress.loading import ScheduleFlags, load_model
+
+    if not isinstance(factory, str) or not factory.startswith("python:"):
+        raise UserError(f"pruned model description names {factory!r} as its factory; only python:module:factory references rebuild")
+    flags = ScheduleFlags(sample_shape=tuple(sample_shape) if sample_shape else None)
+    try:
+        return load_model(factory, flags).module
+    except UserError as e:
+        raise UserError(f"cannot rebuild the pruned model from {factory}: {e}") from None
+    except Exception as e:  # the user's own code: whatever it raises is about their factory, not ours
+        raise UserError(f"cannot rebuild the pruned model from {factory}: its factory raised {_reason(e)}") from None
+
+
+def _set_shapes(module: nn.Module, shapes: dict) -> None:
+    """Replaces each named parameter or buffer by an empty tensor of its pruned shape (same dtype and device)."""
+    for key, shape in shapes.items():
+        owner_name, _, leaf = key.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        if owner._parameters.get(leaf) is not None:
+            old = owner._parameters[leaf]
+            owner._parameters[leaf] = nn.Parameter(torch.empty(shape, dtype=old.dtype, device=old.device), requires_grad=old.requires_grad)
+        elif owner._buffers.get(leaf) is not None:
+            old = owner._buffers[leaf]
+            owner._buffers[leaf] = torch.empty(shape, dtype=old.dtype, device=old.device)
+        else:
+            raise KeyError(key)
+
+
+def _set_widths(module: nn.Module, attributes: dict) -> None:
+    for name, values in attributes.items():
+        m = module.get_submodule(name)
+        for attr, value in values.items():
+            if not any(isinstance(m, kind) and attr == allowed for kind, allowed in TENSORLESS_WIDTHS):
+                raise KeyError(f"{name}.{attr}")
+            setattr(m, attr, tuple(value) if isinstance(value, list) else int(value))
+
+
 def rebuild_module(args: dict) -> nn.Module:
     """The pruned architecture described by `builder_args`, with random weights of the pruned shapes."""
+    python = args.get("wrapper") == "python"
+    module = _factory_module(args.get("factory"), args.get("sample_shape")) if python else None
     try:
-        module = _build(args["wrapper"], args["class_name"], args["config"], args.get("num_classes"))
+        if module is None:
+            module = _build(args["wrapper"], args["class_name"], args["config"], args.get("num_classes"))
         head_dims = attention_head_dims(module)
-        for key, shape in args.get("shapes", {}).items():
-            owner_name, _, leaf = key.rpartition(".")
-            owner = module.get_submodule(owner_name)
-            if leaf in owner._parameters:
-                owner._parameters[leaf] = nn.Parameter(torch.empty(shape))
-            elif leaf in owner._buffers:
-                owner._buffers[leaf] = torch.empty(shape)
-            else:
-                raise KeyError(key)
+        _set_shapes(module, args.get("shapes", {}))
+        _set_widths(module, args.get("attributes", {}))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise UserError(f"pruned model description is inconsistent: {type(e).__name__}: {e}") from None
     sync_attributes(module, head_dims)
     for name, a in _attention_modules(module):
         if name in args.get("heads", {}) and args["heads"][name] != a.heads:
             raise UserError(f"pruned model description: {name} should have {args['heads'][name]} heads, its weights give {a.heads}")
+    if python:
+        setattr(module, PYTHON_FACTORY, args["factory"])
     return module.eval()
 
 
 def rebuild_args(denoiser) -> dict:
     """`builder_args` of a pruned Denoiser: ``save_model_folder(d, folder, "pruned", rebuild_args(d))``."""
-    return builder_args(denoiser.module)
+    return builder_args(denoiser.module, denoiser.source, denoiser.sample_shape)
 
 
 def save_pruned(denoiser, folder) -> None:
