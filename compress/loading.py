@@ -170,7 +170,12 @@ def _load_python(target: str, flags: ScheduleFlags) -> Denoiser:
     factory = getattr(py_module, factory_name, None)
     if not callable(factory):
         raise UserError(f"module {module_name!r} has no callable {factory_name!r}")
-    made = factory()
+    try:
+        made = factory()
+    except UserError:
+        raise
+    except Exception as e:  # the user's code failed: say so in one line, not as our internal error
+        raise UserError(f"python:{target}: the factory raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     if isinstance(made, Denoiser):
         made.source = made.source or f"python:{target}"
         return made

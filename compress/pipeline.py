@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import platform
 import re
@@ -206,6 +207,11 @@ def run(recipe: Recipe, out: Path, force: bool = False, resume: bool = False, lo
         }
         measured = [r for r in rows if r["artifact"] != "baseline" and r.get("status", "ok") == "ok"]
         report["checks"] = evaluate_checks(checks, measured) if checks else []
+        if configs.quantize is not None and configs.quantize.target_psnr is not None:
+            report["quantization_targets"] = _quantization_targets(root)
+            if configs.quantize.require_target:
+                report["checks"] += [{"check": f"quantize target_psnr>={t['target_psnr']:g} ({t['artifact']})", "passed": t["met"],
+                                      "detail": "" if t["met"] else t["message"]} for t in report["quantization_targets"]]
         from runtimes.report import write_report
 
         write_json(root / "report" / "report.json", report)
@@ -334,12 +340,14 @@ def _export(name, model, weights_key, solver, solver_record, recipe, configs, ro
             manifest.add(calib_path, "safetensors", "calibration", recipe.calibration)
         qkey = stage_key(export=key, calibration=calib_key, quantize=configs.quantize.to_dict(), formats=recipe.export.formats)
         if not cache.reuse(f"quantize/{name}", qkey):
-            from compress.quantize import quantize_
+            from compress.quantize import missed_targets, quantize_
             from calibration import load_calibration
 
             log(f"quantize {name}: {configs.quantize.scheme}")
             calib = load_calibration(calib_path) if configs.calibration is not None else None
-            records = quantize_(folder, calib, configs.quantize, out_dir=qfolder)
+            records = quantize_(folder, calib, configs.quantize, out_dir=qfolder, progress=log)
+            for message in missed_targets(records):
+                log(f"warning: {message}")
             if "openvino" in recipe.export.formats:
                 add_openvino(records, qfolder)
             if "onnx" not in recipe.export.formats:
@@ -348,6 +356,17 @@ def _export(name, model, weights_key, solver, solver_record, recipe, configs, ro
         _add_folder(manifest, root, qfolder, "quantize", recipe.quantize)
         out += [(qname, qfolder, model)] if pipeline is not None else [(qname, p, model) for p in _samplers(qfolder)]
     return out
+
+
+def _quantization_targets(root: Path) -> list[dict]:
+    """The quality target each quantized sampler reached (from its sidecar: cached stages have no records)."""
+    found = []
+    for sidecar in sorted((root / "artifacts").glob("*/sampler.json")):
+        target = json.loads(sidecar.read_text()).get("quantization", {}).get("target")
+        if target:
+            found.append({"artifact": f"{sidecar.parent.name}/sampler", **{k: target.get(k) for k in ("target_psnr", "psnr", "met", "message")},
+                          "float_layers": [x["layer"] for x in target.get("float_layers", [])]})
+    return found
 
 
 def _samplers(folder: Path) -> list[Path]:

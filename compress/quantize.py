@@ -15,10 +15,15 @@ is ours is how a diffusion sampler is fed to it:
   timestep sampler matters); ``"union"`` gives each layer the union of its per-step ranges.
   Quantizers are matched by the layer they feed (node name without the step prefix).
 - The solver's own arithmetic (the state x, guidance mixing) stays float32: only nodes inside
-  the network are quantized. Input/output convs, timestep and class embeddings, DiT's patch
-  embedding and final layers (`DEFAULT_IGNORED`), and the attention MatMul that reads softmax
-  probabilities stay float. A 1x1 conv on a channel concat (UNet skip connections) is split
-  into one conv per half (exact in float) so each half gets its own quantizer.
+  the network are quantized. What else stays float is read from the graph (`compress.precision`):
+  each network's first and last weighted layers, the conditioning path (timestep, class and
+  pooled embeddings), and the attention MatMul that reads softmax probabilities. With a quality
+  target (``target_psnr``) the most sensitive layers go back to float until the sampler meets it.
+  A 1x1 conv on a channel concat (UNet skip connections) is split into one conv per half (exact
+  in float) so each half gets its own quantizer.
+- Large float constants that are not conv/linear weights (normalization affine maps over the
+  whole (C, H, W) map, embedding tables) become int8 per channel with a DequantizeLinear, so the
+  file is as small as its precision says.
 - Bias correction is off for the unrolled sampler: its steps share bias initializers, and NNCF
   writes each node's corrected bias into that one initializer, so the last step's correction
   would apply to all steps. The denoiser keeps NNCF's fast bias correction.
@@ -34,12 +39,14 @@ import dataclasses
 import difflib
 import heapq
 import json
+import math
 import os
 import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -47,6 +54,7 @@ from onnx import helper, numpy_helper
 
 from compress.errors import UserError
 from compress.outputs import sha256_of
+from compress.precision import DECODER_SCOPE, STEP_PREFIX, WEIGHTED_OPS, inside_network, module_path, structural_float_nodes, summarize_layers
 from compress.section_config import SectionConfig
 from export.sidecar import PIPELINE_FILE
 
@@ -59,16 +67,9 @@ TARGETS = ("sampler", "denoiser")
 TEXT_ENCODER_SCHEMES = ("int8-weights", "int4-weights", "fp16")
 # Besides sampler and denoiser, the graphs of a text-to-image export (see pipeline.json).
 PIPELINE_KINDS = ("text_encoder", "text_encoder_2", "vae_decoder", "vae_encoder")
-# Node-name patterns (regex, searched) kept in float: first/last layers and the conditioning path.
-DEFAULT_IGNORED = (
-    r"(^|/)conv_in/", r"(^|/)conv_out/", r"(^|/)conv_norm_out/",
-    r"(^|/)time_proj/", r"(^|/)time_embedding/", r"time_emb_proj/", r"(^|/)class_embedding/",
-    r"(^|/)add_embedding/", r"(^|/)label_embedding/",
-    r"(^|/)pos_embed/", r"(^|/)proj_out(_\d)?/", r"(^|/)norm_out/", r"\.emb/", r"(^|/)emb/",
-)
-STEP_PREFIX = re.compile(r"^s(\d+)/")
-DECODER_SCOPE = "decoder/"  # nodes of the VAE decoder inside a sampler that outputs images
 CALIBRATED = ("w8a8", "w8a16")
+# Float constants of at least this many elements outside conv/linear weights are stored int8.
+CONSTANT_MIN_ELEMENTS = 1024
 
 
 @dataclass
@@ -78,8 +79,13 @@ class QuantizeConfig(SectionConfig):
     scheme       w8a8 | w8a16 (int16 activations) | int8-weights | int4-weights | fp16
     granularity  per-step (own scales per unrolled step) | shared (one scale per layer for all steps)
     shared_from  denoiser (scales of the denoiser calibrated once on the set) | union (of per-step ranges)
-    ignored      extra node-name regexes kept in float, added to `DEFAULT_IGNORED` (set
-                 ``default_ignored: false`` to drop the defaults)
+    ignored      extra node-name regexes kept in float, added to the layers the graph's structure keeps
+                 float (`compress.precision`; ``default_ignored: false`` drops those)
+    target_psnr  quality target in dB of the final sample against the float32 sampler: the most
+                 sensitive layers go back to float until it is met (None: the defaults alone)
+    target_samples  fresh noise draws the target is measured on
+    max_float_layers  at most this many layers go back to float for the target (None: a quarter of them)
+    require_target  a missed target fails (exit 1) instead of warning; the best file is written either way
     keep_softmax the MatMul reading attention probabilities stays float (Q-Diffusion keeps them 16-bit)
     split_concat a conv on a channel concat gets one quantizer per input (Q-Diffusion's shortcut splitting)
     elementwise  let NNCF quantize residual adds too; onnxruntime's CPU int8 kernels need it for speed
@@ -110,6 +116,10 @@ class QuantizeConfig(SectionConfig):
     denoiser: str | None = None
     decoder: str | None = None
     text_encoder: str | None = None
+    target_psnr: float | None = None
+    target_samples: int = 32
+    max_float_layers: int | None = None
+    require_target: bool = False
 
     def __post_init__(self):
         if self.denoiser is not None:
@@ -134,6 +144,15 @@ class QuantizeConfig(SectionConfig):
                 raise UserError(f"unknown quantize target {target!r} (expected {' or '.join(TARGETS)})")
         if not isinstance(self.subset_size, int) or self.subset_size < 1:
             raise UserError(f"quantize subset_size must be a positive integer, got {self.subset_size!r}")
+        if self.target_psnr is not None:
+            if isinstance(self.target_psnr, bool) or not isinstance(self.target_psnr, (int, float)) or not self.target_psnr > 0:
+                raise UserError(f"quantize target_psnr must be a positive number of dB, got {self.target_psnr!r}")
+            if self.scheme not in CALIBRATED:
+                raise UserError(f"quantize target_psnr needs a calibrated scheme ({' or '.join(CALIBRATED)}), not {self.scheme!r}")
+        for name in ("target_samples",) + (("max_float_layers",) if self.max_float_layers is not None else ()):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"quantize {name} must be a positive integer, got {value!r}")
         if self.smooth_quant is not None and not 0 <= self.smooth_quant <= 1:
             raise UserError(f"quantize smooth_quant alpha must lie in [0, 1], got {self.smooth_quant!r}")
         for pattern in self.ignored:
@@ -142,10 +161,6 @@ class QuantizeConfig(SectionConfig):
             except re.error as e:
                 raise UserError(f"quantize ignored pattern {pattern!r} is not a valid regex: {e}") from None
         return self
-
-    @property
-    def ignored_patterns(self) -> list[str]:
-        return (list(DEFAULT_IGNORED) if self.default_ignored else []) + list(self.ignored)
 
     def component_scheme(self, kind: str) -> str | None:
         """The scheme of a pipeline export's graph, by its kind (None: copied as it is)."""
@@ -159,13 +174,18 @@ class QuantizeConfig(SectionConfig):
 
     def for_component(self, kind: str) -> "QuantizeConfig | None":
         scheme = self.component_scheme(kind)
-        return None if scheme is None else dataclasses.replace(self, scheme=scheme, denoiser=None)
+        if scheme is None:
+            return None
+        # The quality target is the sampler's (whose decoder layers it covers too).
+        target = {} if kind in TARGETS else {"target_psnr": None, "require_target": False}
+        return dataclasses.replace(self, scheme=scheme, denoiser=None, **target)
 
 
 # ----------------------------------------------------------------------------- the entry point
 
 
-def quantize_(target, calib, config: QuantizeConfig | None = None, out_dir: str | Path | None = None) -> list[dict]:
+def quantize_(target, calib, config: QuantizeConfig | None = None, out_dir: str | Path | None = None,
+              progress: Callable[[str], None] | None = None) -> list[dict]:
     """Quantizes ``target`` and returns one record per written artifact.
 
     target  an export folder (sampler.onnx / denoiser.onnx with their sidecars) or one .onnx file;
@@ -173,6 +193,9 @@ def quantize_(target, calib, config: QuantizeConfig | None = None, out_dir: str 
             is refused: NNCF's torch backend builds a C++ extension on first use, which did not
             finish within NNCF's time limit on the project's CPU machines; export it first.)
     calib   a `CalibrationSet`, a path to one, or None for the data-free schemes (weights-only, fp16).
+
+    With ``config.target_psnr`` the sampler's record carries ``target`` (reached, met, the layers
+    returned to float); a missed target is not an error here: the caller decides (`missed_targets`).
     """
     from calibration import CalibrationSet, load_calibration
 
@@ -209,12 +232,13 @@ def quantize_(target, calib, config: QuantizeConfig | None = None, out_dir: str 
     out_dir.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".quantize-", dir=out_dir))
     try:
-        records = []
+        records, plan = [], {}
+        log = progress or (lambda message: None)
         for path in chosen:
             if configs[path] is None:  # a float component of a pipeline: the same file
                 records.append(_copy_artifact(path, stage))
             else:
-                records.append(_quantize_artifact(path, artifacts[path], artifacts, calib, configs[path], stage))
+                records.append(_quantize_artifact(path, artifacts[path], artifacts, calib, configs[path], stage, plan, log))
         if pipeline:
             _copy_pipeline_files(target, stage, records)
         for item in sorted(stage.iterdir()):
@@ -224,6 +248,11 @@ def quantize_(target, calib, config: QuantizeConfig | None = None, out_dir: str 
     for r in records:
         r["path"], r["sidecar"] = str(out_dir / r["path"]), str(out_dir / r["sidecar"])
     return records
+
+
+def missed_targets(records: list[dict]) -> list[str]:
+    """The messages of the quality targets the records did not meet."""
+    return [f"{Path(r['path']).name}: {r['target']['message']}" for r in records if r.get("target") and r["target"].get("met") is False]
 
 
 def _copy_artifact(path: Path, stage: Path) -> dict:
@@ -275,7 +304,7 @@ def _find_artifacts(target: Path, config: QuantizeConfig) -> dict[Path, dict]:
     return artifacts
 
 
-def _quantize_artifact(path: Path, sidecar: dict, artifacts: dict, calib, config: QuantizeConfig, stage: Path) -> dict:
+def _quantize_artifact(path: Path, sidecar: dict, artifacts: dict, calib, config: QuantizeConfig, stage: Path, plan: dict, log) -> dict:
     kind = sidecar["kind"]
     model = onnx.load(str(path))
     info: dict = {"scheme": config.scheme}
@@ -284,10 +313,14 @@ def _quantize_artifact(path: Path, sidecar: dict, artifacts: dict, calib, config
     elif config.scheme in ("int8-weights", "int4-weights"):
         model = _compress_weights(model, config)
     else:
+        # Weights of layers returned to float come from here: split as NNCF's input was, so split convs find theirs.
+        float_model = split_concat_convs(onnx.load(str(path))) if config.split_concat else onnx.load(str(path))
         model, info = _quantize_activations(model, kind, sidecar, path, artifacts, calib, config)
         if config.scheme == "w8a16":
             model = _activations_to_int16(model)
             _check_runs(model, path.name, "int16 activations (w8a16)")
+        if config.target_psnr is not None:
+            model, info["target"] = _meet_target(model, float_model, kind, sidecar, calib, config, plan, log)
     weights = _weight_summary(model)
     quantization = {
         **info,
@@ -303,6 +336,7 @@ def _quantize_artifact(path: Path, sidecar: dict, artifacts: dict, calib, config
     # NNCF leaves the shapes its inference recorded; as in the exporter, every runtime infers them, and in an
     # unrolled int8 sampler they were 6% of the file.
     del model.graph.value_info[:]
+    _compact_quantizer_names(model)
     model.producer_name = "diffusion-compress"
     helper.set_model_props(model, {"diffusion_compress.sidecar": json.dumps(out_sidecar)})
     out_path = stage / path.name
@@ -335,15 +369,13 @@ def _quantize_activations(model, kind, sidecar, path, artifacts, calib, config: 
     transformer = _is_transformer(model)
     if kind in ("denoiser", "vae_decoder"):
         items = calib.denoiser_inputs(condition, config.subset_size) if kind == "denoiser" else calib.latent_inputs(config.subset_size)
-        quantized = _nncf_quantize(model, items, config, transformer, bias_correction=True)
-        return quantized, {"granularity": "shared", "calibration_inputs": len(items), "activation_quantizers": _count_activation_quantizers(quantized)}
+        quantized, kept = _nncf_quantize(model, items, config, transformer, bias_correction=True)
+        return quantized, {"granularity": "shared", "calibration_inputs": len(items), "activation_quantizers": _count_activation_quantizers(quantized),
+                           "float_layers": kept}
 
-    guidance = sidecar.get("guidance", {})
-    scale = calib.guidance_scale if calib.guidance_scale is not None else guidance.get("default_scale")
-    negative = f"negative_{condition}" if condition and any(i["name"] == f"negative_{condition}" for i in sidecar["inputs"]) else None
-    items = calib.sampler_inputs(condition, scale if guidance.get("enabled") else None, config.subset_size, negative_name=negative)
-    quantized = _nncf_quantize(model, items, config, transformer, bias_correction=False)
-    info = {"granularity": config.granularity, "calibration_inputs": len(items), "guidance_scale": scale if guidance.get("enabled") else None}
+    items, scale = _sampler_items(sidecar, calib, config.subset_size)
+    quantized, kept = _nncf_quantize(model, items, config, transformer, bias_correction=False)
+    info = {"granularity": config.granularity, "calibration_inputs": len(items), "guidance_scale": scale, "float_layers": kept}
     if config.granularity == "shared":
         source = None
         if config.shared_from == "denoiser":
@@ -351,7 +383,7 @@ def _quantize_activations(model, kind, sidecar, path, artifacts, calib, config: 
             if denoiser_path is None:
                 raise UserError(f"shared scales from the denoiser need denoiser.onnx next to {path.name}; pass the export folder or shared_from='union'")
             denoiser_items = calib.denoiser_inputs(condition, config.subset_size)
-            source = _nncf_quantize(onnx.load(str(denoiser_path)), denoiser_items, config, transformer, bias_correction=False)
+            source, _ = _nncf_quantize(onnx.load(str(denoiser_path)), denoiser_items, config, transformer, bias_correction=False)
             info["denoiser_calibration_inputs"] = len(denoiser_items)
         info.update(share_scales(quantized, source))
     info["activation_quantizers"] = _count_activation_quantizers(quantized)
@@ -359,7 +391,48 @@ def _quantize_activations(model, kind, sidecar, path, artifacts, calib, config: 
     return quantized, info
 
 
-def _nncf_quantize(model: onnx.ModelProto, items: list[dict], config: QuantizeConfig, transformer: bool, bias_correction: bool) -> onnx.ModelProto:
+def _sampler_items(sidecar: dict, calib, limit: int) -> tuple[list[dict], float | None]:
+    """Feed dicts of sampler.onnx from the set's trajectory starts, and the guidance scale they use."""
+    condition = sidecar.get("conditioning", {}).get("input")
+    guidance = sidecar.get("guidance", {})
+    scale = calib.guidance_scale if calib.guidance_scale is not None else guidance.get("default_scale")
+    scale = scale if guidance.get("enabled") else None
+    negative = f"negative_{condition}" if condition and any(i["name"] == f"negative_{condition}" for i in sidecar["inputs"]) else None
+    return calib.sampler_inputs(condition, scale, limit, negative_name=negative), scale
+
+
+TARGET_NOISE_SEED = 1234  # the target is measured on noise the calibration did not see
+
+
+def _meet_target(model, float_model, kind: str, sidecar: dict, calib, config: QuantizeConfig, plan: dict, log) -> tuple[onnx.ModelProto, dict]:
+    """Returns the graph with the layers the quality target needs back in float, and what was done.
+
+    The sampler is searched (on fresh noise, the final sample against the float sampler's); a
+    denoiser exported beside it gets the same layers, since both graphs share their layer names."""
+    from compress.precision import quantized_layers, revert_layers, search_float_layers
+
+    if kind == "denoiser" and "layers" in plan:
+        present = set(quantized_layers(model))
+        layers = [x for x in plan["layers"] if x in present]
+        return revert_layers(model, layers, float_model), {"target_psnr": config.target_psnr, "from": "sampler", "float_layers": layers}
+    if kind == "sampler":
+        items, _ = _sampler_items(sidecar, calib, config.target_samples)
+        rng = np.random.default_rng(TARGET_NOISE_SEED)
+        items = [{**item, "noise": rng.standard_normal(item["noise"].shape).astype(np.float32)} for item in items]
+        width = sidecar["outputs"][0].get("range")
+        data_range = None if width is None else float(width[1] - width[0])
+    else:
+        items = calib.denoiser_inputs(sidecar.get("conditioning", {}).get("input"), None)[-config.target_samples:]
+        data_range = None  # a prediction has no fixed range: the reference's own peak-to-peak
+    budget = config.max_float_layers or max(1, math.ceil(len(quantized_layers(model)) / 4))
+    result = search_float_layers(model, float_model, items, config.target_psnr, data_range, budget, log)
+    log(result.message())
+    plan["layers"] = [x["layer"] for x in result.float_layers]
+    return result.model, {**result.describe(), "message": result.message(), "measured_on": f"{len(items)} {'fresh noise draws' if kind == 'sampler' else 'calibration states'}"}
+
+
+def _nncf_quantize(model: onnx.ModelProto, items: list[dict], config: QuantizeConfig, transformer: bool, bias_correction: bool):
+    """NNCF's W8A8, then int8 storage of the large non-weight constants; returns (model, the layers kept float and why)."""
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
 
@@ -375,18 +448,22 @@ def _nncf_quantize(model: onnx.ModelProto, items: list[dict], config: QuantizeCo
     elif not transformer:
         advanced.smooth_quant_alphas = AdvancedSmoothQuantParameters(matmul=-1)
     preset = nncf.QuantizationPreset.MIXED if config.preset == "mixed" else nncf.QuantizationPreset.PERFORMANCE
+    reasons = float_nodes(model, config)
     quantized = nncf.quantize(
         model,
         nncf.Dataset(items),
         preset=preset,
         model_type=nncf.ModelType.TRANSFORMER if transformer else None,
         subset_size=len(items),
-        ignored_scope=nncf.IgnoredScope(names=ignored_nodes(model, config), validate=False),
+        ignored_scope=nncf.IgnoredScope(names=list(reasons), validate=False),
         advanced_parameters=advanced,
     )
     if config.fuse_outputs:
         quantize_conv_outputs(quantized, items[:OUTPUT_CALIBRATION_ITEMS])
-    return activations_to_uint8(quantized)
+    quantize_constants(quantized, keep={n for n, r in reasons.items() if r != "conditioning path"},
+                       conditioning={n for n, r in reasons.items() if r == "conditioning path"})
+    kept = summarize_layers({n: r for n, r in reasons.items() if inside_network(n) and r != "outside the network"})
+    return activations_to_uint8(quantized), kept
 
 
 OUTPUT_CALIBRATION_ITEMS = 16
@@ -512,32 +589,76 @@ def _is_transformer(model: onnx.ModelProto) -> bool:
     return any(re.search(r"(^|/)transformer/", n.name) for n in model.graph.node[:200])
 
 
-def module_path(node_name: str) -> str:
-    """'s3/unet/down_blocks.0/resnets.0/conv1/Conv' -> 'unet/down_blocks.0/resnets.0/conv1/Conv'."""
-    return STEP_PREFIX.sub("", node_name)
-
-
-def ignored_nodes(model: onnx.ModelProto, config: QuantizeConfig) -> list[str]:
-    """Names of the nodes NNCF must leave in float.
+def float_nodes(model: onnx.ModelProto, config: QuantizeConfig) -> dict[str, str]:
+    """{node name: reason} for the nodes NNCF must leave in float.
 
     Everything outside the network (the solver's arithmetic on the state, guidance mixing,
-    output scaling: nodes with no module path), the configured patterns, the MatMul that reads
-    softmax probabilities, and (elementwise=False) every add and multiply.
+    output scaling: nodes with no module path), what the graph's structure keeps float (first and
+    last layers, the conditioning path), the MatMul that reads softmax probabilities, the
+    configured patterns, and (elementwise=False) every add and multiply.
     """
-    patterns = [re.compile(p) for p in config.ignored_patterns]
+    patterns = [re.compile(p) for p in config.ignored]
     producer = {o: n for n in model.graph.node for o in n.output}
-    names = []
+    reasons = structural_float_nodes(model) if config.default_ignored else {}
     decoder_float = config.decoder != config.scheme  # a sampler with the VAE decoder baked in: the decoder's own scheme
     for node in model.graph.node:
         path = module_path(node.name)
-        outside = "/" not in path or (decoder_float and path.startswith(DECODER_SCOPE))
-        matched = any(p.search(path) for p in patterns)
-        softmax = config.keep_softmax and node.op_type == "MatMul" and any(
-            _source_op(producer, i) == "Softmax" for i in node.input)
-        elementwise = not config.elementwise and node.op_type in ("Add", "Sub", "Mul", "Div")
-        if outside or matched or softmax or elementwise:
-            names.append(node.name)
-    return names
+        if not inside_network(node.name) or (decoder_float and node.name.startswith(DECODER_SCOPE)):
+            reasons[node.name] = "outside the network"
+        elif any(p.search(path) for p in patterns):
+            reasons[node.name] = "ignored pattern"
+        elif config.keep_softmax and node.op_type == "MatMul" and any(_source_op(producer, i) == "Softmax" for i in node.input):
+            reasons[node.name] = "attention probabilities"
+        elif not config.elementwise and node.op_type in ("Add", "Sub", "Mul", "Div"):
+            reasons[node.name] = "elementwise"
+    return reasons
+
+
+def ignored_nodes(model: onnx.ModelProto, config: QuantizeConfig) -> list[str]:
+    return list(float_nodes(model, config))
+
+
+def quantize_constants(model: onnx.ModelProto, keep: set[str], conditioning: set[str] = frozenset()) -> int:
+    """Stores large float constants read by non-conv/linear ops inside the network (normalization
+    affine maps, embedding tables) as uint8 behind a DequantizeLinear, asymmetric per row of the last
+    axis: a LayerNorm gain lies in [0.4, 2], where a symmetric grid would waste half its levels (on a
+    LayerNorm-over-(C,H,W) DDPM, per-row asymmetric kept 33 dB where per-channel symmetric kept 28).
+    The weights of the conditioning path's linears (the timestep MLP, whose activations stay float)
+    are stored the same way. Constants read by a node in ``keep`` stay float. Returns the bytes saved."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    readers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            if i in inits:
+                readers.setdefault(i, []).append(n)
+    saved, nodes = 0, []
+    for name, users in readers.items():
+        t = inits[name]
+        if t.data_type != onnx.TensorProto.FLOAT or int(np.prod(t.dims)) < CONSTANT_MIN_ELEMENTS or len(t.dims) < 2:
+            continue
+        if any(u.name in keep or not inside_network(u.name) or u.op_type in ("QuantizeLinear", "DequantizeLinear") for u in users):
+            continue
+        if any(u.op_type in WEIGHTED_OPS and u.name not in conditioning for u in users):
+            continue  # NNCF's to quantize (or a layer kept float on purpose)
+        value = numpy_helper.to_array(t)
+        rows = value.reshape(-1, value.shape[-1])
+        lo, hi = np.minimum(rows.min(axis=1), 0), np.maximum(rows.max(axis=1), 0)
+        scale = np.where(hi > lo, (hi - lo) / 255.0, 1.0).astype(np.float32)
+        zero = np.clip(np.round(-lo / scale), 0, 255).astype(np.uint8)
+        q = np.clip(np.round(rows / scale[:, None]) + zero[:, None], 0, 255).astype(np.uint8)
+        base = f"{users[0].name.rsplit('/', 1)[0]}/{name}"
+        graph.initializer.remove(t)
+        graph.initializer.extend([numpy_helper.from_array(q, name + ".u8"), numpy_helper.from_array(scale, name + ".scale"),
+                                  numpy_helper.from_array(zero, name + ".zp"), numpy_helper.from_array(np.array(value.shape, np.int64), name + ".shape")])
+        nodes += [helper.make_node("DequantizeLinear", [name + ".u8", name + ".scale", name + ".zp"], [name + ".rows"], name=base + "/DequantizeLinear", axis=0),
+                  helper.make_node("Reshape", [name + ".rows", name + ".shape"], [name], name=base + "/Reshape")]
+        saved += value.nbytes - q.nbytes - 5 * scale.size
+    if nodes:
+        existing = list(graph.node)
+        del graph.node[:]
+        graph.node.extend(nodes + existing)
+    return saved
 
 
 def _source_op(producer: dict, tensor: str) -> str | None:
@@ -781,6 +902,7 @@ def _compress_weights(model: onnx.ModelProto, config: QuantizeConfig) -> onnx.Mo
         out = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT4_SYM, group_size=-1, ratio=1.0,
                                     all_layers=True, ignored_scope=scope)
     _flatten_per_axis_scales(out)
+    quantize_constants(out, keep=set(scope.names))
     _check_runs(out, "the model", f"{config.scheme} weights")
     return out
 
@@ -814,6 +936,27 @@ def _to_fp16_weights(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _compact_quantizer_names(model: onnx.ModelProto) -> None:
+    """Short names for Q/DQ nodes, their outputs and their scale / zero-point constants: an unrolled
+    sampler holds one pair per layer and step, and NNCF's long names were a third of a small model's file."""
+    graph = model.graph
+    keep = {v.name for v in graph.input} | {v.name for v in graph.output}
+    renamed: dict[str, str] = {}
+    for k, n in enumerate(x for x in graph.node if x.op_type in ("QuantizeLinear", "DequantizeLinear")):
+        n.name = f"q{k}"
+        for j, out in enumerate(n.output):
+            if out not in keep:
+                renamed[out] = n.output[j] = f"q{k}_{j}"
+        for i in n.input[1:]:
+            renamed.setdefault(i, f"k{len(renamed)}")
+    for t in graph.initializer:
+        t.name = renamed.get(t.name, t.name)
+    for n in graph.node:
+        for j, i in enumerate(n.input):
+            if i in renamed:
+                n.input[j] = renamed[i]
 
 
 def _weight_summary(model: onnx.ModelProto) -> dict:

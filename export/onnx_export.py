@@ -238,6 +238,9 @@ _STEP_SCOPE = re.compile(r"^/?steps\.(\d+)/")
 def _short_node_name(name: str) -> str:
     """'/steps.3/network/unet/conv_in/Conv' -> 's3/unet/conv_in/Conv': the step and the module path, nothing else."""
     name = _STEP_SCOPE.sub(r"s\1/", name)
+    # The network's own top-level ops (a torch.cat in its forward) keep a scope, 'net/', to tell them
+    # from the solver's arithmetic around the network.
+    name = re.sub(r"(^|/)network/(?=[A-Z])", r"\1net/", name, count=1)
     return name.replace("network/", "", 1).lstrip("/")
 
 

@@ -95,6 +95,7 @@ def test_python_bare_module_needs_sample_shape(tmp_path, cli):
         ("diffusers:/no/such/folder", "does not exist"),
         ("python:no_such_module:make", "cannot import"),
         ("python:tests.tiny_models:missing", "no callable"),
+        ("python:tests.tiny_models:failing_factory", "the factory raised FileNotFoundError: weights.pt"),
         ("zoo:digits-classifier", "not a diffusion model"),
     ],
 )

@@ -51,6 +51,11 @@ def tiny_denoiser() -> Denoiser:
     return Denoiser(ScaledOutput(DiffusersUNet(tiny_unet())).eval(), NoiseSchedule.from_betas(), sample_shape=(1, 8, 8), name="tiny")
 
 
+def failing_factory() -> nn.Module:
+    """A factory whose own code fails, as a user's does when its checkpoint is missing."""
+    raise FileNotFoundError("weights.pt")
+
+
 def tiny_module() -> nn.Module:
     """A factory that returns a bare module: the sample shape must come from --sample-shape."""
     return ScaledOutput(DiffusersUNet(tiny_unet()))

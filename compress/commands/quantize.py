@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from compress.commands.common import load_from_flags, load_pipeline_from_flags, model_options
+from compress.commands.common import ChecksFailed, load_from_flags, load_pipeline_from_flags, model_options
 from compress.errors import UserError
 
 
@@ -76,14 +76,18 @@ def calibrate(model, sampler, samples, seed, mean, std, interval, trajectory_ste
               help="Text-to-image exports: the text encoders' scheme (default float).")
 @click.option("--subset-size", type=int, default=256, show_default=True)
 @click.option("--ignore", "ignored", multiple=True, help="Extra node-name regex kept in float; repeatable.")
+@click.option("--target-psnr", type=float, default=None,
+              help="Quality target in dB of the final sample against the float32 sampler: the most sensitive layers go back to float until it is met.")
+@click.option("--max-float-layers", type=int, default=None, help="With --target-psnr: at most this many layers back in float (default: a quarter).")
+@click.option("--require-target", is_flag=True, help="With --target-psnr: exit 1 when the target is not met (the best file is written either way).")
 @click.option("--solver", default="dpmpp-2m", show_default=True, help="For a model reference: the solver to export first.")
 @click.option("--steps", type=int, default=8, show_default=True)
 @click.option("--spacing", default="trailing", show_default=True)
 @click.option("--guidance", type=float, default=None, help="For a model reference: default guidance scale of the export.")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False))
 @model_options
-def quantize(model_or_onnx, calib, scheme, granularity, shared_from, targets, decoder, text_encoder, subset_size, ignored, solver, steps, spacing,
-             guidance, out, **kw):
+def quantize(model_or_onnx, calib, scheme, granularity, shared_from, targets, decoder, text_encoder, subset_size, ignored, target_psnr,
+             max_float_layers, require_target, solver, steps, spacing, guidance, out, **kw):
     """Quantize MODEL_OR_ONNX: an export folder or .onnx file, or a model reference (exported first).
 
     A text-to-image export folder comes out whole: each graph with its component's scheme
@@ -91,10 +95,11 @@ def quantize(model_or_onnx, calib, scheme, granularity, shared_from, targets, de
     """
     from calibration import check_calibration_matches, load_calibration, model_identity
     from compress.outputs import Manifest, staged_folder
-    from compress.quantize import QuantizeConfig, quantize_
+    from compress.quantize import QuantizeConfig, missed_targets, quantize_
 
     config = QuantizeConfig(scheme=scheme, granularity=granularity, shared_from=shared_from, subset_size=subset_size, decoder=decoder,
-                            text_encoder=text_encoder, ignored=list(ignored), **({"targets": list(targets)} if targets else {}))
+                            text_encoder=text_encoder, ignored=list(ignored), target_psnr=target_psnr, max_float_layers=max_float_layers,
+                            require_target=require_target, **({"targets": list(targets)} if targets else {}))
     calib_set = load_calibration(calib) if calib else None
     if scheme in ("w8a8", "w8a16") and calib_set is None:
         raise UserError(f"--scheme {scheme} needs --calib (record a set with 'compress calibrate')")
@@ -113,7 +118,7 @@ def quantize(model_or_onnx, calib, scheme, granularity, shared_from, targets, de
                 guidance = calib_set.guidance_scale
             export_onnx(denoiser, resolve_solver(denoiser, solver, steps, spacing, guidance), scratch)
             source = Path(scratch)
-        records = quantize_(source, calib_set, config, out_dir=root)
+        records = quantize_(source, calib_set, config, out_dir=root, progress=lambda m: click.echo(m, err=True))
         manifest = Manifest(root, "quantize")
         for r in records:
             manifest.add(Path(r["path"]), "onnx", "quantize", config.to_dict(), kind=r["kind"], scheme=r["scheme"] or "float32")
@@ -123,3 +128,11 @@ def quantize(model_or_onnx, calib, scheme, granularity, shared_from, targets, de
     for r in records:
         click.echo(f"wrote {Path(out) / Path(r['path']).name} ({r['bytes'] / 1e6:.2f} MB, float {r['float_bytes'] / 1e6:.2f} MB, {r['scheme'] or 'float32'}"
                    + (f", {r['granularity']}" if r.get("granularity") else "") + ")")
+    for r in records:
+        if r.get("target") and r["target"].get("met"):
+            click.echo(r["target"]["message"])
+    missed = missed_targets(records)
+    for message in missed:
+        click.echo(f"warning: {message}", err=True)
+    if missed and require_target:
+        raise ChecksFailed("quantization target not met")

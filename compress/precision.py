@@ -1,0 +1,360 @@
+"""Which layers of a quantized graph keep float precision, and why.
+
+Two sources, both recorded in the quantized artifact's sidecar (``quantization.float_layers``):
+
+- **structure** (`structural_float_nodes`), read from the graph and not from module names, so a
+  model with its own names gets the same care as a diffusers UNet: each network's first and last
+  weighted layers (the input conv sees raw noise, the output conv writes the prediction the solver
+  scales by up to 1/alpha), and the conditioning path: every node computed from the timestep,
+  class label or pooled/added conditions alone (a graph input of rank < 3) and not from the image or
+  the token sequence. Those nodes compute the scale/shift vectors that modulate every block; an
+  error there is systematic across the whole map. Shape reads (``Shape``) carry no data dependence:
+  a dynamic batch reads the sample's shape to broadcast the timestep.
+- **sensitivity** (`search_float_layers`), for a quality target: each quantized layer's PSNR on the
+  final sample when it alone is quantized (Apple's per-layer PSNR pass), then the fewest most
+  sensitive layers returned to float that bring the whole sampler to the target (measured, not
+  assumed), within a budget of layers; when the budget cannot reach the target, the best graph
+  found and the layers that limit it.
+
+A "layer" is a node's module path without the unrolled step and the op (``s3/enc1/conv1/Conv`` ->
+``enc1/conv1``), so one decision covers every step of the sampler and the bare denoiser alike.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+STEP_PREFIX = re.compile(r"^s(\d+)/")
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+# Ops whose output does not depend on their input's values, only on its shape or type.
+SHAPE_OPS = ("Shape", "Size")
+# The VAE decoder a text-to-image sampler runs once after its steps: outside every step, so never
+# confused with a network's own module called "decoder" (s3/decoder/...).
+DECODER_SCOPE = "decoder/"
+
+
+def module_path(node_name: str) -> str:
+    """'s3/unet/down_blocks.0/resnets.0/conv1/Conv' -> 'unet/down_blocks.0/resnets.0/conv1/Conv'."""
+    return STEP_PREFIX.sub("", node_name)
+
+
+def inside_network(node_name: str) -> bool:
+    """Nodes of the solver's own arithmetic carry no module path (``s0/Mul``): they are not the network."""
+    return "/" in module_path(node_name)
+
+
+def layer_of(node_name: str) -> str:
+    """The module a node belongs to: its path up to the first op-named segment (ops are capitalised)."""
+    parts = module_path(node_name).split("/")
+    for k, part in enumerate(parts):
+        if part[:1].isupper():
+            return "/".join(parts[:k]) or parts[0]
+    return "/".join(parts)
+
+
+def _network_instance(node_name: str) -> tuple:
+    """(step, scope): the unrolled copy of the denoiser (or of the VAE decoder) a node belongs to."""
+    m = STEP_PREFIX.match(node_name)
+    return (m.group(1) if m else None, node_name.startswith(DECODER_SCOPE))
+
+
+def _weight_input(node, initializers: set) -> bool:
+    return node.op_type in WEIGHTED_OPS and len(node.input) > 1 and (node.input[1] in initializers or node.input[0] in initializers)
+
+
+# ----------------------------------------------------------------------------- structure
+
+
+def structural_float_nodes(model: onnx.ModelProto) -> dict[str, str]:
+    """{node name: reason} for the nodes the graph's structure says to keep in float."""
+    graph = model.graph
+    initializers = {t.name for t in graph.initializer}
+    shapes = {i.name: len(i.type.tensor_type.shape.dim) for i in graph.input}
+    feature_inputs = {name for name, rank in shapes.items() if rank >= 3}
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    featured: set[str] = set(feature_inputs)  # tensors whose values depend on the image or the tokens
+    for n in graph.node:  # exported graphs are topologically sorted
+        if n.op_type not in SHAPE_OPS and any(i in featured for i in n.input):
+            featured.update(n.output)
+    reasons = {}
+    for n in graph.node:
+        if inside_network(n.name) and not any(o in featured for o in n.output) and any(i not in initializers and i for i in n.input):
+            reasons[n.name] = "conditioning path"
+
+    def weighted_neighbours(node, forward: bool) -> bool:
+        """Is there a weighted op of the same network instance before (after) ``node`` on a feature path?"""
+        instance, seen = _network_instance(node.name), set()
+        frontier = list(node.output if forward else node.input)
+        while frontier:
+            tensor = frontier.pop()
+            nexts = consumers.get(tensor, []) if forward else [producer[tensor]] if tensor in producer else []
+            for m in nexts:
+                if m.name in seen or not inside_network(m.name) or _network_instance(m.name) != instance or m.op_type in SHAPE_OPS:
+                    continue
+                seen.add(m.name)
+                if _weight_input(m, initializers) and any(o in featured for o in m.output):
+                    return True
+                frontier.extend(m.output if forward else [i for i in m.input if i in featured])
+        return False
+
+    for n in graph.node:
+        if not (inside_network(n.name) and _weight_input(n, initializers) and any(o in featured for o in n.output)):
+            continue
+        if not weighted_neighbours(n, forward=False):
+            reasons[n.name] = "first layer"
+        elif not weighted_neighbours(n, forward=True):
+            reasons[n.name] = "last layer"
+    return reasons
+
+
+def summarize_layers(reasons: dict[str, str]) -> list[dict]:
+    """One entry per layer (all unrolled steps together) with its reason."""
+    layers: dict[str, str] = {}
+    for node, reason in reasons.items():
+        layers.setdefault(layer_of(node), reason)
+    return [{"layer": layer, "reason": reason} for layer, reason in sorted(layers.items())]
+
+
+# ----------------------------------------------------------------------------- returning layers to float
+
+
+def _quantized_source(tensor: str, producer: dict, inits: dict):
+    """How ``tensor`` was quantized: ("weight", dq, reshape), ("activation", q) or None."""
+    node = producer.get(tensor)
+    reshape = None
+    if node is not None and node.op_type == "Reshape" and node.input[0] in producer:  # a constant stored per row
+        reshape, node = node, producer[node.input[0]]
+    if node is None or node.op_type != "DequantizeLinear":
+        return None
+    if node.input[0] in inits:
+        return ("weight", node, reshape)
+    source = producer.get(node.input[0])
+    return ("activation", source) if reshape is None and source is not None and source.op_type == "QuantizeLinear" else None
+
+
+def _is_plumbing(node, producer: dict, inits) -> bool:
+    """Q/DQ nodes, and the Reshape that unpacks a constant stored per row: not layers of their own."""
+    if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+        return True
+    source = producer.get(node.input[0]) if node.op_type == "Reshape" else None
+    return source is not None and source.op_type == "DequantizeLinear" and source.input[0] in inits
+
+
+def quantized_layers(model: onnx.ModelProto) -> dict[str, list[tuple[str, int]]]:
+    """{layer: [(node, input index)]}: the inputs of the network's nodes that read a quantized tensor."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inits = {t.name for t in model.graph.initializer}
+    layers: dict[str, list[tuple[str, int]]] = {}
+    for n in model.graph.node:
+        if _is_plumbing(n, producer, inits) or not inside_network(n.name):
+            continue
+        for j, i in enumerate(n.input):
+            if _quantized_source(i, producer, inits) is not None:
+                layers.setdefault(layer_of(n.name), []).append((n.name, j))
+    return layers
+
+
+def _dequantized(dq, inits: dict) -> np.ndarray:
+    q = numpy_helper.to_array(inits[dq.input[0]]).astype(np.float32)
+    scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
+    zero = numpy_helper.to_array(inits[dq.input[2]]).astype(np.float32) if len(dq.input) > 2 and dq.input[2] else np.zeros_like(scale)
+    if scale.ndim == 1 and q.ndim > 1:
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1) % q.ndim
+        view = [1] * q.ndim
+        view[axis] = -1
+        scale, zero = scale.reshape(view), zero.reshape(view)
+    return (q - zero) * scale
+
+
+def revert_layers(model: onnx.ModelProto, layers, float_model: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """A copy of ``model`` where the given layers compute in float: each reads the activation from
+    before its QuantizeLinear, and its weight from ``float_model`` (the dequantized int8 where that
+    graph has no such node, as for split convs) stored as float16 behind a Cast: half the bytes of
+    float32, and an error far below int8's. Q/DQ nodes nobody reads any more are dropped."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    wanted = set(layers)
+    producer = {o: n for n in graph.node for o in n.output}
+    inits = {t.name: t for t in graph.initializer}
+    original = {t.name: t for t in float_model.graph.initializer} if float_model is not None else {}
+    original_inputs = {n.name: list(n.input) for n in float_model.graph.node} if float_model is not None else {}
+    floats: dict[str, str] = {}
+    casts = []
+    for n in graph.node:
+        if _is_plumbing(n, producer, inits) or layer_of(n.name) not in wanted or not inside_network(n.name):
+            continue
+        for j, i in enumerate(n.input):
+            source = _quantized_source(i, producer, inits)
+            if source is None:
+                continue
+            if source[0] == "activation":
+                n.input[j] = source[1].input[0]
+                continue
+            if i not in floats:
+                names = original_inputs.get(n.name, [])
+                name = names[j] if j < len(names) else None
+                if name in original:
+                    value = numpy_helper.to_array(original[name])
+                else:
+                    _, dq, reshape = source
+                    value = _dequantized(dq, inits)
+                    if reshape is not None:
+                        value = value.reshape(numpy_helper.to_array(inits[reshape.input[1]]))
+                floats[i] = f"{i}.float"
+                graph.initializer.append(numpy_helper.from_array(value.astype(np.float16), f"{i}.f16"))
+                casts.append(helper.make_node("Cast", [f"{i}.f16"], [floats[i]], name=f"{i}/Cast", to=onnx.TensorProto.FLOAT))
+            n.input[j] = floats[i]
+    nodes = casts + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    drop_dead_nodes(out)
+    return out
+
+
+def drop_dead_nodes(model: onnx.ModelProto) -> None:
+    """Removes nodes whose outputs nobody reads, then initializers nobody reads."""
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = {i for n in graph.node for i in n.input} | outputs
+        keep = [n for n in graph.node if any(o in used for o in n.output)]
+        if len(keep) == len(graph.node):
+            break
+        del graph.node[:]
+        graph.node.extend(keep)
+    used = {i for n in graph.node for i in n.input} | outputs
+    keep_init = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep_init)
+
+
+# ----------------------------------------------------------------------------- the sensitivity search
+
+
+@dataclass
+class SearchResult:
+    model: onnx.ModelProto
+    target: float
+    psnr: float  # of the returned model against the float graph
+    psnr_quantized: float  # every layer quantized
+    float_layers: list[dict] = field(default_factory=list)  # [{layer, psnr_alone}] returned to float, most sensitive first
+    limiting: list[dict] = field(default_factory=list)  # the most sensitive layers still quantized, when not met
+    evaluations: int = 0
+    budget: int = 0
+
+    @property
+    def met(self) -> bool:
+        return self.psnr >= self.target
+
+    def describe(self) -> dict:
+        return {"target_psnr": self.target, "psnr": _finite(self.psnr), "psnr_all_quantized": _finite(self.psnr_quantized), "met": self.met,
+                "float_layers": self.float_layers, "limiting_layers": self.limiting, "layer_budget": self.budget,
+                "evaluations": self.evaluations}
+
+    def message(self) -> str:
+        if self.met:
+            return (f"quality target {self.target:g} dB met: {self.psnr:.1f} dB with {len(self.float_layers)} layer(s) kept in float "
+                    f"({self.psnr_quantized:.1f} dB with every layer quantized)")
+        names = ", ".join(f"{x['layer']} ({x['psnr_alone']:.1f} dB alone)" for x in self.limiting[:3])
+        return (f"quality target {self.target:g} dB not met: best {self.psnr:.1f} dB with {len(self.float_layers)} layer(s) in float "
+                f"(the budget of {self.budget}); the layers that limit it: {names}")
+
+
+def _finite(value: float):
+    return None if math.isinf(value) else round(float(value), 2)
+
+
+def psnr_against(reference: list[np.ndarray], outputs: list[np.ndarray], data_range: float | None) -> float:
+    ref, out = np.concatenate(reference).astype(np.float64), np.concatenate(outputs).astype(np.float64)
+    mse = float(np.mean((ref - out) ** 2))
+    peak = data_range if data_range else float(ref.max() - ref.min())
+    return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
+
+
+def run_graph(model: onnx.ModelProto, items: list[dict], output: str) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = os.cpu_count() or 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    batched = {i.name for i in model.graph.input if i.type.tensor_type.shape.dim and i.type.tensor_type.shape.dim[0].dim_param}
+    if items and set(items[0]) <= batched:  # a dynamic batch: one run over every item
+        return [session.run([output], {k: np.concatenate([item[k] for item in items]) for k in items[0]})[0]]
+    return [session.run([output], item)[0] for item in items]
+
+
+def search_float_layers(quantized: onnx.ModelProto, float_model: onnx.ModelProto, items: list[dict], target: float,
+                        data_range: float | None, budget: int, log: Callable[[str], None] = lambda m: None) -> SearchResult:
+    """The fewest most-sensitive layers of ``quantized`` to return to float so that its output reaches
+    ``target`` dB against ``float_model`` on ``items``; at most ``budget`` layers."""
+    output = float_model.graph.output[0].name
+    reference = run_graph(float_model, items, output)
+    evaluations = 0
+
+    def measure(model) -> float:
+        nonlocal evaluations
+        evaluations += 1
+        return psnr_against(reference, run_graph(model, items, output), data_range)
+
+    full = measure(quantized)
+    result = SearchResult(quantized, target, full, full, budget=budget)
+    layers = sorted(quantized_layers(quantized))
+    if full >= target or not layers:
+        result.evaluations = evaluations
+        return result
+    log(f"target {target:g} dB: {full:.1f} dB with every layer quantized; measuring {len(layers)} layers one at a time")
+    alone = {}
+    for k, layer in enumerate(layers):
+        alone[layer] = measure(revert_layers(quantized, [x for x in layers if x != layer], float_model))
+        if (k + 1) % 10 == 0:
+            log(f"  sensitivity: {k + 1}/{len(layers)} layers")
+    ranked = sorted(layers, key=lambda x: alone[x])
+    budget = min(budget, len(ranked))
+    tried: dict[int, float] = {0: full}
+    models = {0: quantized}
+
+    def try_count(k: int) -> float:
+        if k not in tried:
+            models[k] = revert_layers(quantized, ranked[:k], float_model)
+            tried[k] = measure(models[k])
+            log(f"  {k} layer(s) in float: {tried[k]:.1f} dB")
+        return tried[k]
+
+    # Doubling, then bisection: PSNR grows (nearly) monotonically with the layers returned to float.
+    low, high = 0, None
+    k = 1
+    while k <= budget:
+        if try_count(k) >= target:
+            high = k
+            break
+        low = k
+        k = budget if k * 2 > budget and k < budget else k * 2
+    if high is not None:
+        while high - low > 1:
+            mid = (low + high) // 2
+            if try_count(mid) >= target:
+                high = mid
+            else:
+                low = mid
+        chosen = high
+    else:
+        chosen = max(tried, key=lambda c: (tried[c], -c))
+    result.model, result.psnr, result.evaluations = models[chosen], tried[chosen], evaluations
+    result.float_layers = [{"layer": x, "psnr_alone": _finite(alone[x])} for x in ranked[:chosen]]
+    if not result.met:
+        result.limiting = [{"layer": x, "psnr_alone": _finite(alone[x])} for x in ranked[chosen:chosen + 5]]
+    return result
