@@ -9,7 +9,7 @@ sampler.onnx, an NDTC calibration set from its own trajectories, then
   PSNR of the final sample against the float32 sampler on 256 fresh noise draws (not the 32 the
   target search measured on), file bytes against float32, the layers kept in float and why, and
   int8 against float32 batch-1 latency on onnxruntime's CPU provider (the toolkit's own
-  `runtimes.bench.benchmark`, float and int8 measured in alternation in this one run);
+  `runtimes.bench.paired_benchmark`, float and int8 measured in alternation in this one run);
 - `prune` taylor 0.25 with a short distillation fine-tune, written as a model folder, reloaded,
   exported and run on onnxruntime: PSNR against the original's float32 sampler, FD of both on the
   zoo classifier's features against the held-out digits.
@@ -36,7 +36,7 @@ from compress.metrics import DigitsJudge, psnr  # noqa: E402
 from compress.quantize import QuantizeConfig, quantize_  # noqa: E402
 from compress.solvers import SolverConfig  # noqa: E402
 from export.onnx_export import export_onnx  # noqa: E402
-from runtimes.bench import benchmark, processor_name  # noqa: E402
+from runtimes.bench import paired_benchmark, processor_name  # noqa: E402
 from runtimes.onnxruntime_runner import OnnxRuntimeRunner  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -66,14 +66,10 @@ def run(path: Path, feeds: dict, threads: int) -> torch.Tensor:
 
 
 def latencies(paths: dict[str, Path], feeds: dict, threads: int, rounds: int, runs: int) -> dict[str, float]:
-    """Median batch-1 latency (ms) per graph: rounds of `benchmark` in alternation, so load hits all alike."""
+    """Median batch-1 latency (ms) per graph, measured in alternation."""
     one = {k: (v if k == "guidance_scale" else v[:1]) for k, v in feeds.items()}
     runners = {k: OnnxRuntimeRunner(threads=threads).load(p) for k, p in paths.items()}
-    medians: dict[str, list[float]] = {k: [] for k in paths}
-    for _ in range(rounds):
-        for k, runner in runners.items():
-            medians[k].append(benchmark(runner, one, runs=runs, warmup=2)["latency_ms"]["median"])
-    return {k: float(np.median(v)) for k, v in medians.items()}
+    return {k: v["median_ms"] for k, v in paired_benchmark(runners, one, rounds, runs).items()}
 
 
 def float_layer_summary(record: dict) -> dict:
@@ -148,7 +144,7 @@ def write_markdown(results: dict, path: Path) -> None:
         "",
         f"Machine: {results['machine']}, onnxruntime CPU provider, {results['threads']} thread(s). dpmpp-2m 8 steps baked into "
         f"sampler.onnx; NDTC calibration from each model's own trajectories ({results['calibration_samples']} states). PSNR against the "
-        f"float32 sampler on {results['samples']} fresh noise draws; latency at batch 1 (toolkit's `runtimes.bench.benchmark`, "
+        f"float32 sampler on {results['samples']} fresh noise draws; latency at batch 1 (the toolkit's `runtimes.bench.paired_benchmark`, "
         "float32 and int8 alternated in this run). Goal: >= 30 dB with the target set, <= 0.40x the float32 bytes.",
         "",
         "## W8A8: defaults from the graph's structure, and `target_psnr: 30`",

@@ -30,7 +30,8 @@ from compress.quantize import QuantizeConfig, quantize_
 from compress.solvers import SolverConfig
 from compress.zoo.models import ddpm_cifar10_architecture
 from export.onnx_export import export_onnx
-from runtimes.bench import processor_name
+from runtimes.bench import paired_benchmark, processor_name
+from runtimes.onnxruntime_runner import OnnxRuntimeRunner
 
 RESULTS = Path(__file__).parent / "results"
 SOLVER = dict(name="dpmpp-2m", steps=8)
@@ -58,19 +59,11 @@ def latency_ms(path, feeds: dict, threads: int, repeats: int) -> dict:
 
 
 def paired_latency_ms(paths: dict, feeds: dict, threads: int, repeats: int) -> dict:
-    """Batch-1 latency of several graphs, measured in alternation so that load on a shared machine hits all alike."""
-    sessions = {k: session(p, threads) for k, p in paths.items()}
-    one = {k: v[:1] for k, v in feeds.items()}
-    for s in sessions.values():
-        for _ in range(2):
-            s.run(["sample"], one)
-    times = {k: [] for k in sessions}
-    for _ in range(repeats):
-        for k, s in sessions.items():
-            start = time.perf_counter()
-            s.run(["sample"], one)
-            times[k].append((time.perf_counter() - start) * 1000)
-    return {k: {"median_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90)), "repeats": repeats} for k, t in times.items()}
+    """Batch-1 latency of several graphs through the toolkit's own timing (`runtimes.bench`), in alternation."""
+    one = {k: (v if k == "guidance_scale" else v[:1]) for k, v in feeds.items()}
+    runners = {k: OnnxRuntimeRunner(threads=threads).load(p) for k, p in paths.items()}
+    rounds = 5
+    return paired_benchmark(runners, one, rounds=rounds, runs=max(1, repeats // rounds))
 
 
 def sampler_feeds(denoiser: Denoiser, n: int, seed: int, guidance: float | None) -> tuple[dict, torch.Tensor | None]:

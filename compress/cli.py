@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -63,8 +64,13 @@ def sample(model, solver, steps, spacing, timesteps, seed, n, label, guidance, p
     from compress.export_chain import pipeline_guidance, resolve_solver
     from compress.sampling import make_noise, sample as run_sampler
 
+    from compress.outputs import writable_file
+
     if n < 1:
         raise UserError(f"--n must be at least 1, got {n}")
+    writable_file(out)
+    if save_tensors:
+        writable_file(save_tensors, "--save-tensors")
     pipeline = load_pipeline_from_flags(model, kw)
     denoiser = pipeline.denoiser
     if label is not None and denoiser.conditioning != "class":
@@ -176,8 +182,20 @@ def _register_stage_commands() -> None:
 _register_stage_commands()
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is so that every staged write unwinds and removes its partial folder."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
+    import signal
+
     argv = sys.argv[1:] if argv is None else argv
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
     debug = "--debug" in argv
     try:
         cli.main(args=argv, prog_name="compress", standalone_mode=False)
@@ -198,6 +216,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         click.echo("interrupted; no partial output was left", err=True)
         return 130
+    except Terminated:
+        click.echo("terminated (SIGTERM); no partial output was left", err=True)
+        return 143
     except Exception as e:  # an internal error: one line unless --debug asks for the traceback
         if debug:
             raise

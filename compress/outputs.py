@@ -35,10 +35,13 @@ def staged_folder(out: Path, force: bool = False):
         raise UserError(f"--out {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file() and not force:
         raise UserError(f"--out {out} is a non-empty folder that is not a compress output; pick another or pass --force")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(out)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    staging.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_partials(out)
+        staging.mkdir()
+    except OSError as e:
+        raise UserError(f"cannot write --out {out}: {e.strerror or e}") from None
     try:
         yield staging
     except BaseException:
@@ -49,6 +52,20 @@ def staged_folder(out: Path, force: bool = False):
         out.rename(previous)
     staging.rename(out)
     shutil.rmtree(previous, ignore_errors=True)
+
+
+def writable_file(path: str | Path, flag: str = "--out") -> Path:
+    """``path`` with its folder made, or a UserError naming it: checked before the long work, not after."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise PermissionError(13, "Permission denied")
+        if path.is_dir():
+            raise IsADirectoryError(21, "is a folder")
+    except OSError as e:
+        raise UserError(f"cannot write {flag} {path}: {e.strerror or e}") from None
+    return path
 
 
 def _pid_alive(pid: int) -> bool:

@@ -226,6 +226,8 @@ class Predictor:
 
     def __init__(self, network: Callable, plan: SamplingPlan, prediction_type: str):
         self.network, self.plan, self.prediction_type = network, plan, prediction_type
+        if prediction_type == "epsilon":
+            check_alpha(plan)
 
     def __call__(self, x, i: int):
         return self.at(x, self.plan.timesteps[i], self.plan.alpha[i], self.plan.sigma[i])
@@ -240,6 +242,20 @@ class Predictor:
         if self.prediction_type == "sample":
             return out, (x - a * out) / s
         raise UserError(f"unknown prediction type {self.prediction_type!r}")
+
+
+# An epsilon prediction becomes x0 = (x - sigma * eps) / alpha: below this alpha its error is multiplied
+# by more than 1000 (trailing spacing on a squaredcos_cap_v2 schedule starts at alpha = 4.9e-5 and
+# returned values near 1e5).
+MIN_ALPHA = 1e-3
+
+
+def check_alpha(plan: SamplingPlan) -> None:
+    for i in range(plan.steps):
+        if plan.alpha[i] < MIN_ALPHA:
+            raise UserError(f"the sampling plan evaluates timestep {plan.timesteps[i]:g} where alpha = {plan.alpha[i]:.2g} "
+                            f"(alpha_bar {plan.alpha[i] ** 2:.2g}): an epsilon prediction divided by it has its error multiplied by "
+                            f"{1 / plan.alpha[i]:.0f}; use --spacing leading or linspace (or explicit --timesteps below it)")
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -78,6 +78,18 @@ def benchmark(runner: Runner, feeds: dict[str, np.ndarray], runs: int = 20, warm
     return result
 
 
+def paired_benchmark(runners: dict[str, Runner], feeds: dict[str, np.ndarray], rounds: int = 5, runs: int = 20, warmup: int = 2) -> dict[str, dict]:
+    """`benchmark` of several loaded runners in alternation, ``rounds`` times each, so that load on a
+    shared machine hits them alike; per runner the median of the rounds' medians (and its spread).
+    Ratios of these are what the benchmarks under bench/ report."""
+    medians: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            medians[name].append(benchmark(runner, feeds, runs=runs, warmup=warmup)["latency_ms"]["median"])
+    return {k: {"median_ms": float(np.median(v)), "min_round_ms": float(np.min(v)), "max_round_ms": float(np.max(v)),
+                "rounds": rounds, "runs": runs} for k, v in medians.items()}
+
+
 def current_rss() -> int | None:
     """Resident bytes of this process now (None where neither /proc nor psutil can tell)."""
     if Path("/proc/self/status").is_file():

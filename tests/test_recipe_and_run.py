@@ -1,5 +1,6 @@
 """Recipe schema, `compress run` output-folder contract, `compress report` gates."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -81,17 +82,33 @@ def test_bad_model_in_recipe_leaves_no_folder(tmp_path, cli):
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
-def test_killed_run_leaves_no_output_folder(tmp_path):
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_stopped_run_exits_with_the_signal_code_and_leaves_no_output_folder(sig, code, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", {**TINY, "validate": {"reference": {"name": "ddim", "steps": 1000}, "samples": 64}})
     proc = subprocess.Popen([sys.executable, "-m", "compress", "run", str(recipe), "--out", str(tmp_path / "out")], stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not list(tmp_path.glob(".out.partial-*")) and time.time() < deadline:
         time.sleep(0.2)
     assert list(tmp_path.glob(".out.partial-*")), "the run never started writing"
-    proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=60)
-    assert proc.returncode != 0
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == code, stderr[-1000:]
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_a_later_run_removes_partial_folders_of_dead_processes(tmp_path, cli):
+    stale = tmp_path / ".out.partial-999999999"
+    (stale / "artifacts").mkdir(parents=True)
+    assert cli("run", write_recipe(tmp_path / "r.yaml", TINY), "--out", tmp_path / "out").returncode == 0
+    assert not stale.exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, where not even root can make a folder")
+@pytest.mark.parametrize("command", [["export", "python:tests.tiny_models:tiny_denoiser", "--steps", "2"],
+                                     ["sample", "python:tests.tiny_models:tiny_denoiser", "--steps", "2"]])
+def test_an_unwritable_output_path_is_one_line_exit_2(command, cli):
+    target = "/proc/nope/out" + (".png" if command[0] == "sample" else "")
+    assert_one_line_error(cli(*command, "--out", target), f"cannot write --out {target}")
 
 
 def test_report_checks_gate(tmp_path, cli):

@@ -534,3 +534,11 @@ def test_keys_of_other_schedulers_are_ignored_like_diffusers_does():
     # A DPM-Solver config copied from a DDIM one keeps clip_sample, which DPM-Solver never reads.
     config = {"_class_name": "DPMSolverMultistepScheduler", "clip_sample": True, "set_alpha_to_one": False}
     assert solver_from_scheduler_config(config, 10).name == "dpmpp-2m"
+
+
+def test_a_plan_that_divides_an_epsilon_by_a_vanishing_alpha_is_refused_with_the_setting_to_change():
+    cosine = NoiseSchedule.from_betas("squaredcos_cap_v2")
+    with pytest.raises(UserError, match=r"timestep 999 where alpha = 4.9e-05.*--spacing leading"):
+        SolverConfig("ddim", 4, spacing="trailing").table(cosine, "epsilon")
+    SolverConfig("ddim", 4, spacing="leading").table(cosine, "epsilon")
+    SolverConfig("ddim", 4, spacing="trailing").table(cosine, "v_prediction")  # no division by alpha there

@@ -39,6 +39,9 @@ def calibrate(model, sampler, samples, seed, mean, std, interval, trajectory_ste
     from calibration import CalibrationConfig, calibrate as record, save_calibration
     from compress.solvers import SolverConfig
 
+    from compress.outputs import writable_file
+
+    writable_file(out)
     prompts = list(prompts) + (Path(prompts_file).read_text().splitlines() if prompts_file else [])
     prompts = [p for p in prompts if p.strip()]
     config = CalibrationConfig(sampler=sampler, samples=samples, seed=seed, mean=mean, std=std, interval=interval,
