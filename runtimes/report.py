@@ -39,31 +39,79 @@ def label(row: dict) -> str:
     return f"{row['artifact']} @ {row['runtime']}"
 
 
-def pareto_plot(rows: list[dict], path: Path) -> Path | None:
+# Shapes readable at legend size; one per runtime before any repeats.
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
+
+
+def point_styles(rows: list[dict]) -> list[tuple[tuple, str]]:
+    """A (colour, marker) per row, no two alike: colour by variant (the artifact's first path part), marker by runtime.
+
+    Rows of one variant read as one colour and rows on one runtime as one shape, so the legend decodes at a glance; a
+    pair already taken moves on to the next free shape so that every row still has a point of its own.
+    """
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab10"].colors
+    colours: dict[str, tuple] = {}
+    shapes: dict[str, int] = {}
+    taken: set[tuple[tuple, str]] = set()
+    styles = []
+    for r in rows:
+        colour = colours.setdefault(r["artifact"].split("/")[0], palette[len(colours) % len(palette)])
+        first = shapes.setdefault(r["runtime"], len(shapes))
+        candidates = [MARKERS[(first + k) % len(MARKERS)] for k in range(len(MARKERS))]
+        marker = next((m for m in candidates if (colour, m) not in taken), candidates[0])
+        taken.add((colour, marker))
+        styles.append((colour, marker))
+    return styles
+
+
+def pareto_figure(rows: list[dict]):
+    """The accuracy-vs-latency figure, or None when no row has both; the caller saves and closes it.
+
+    Rows often share a quality (every float artifact of one network) and sit close on the log latency axis, so text next
+    to the points piles up; each row is instead a distinct marker named in a legend outside the axes.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
+    from matplotlib.lines import Line2D
 
     metric, higher = quality_axis(rows)
     measured = [r for r in rows if r.get("latency_ms") is not None and r.get(metric) is not None]
     if not measured:
         return None
     front = pareto_front(measured, metric, higher)
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
-    for i, r in enumerate(measured):
+    fig, ax = plt.subplots(figsize=(9.6, max(4.8, 1.2 + 0.22 * (len(measured) + 1))), dpi=120, layout="constrained")
+    handles = []
+    for i, (r, (colour, marker)) in enumerate(zip(measured, point_styles(measured))):
         on_front = i in front
-        ax.scatter(r["latency_ms"], r[metric], s=60 if on_front else 30, c="tab:red" if on_front else "tab:blue",
-                   edgecolors="black" if r["artifact"] == "baseline" else "none", zorder=3)
-        ax.annotate(label(r), (r["latency_ms"], r[metric]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        handles.append(ax.scatter(r["latency_ms"], r[metric], s=70 if on_front else 45, color=colour, marker=marker,
+                                  edgecolors="black" if on_front else "white", linewidths=1.2 if on_front else 0.6,
+                                  zorder=3, label=label(r)))
     ordered = sorted((measured[i] for i in front), key=lambda r: r["latency_ms"])
-    ax.plot([r["latency_ms"] for r in ordered], [r[metric] for r in ordered], c="tab:red", lw=1, zorder=2, label="Pareto front")
+    ax.plot([r["latency_ms"] for r in ordered], [r[metric] for r in ordered], c="0.35", ls="--", lw=1, zorder=2)
+    handles.append(Line2D([], [], c="0.35", ls="--", lw=1, marker="o", mfc="none", mec="black", label="Pareto front (black edge)"))
     ax.set_xscale("log")
+    # Plain numbers: the default 3x10^1-style minor labels run into each other when the rows span under two decades.
+    ax.xaxis.set_major_formatter(ticker.LogFormatter())
+    ax.xaxis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False))
     ax.set_xlabel("latency per sample at batch 1 (ms, log scale)")
     ax.set_ylabel(f"{metric.upper()} ({'higher' if higher else 'lower'} is better)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False, title="artifact @ runtime",
+               title_fontsize=8, alignment="left")
+    return fig
+
+
+def pareto_plot(rows: list[dict], path: Path) -> Path | None:
+    import matplotlib.pyplot as plt
+
+    fig = pareto_figure(rows)
+    if fig is None:
+        return None
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
@@ -134,7 +182,7 @@ def html_page(report: dict, plot: str | None, grids: dict[str, str]) -> str:
         "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;font-size:13px}"
         "td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}th{background:#f3f3f3}"
         ".grids{display:flex;flex-wrap:wrap;gap:16px}figure{margin:0}figcaption{font-size:12px;max-width:260px}"
-        "img.grid{width:256px;image-rendering:pixelated}.fail{color:#b00}.pass{color:#070}</style></head><body>",
+        "img.grid{width:256px;image-rendering:pixelated}#pareto{max-width:100%;height:auto}.fail{color:#b00}.pass{color:#070}</style></head><body>",
         f"<h1>{esc(report['recipe'])}</h1>",
         f"<p>{esc(markdown(report).splitlines()[2])}</p>" if report.get("baseline") else "",
         f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>",
@@ -144,7 +192,8 @@ def html_page(report: dict, plot: str | None, grids: dict[str, str]) -> str:
                         f"{esc(c.get('detail') or '')}</li>" for c in report["checks"])
         parts.append(f"<h2>Checks</h2><ul>{items}</ul>")
     if plot:
-        parts.append(f"<h2>Accuracy versus latency</h2><img id='pareto' src='{esc(plot)}' alt='Pareto plot' width='800'>")
+        # At its own size (up to the page's width): squeezed to a fixed width, the legend's 8 pt names stop being legible.
+        parts.append(f"<h2>Accuracy versus latency</h2><img id='pareto' src='{esc(plot)}' alt='Pareto plot: one marker per row, named in its legend'>")
     if grids:
         figures = "".join(f"<figure><img class='grid' src='{esc(src)}' alt='{esc(name)}'><figcaption>{esc(name)}</figcaption></figure>"
                           for name, src in grids.items())

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import yaml
 
-from runtimes.report import pareto_front
+from runtimes.report import label, pareto_figure, pareto_front, pareto_plot
 from tests.conftest import assert_one_line_error
 
 CHAIN = {
@@ -88,6 +88,23 @@ def test_html_report_renders_in_a_browser(chain_run, tmp_path):
     total = int(dom.stdout.split('data-images-total="')[1].split('"')[0])
     loaded = int(dom.stdout.split('data-images-loaded="')[1].split('"')[0])
     assert total >= 6 and loaded == total  # the Pareto plot and one grid per row
+    # The plot names its rows in a legend inside the image, so the page must show it whole and at its own size, clear of
+    # everything else; measured on a copy with a probe, keeping the page under test as the pipeline wrote it.
+    copy = tmp_path / "report"
+    shutil.copytree(page.parent, copy)
+    probe = """<script>window.addEventListener("load", () => {
+      const plot = document.getElementById("pareto"), box = plot.getBoundingClientRect();
+      const hit = [...document.body.querySelectorAll("*")].filter(e => e !== plot && !e.contains(plot)).filter(e => {
+        const r = e.getBoundingClientRect();
+        return r.width > 0 && r.height > 0 && r.left < box.right && box.left < r.right && r.top < box.bottom && box.top < r.bottom;
+      });
+      document.body.dataset.plot = [plot.naturalWidth, Math.round(box.width), hit.map(e => e.tagName).join("+") || "none"].join(" ");
+    });</script>"""
+    (copy / "probe.html").write_text(page.read_text().replace("</body>", probe + "</body>"))
+    dom = subprocess.run([CHROMIUM, *flags, "--window-size=1400,2000", "--virtual-time-budget=5000", "--dump-dom", (copy / "probe.html").as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    natural, shown, overlapping = dom.stdout.split('data-plot="')[1].split('"')[0].split()
+    assert int(natural) > 0 and int(shown) == int(natural) and overlapping == "none", (natural, shown, overlapping)
     shot = subprocess.run([CHROMIUM, *flags, f"--screenshot={tmp_path / 'page.png'}", "--window-size=1200,1600", page.as_uri()],
                           capture_output=True, text=True, timeout=120)
     assert shot.returncode == 0 and (tmp_path / "page.png").stat().st_size > 10_000
@@ -149,6 +166,33 @@ def test_pareto_front():
     rows = [{"latency_ms": 10, "fd": 5}, {"latency_ms": 1, "fd": 9}, {"latency_ms": 5, "fd": 9.5}, {"latency_ms": 20, "fd": 4}]
     assert pareto_front(rows, "fd", higher_is_better=False) == {0, 1, 3}
     assert pareto_front([{"latency_ms": 1, "psnr": 30}, {"latency_ms": 2, "psnr": 25}], "psnr", higher_is_better=True) == {0}
+
+
+def test_pareto_plot_names_rows_sharing_a_latency_in_a_legend(tmp_path):
+    import matplotlib.pyplot as plt
+
+    # Six rows at one latency (two of them one variant on one runtime) and the baseline: text beside the points would
+    # stack into one unreadable smear.
+    rows = [{"artifact": "baseline", "runtime": "torch", "latency_ms": 400.0, "fd": 50.0}]
+    rows += [{"artifact": f"{variant}/sampler.{ext}", "runtime": runtime, "latency_ms": 20.0, "fd": 50.0 + k}
+             for k, (variant, ext, runtime) in enumerate([("float32", "onnx", "onnxruntime"), ("float32", "xml", "openvino"),
+                                                          ("float32", "onnx", "openvino"), ("float32-w8a8", "onnx", "onnxruntime"),
+                                                          ("float32-w8a8", "xml", "openvino"), ("pruned", "onnx", "onnxruntime")])]
+    fig = pareto_figure(rows)
+    try:
+        ax, = fig.axes
+        assert not ax.texts and not fig.texts
+        points = [c for c in ax.collections if c.get_label() in {label(r) for r in rows}]
+        assert [tuple(c.get_offsets()[0]) for c in points] == [(r["latency_ms"], r["fd"]) for r in rows]
+        legend, = fig.legends
+        assert [t.get_text() for t in legend.get_texts()][:len(rows)] == [label(r) for r in rows]
+        looks = {(tuple(h.get_facecolor()[0].round(3)), h.get_paths()[0].vertices.round(3).tobytes()) for h in legend.legend_handles[:len(rows)]}
+        assert len(looks) == len(rows)
+        fig.canvas.draw()
+        assert not legend.get_window_extent().overlaps(ax.get_window_extent())
+    finally:
+        plt.close(fig)
+    assert pareto_plot(rows, tmp_path / "pareto.png").stat().st_size > 10_000
 
 
 def test_checks_select_rows_by_artifact_and_runtime():
