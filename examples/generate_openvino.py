@@ -1,6 +1,6 @@
 """Generate a grid of samples from an exported sampler.xml (OpenVINO IR) with only numpy and openvino.
 
-    python generate_openvino.py artifacts/sampler.xml --count 16 --seed 0 [--label 3] [--guidance 2.0] [--device CPU] [--out grid.png]
+    python generate_openvino.py artifacts/sampler.xml --count 16 --seed 0 [--label 3] [--guidance 2.0] [--device CPU] [--precision f32] [--out grid.png]
 
 Inputs, shapes and defaults come from the sidecar (sampler.openvino.json next to the model). Writes
 a PNG when pillow is installed, else the grid as .npy (values 0..1, [rows*H, cols*W, C]).
@@ -19,6 +19,8 @@ parser.add_argument("--seed", type=int, default=0, help="seed of the noise: the 
 parser.add_argument("--label", type=int, help="class label for class-conditional models (default: cycle through classes)")
 parser.add_argument("--guidance", type=float, help="guidance scale (default: the sidecar's)")
 parser.add_argument("--device", default="CPU", help="CPU, GPU or NPU (whatever openvino.Core().available_devices lists)")
+parser.add_argument("--precision", choices=["f32", "bf16"], help="CPU inference precision (default: the sidecar's, f32, as validated; "
+                    "bf16 is OpenVINO's own default on CPUs with AVX512-BF16 or AMX: faster, less exact)")
 parser.add_argument("--out", type=Path, default=Path("samples.png"))
 args = parser.parse_args()
 
@@ -38,8 +40,9 @@ if "guidance_scale" in spec:
 model = ov.Core().read_model(args.model)
 if model.is_dynamic():  # the NPU compiles static shapes only, and the CPU runs them faster
     model.reshape({name: list(value.shape) for name, value in feeds.items()})
-# f32 on the CPU: OpenVINO would otherwise pick bf16 on CPUs that have it.
-config = {"INFERENCE_PRECISION_HINT": "f32"} if args.device == "CPU" else {}
+# Always named on the CPU: without the hint OpenVINO runs f32 IR in bf16 on CPUs that have it.
+precision = args.precision or sidecar.get("inference_precision", "f32")
+config = {"INFERENCE_PRECISION_HINT": precision} if args.device == "CPU" else {}
 sample = ov.Core().compile_model(model, args.device, config)(feeds)["sample"]
 
 lo, hi = sidecar["data_range"]

@@ -2,10 +2,15 @@
 
 The IR is converted from the ONNX file rather than traced again, so both formats hold the same
 graph (an int8 QDQ model turns into OpenVINO FakeQuantize ops and stays int8). Float weights are
-kept float32 (`compress_to_fp16=False`): a float IR must agree with onnxruntime to 1e-3, and
-the runtime chooses its own inference precision anyway. The sidecar of the ONNX model is
-reused with format 'openvino'; it is written as `<kind>.openvino.json` because `<kind>.json`
-belongs to the ONNX model in the same folder.
+kept float32 (`compress_to_fp16=False`): a float IR must agree with onnxruntime to 1e-3. The
+sidecar of the ONNX model is reused with format 'openvino'; it is written as `<kind>.openvino.json`
+because `<kind>.json` belongs to the ONNX model in the same folder.
+
+Float32 weights do not decide the precision the IR runs at: OpenVINO's CPU plugin computes in bf16
+by default on CPUs with AVX512-BF16 or AMX, which puts the 8-step digits sampler far outside that
+tolerance (README, "Runtimes and targets"), and a hint written into the IR's rt_info did not change that default. So the sidecar
+says which precision the artifact is validated at (`inference_precision`) and that an app has to
+ask for it when compiling (`INFERENCE_PRECISION_HINT`).
 """
 from __future__ import annotations
 
@@ -20,6 +25,12 @@ from compress.errors import UserError
 from export.sidecar import write_sidecar
 
 SIDECAR_SUFFIX = ".openvino.json"
+# The precision validation runs the IR at (runtimes/openvino_runner.py pins it on the CPU).
+INFERENCE_PRECISION = "f32"
+INFERENCE_PRECISION_NOTE = (
+    "validated at f32: compile with {'INFERENCE_PRECISION_HINT': 'f32'}. Without that hint OpenVINO's CPU plugin "
+    "runs this IR in bf16 on CPUs with AVX512-BF16 or AMX (those whose OPTIMIZATION_CAPABILITIES list BF16): "
+    "faster, but no longer within the f32 tolerance of onnxruntime")
 
 
 def export_openvino(onnx_records: list[dict], out_dir: str | Path) -> list[dict]:
@@ -49,7 +60,8 @@ def _convert(ov, onnx_record: dict, stage: Path) -> dict:
     kind = onnx_record["kind"]
     sidecar = _onnx_sidecar(onnx_record)
     xml, weights = stage / f"{kind}.xml", stage / f"{kind}.bin"
-    sidecar.update(format="openvino", file=xml.name, weights_file=weights.name, converted_from=source.name)
+    sidecar.update(format="openvino", file=xml.name, weights_file=weights.name, converted_from=source.name,
+                   inference_precision=INFERENCE_PRECISION, inference_precision_note=INFERENCE_PRECISION_NOTE)
     model = ov.convert_model(str(source))
     # The interface travels inside the IR too, for consumers that only have the .xml.
     model.set_rt_info(json.dumps(sidecar), ["diffusion_compress", "sidecar"])

@@ -1,8 +1,12 @@
 """The OpenVINO runner: CPU, GPU or NPU, each only where `openvino.Core().available_devices` lists it.
 
-It reads OpenVINO IR (.xml) and ONNX files alike. On the CPU the inference precision is pinned
-to float32: OpenVINO otherwise picks bf16 on CPUs that have it, and a float artifact would no
-longer agree with torch to 1e-3. GPU and NPU keep their default (f16), which `describe` reports.
+It reads OpenVINO IR (.xml) and ONNX files alike. Every compile names its inference precision:
+on the CPU OpenVINO otherwise runs f32 IR in bf16 on CPUs that have it (AVX512-BF16 or AMX), and
+a float artifact would no longer agree with onnxruntime and torch to 1e-3. `openvino` pins f32, so
+validation compares like with like; `openvino-bf16` asks for bf16, the speed OpenVINO's own default
+gives such CPUs, and exists only where the CPU plugin reports BF16 among its optimization
+capabilities. GPU and NPU keep their default (f16). `describe` reports the precision the compiled
+model says it runs at, and a compile that does not get the asked precision is refused.
 
 A dynamic-batch model is reshaped to the shapes of each call and compiled once per shape (the
 last few are kept). The NPU compiles static shapes only; on the CPU a static compile of the
@@ -25,15 +29,37 @@ INSTALL = {
 }
 # Compiled shapes kept per runner; a new shape past this evicts the oldest.
 KEPT_SHAPES = 4
+# The inference precision a runner asks for when none is named: f32 on the CPU, the precision artifacts are
+# validated at; None keeps the GPU and NPU plugins' own default (f16), the precision they are deployed at.
+DEFAULT_PRECISION = {"CPU": "f32", "GPU": None, "NPU": None}
+PRECISIONS = ("f32", "bf16", "f16")
+BF16_HARDWARE = "a CPU with AVX512-BF16 or AMX (such as Intel Xeon Sapphire Rapids or newer, AMD Zen 4 or newer)"
+
+
+def cpu_capabilities(core=None) -> list[str]:
+    """What OpenVINO's CPU plugin says this CPU can do ('FP32', 'BF16', 'INT8', ...): the plugin's own view,
+    which is what decides its default precision, rather than a reading of /proc/cpuinfo."""
+    import openvino as ov
+
+    return [str(c) for c in (core or ov.Core()).get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
+
+
+def cpu_has_bf16(core=None) -> bool:
+    return "BF16" in cpu_capabilities(core)
 
 
 class OpenVINORunner(Runner):
     formats = ("openvino", "onnx")
 
-    def __init__(self, device: str = "CPU", threads: int | None = None):
+    def __init__(self, device: str = "CPU", threads: int | None = None, precision: str | None = None):
         super().__init__(threads)
+        if precision is not None and precision not in PRECISIONS:
+            raise UserError(f"unknown OpenVINO inference precision {precision!r} (one of {', '.join(PRECISIONS)})")
         self.device = device
+        self.precision = precision or DEFAULT_PRECISION[device]
         self.name = "openvino" if device == "CPU" else f"openvino-{device.lower()}"
+        if precision is not None and precision != DEFAULT_PRECISION[device]:
+            self.name += f"-{precision}"
         self.model = None
         self.compiled: dict[tuple, object] = {}  # input shapes -> (compiled model, infer request)
 
@@ -45,7 +71,13 @@ class OpenVINORunner(Runner):
         devices = ov.Core().available_devices
         if not any(d.split(".")[0] == self.device for d in devices):
             return False, f"OpenVINO {ov.get_version().split('-')[0]} here lists devices {', '.join(devices) or 'none'}; {self.device} needs {INSTALL[self.device]}"
-        return True, f"OpenVINO {ov.get_version().split('-')[0]} on {self.device}"
+        if self.device == "CPU" and self.precision == "bf16":
+            capabilities = cpu_capabilities()
+            if "BF16" not in capabilities:
+                return False, (f"OpenVINO {ov.get_version().split('-')[0]}'s CPU plugin reports {', '.join(capabilities)} here and no BF16: "
+                               f"bf16 inference needs {BF16_HARDWARE}")
+        where = f"{self.device}, {self.precision}" if self.precision else f"{self.device}, its default precision"
+        return True, f"OpenVINO {ov.get_version().split('-')[0]} on {where}"
 
     def load(self, artifact_path: str | Path) -> "OpenVINORunner":
         import openvino as ov
@@ -63,10 +95,10 @@ class OpenVINORunner(Runner):
 
     def _config(self) -> dict:
         config = {"PERFORMANCE_HINT": "LATENCY"}
-        if self.device == "CPU":
-            config["INFERENCE_PRECISION_HINT"] = "f32"
-            if self.threads:
-                config["INFERENCE_NUM_THREADS"] = self.threads
+        if self.precision:
+            config["INFERENCE_PRECISION_HINT"] = self.precision
+        if self.device == "CPU" and self.threads:
+            config["INFERENCE_NUM_THREADS"] = self.threads
         return config
 
     def _compile(self, shapes: dict | None):
@@ -78,6 +110,9 @@ class OpenVINORunner(Runner):
             compiled = self.core.compile_model(model, self.device, self._config())
         except Exception as e:
             raise UserError(f"OpenVINO cannot compile the model for {self.device}: {first_line(e)}") from None
+        got = compiled_precision(compiled)
+        if self.precision and got != self.precision:  # a figure labelled bf16 (or f32) must have been computed so
+            raise UserError(f"OpenVINO compiled the model for {self.device} at {got}, not the {self.precision} that {self.name!r} asks for")
         key = None if shapes is None else tuple(sorted(shapes.items()))
         if len(self.compiled) >= KEPT_SHAPES:
             del self.compiled[next(iter(self.compiled))]
@@ -113,8 +148,14 @@ class OpenVINORunner(Runner):
     def describe(self) -> dict:
         import openvino as ov
 
-        info = {"library": f"OpenVINO {ov.get_version().split('-')[0]}", "device": self.device}
+        info = {"library": f"OpenVINO {ov.get_version().split('-')[0]}", "device": self.device,
+                "precision_hint": self.precision or "device default"}
         if self.compiled:
-            compiled = next(iter(self.compiled.values()))[0]
-            info["precision"] = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+            info["precision"] = compiled_precision(next(iter(self.compiled.values()))[0])
         return info
+
+
+def compiled_precision(compiled) -> str:
+    """The inference precision a compiled model runs at, as OpenVINO names it ('f32', 'bf16', 'f16')."""
+    value = compiled.get_property("INFERENCE_PRECISION_HINT")
+    return value.get_type_name() if hasattr(value, "get_type_name") else str(value)

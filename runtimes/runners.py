@@ -68,7 +68,8 @@ class Runner(ABC):
         return artifact
 
 
-# name -> (module in runtimes/, runner class, its backend argument). Modules are imported when a runner is built.
+# name -> (module in runtimes/, runner class, its backend argument[, keyword arguments]). Modules are imported
+# when a runner is built.
 RUNTIMES = {
     "torch": ("torch_runner", "TorchRunner", "cpu"),
     "torch-cuda": ("torch_runner", "TorchRunner", "cuda"),
@@ -78,6 +79,7 @@ RUNTIMES = {
     "onnxruntime-qnn": ("onnxruntime_runner", "OnnxRuntimeRunner", "qnn"),
     "onnxruntime-coreml": ("onnxruntime_runner", "OnnxRuntimeRunner", "coreml"),
     "openvino": ("openvino_runner", "OpenVINORunner", "CPU"),
+    "openvino-bf16": ("openvino_runner", "OpenVINORunner", "CPU", {"precision": "bf16"}),
     "openvino-gpu": ("openvino_runner", "OpenVINORunner", "GPU"),
     "openvino-npu": ("openvino_runner", "OpenVINORunner", "NPU"),
     "coreml": ("coreml_runner", "CoreMLRunner", "all"),
@@ -93,9 +95,9 @@ def get_runner(name: str, threads: int | None = None) -> Runner:
         close = difflib.get_close_matches(name, RUNTIMES, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise UserError(f"unknown runtime {name!r}{hint} (available names: {', '.join(RUNTIMES)})")
-    module, cls, argument = RUNTIMES[name]
+    module, cls, argument, *options = RUNTIMES[name]
     runner_class = getattr(importlib.import_module(f"runtimes.{module}"), cls)
-    return runner_class(argument, threads)
+    return runner_class(argument, threads, **(options[0] if options else {}))
 
 
 def availability(threads: int | None = None) -> list[dict]:

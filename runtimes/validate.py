@@ -4,6 +4,10 @@ from the baseline's own noise.
 The baseline (the float32 model with the reference solver, e.g. DDIM-100) is stored with its noise,
 conditioning and the device it ran on, so a later validation on a machine without a GPU compares
 against exactly the same reference.
+
+OpenVINO artifacts get two CPU rows where the CPU has bf16: `openvino` at f32, which is what agrees
+with onnxruntime and torch, and `openvino-bf16`, what OpenVINO runs by default on such a CPU, with
+how far it lands from the f32 samples (`max_abs_diff_vs_openvino`).
 """
 from __future__ import annotations
 
@@ -22,9 +26,13 @@ from runtimes.runners import Runner, first_line, get_runner
 # Which runtimes read which artifact format, in the order rows appear in the report.
 RUNTIMES_FOR_FORMAT = {
     "onnx": ("onnxruntime", "onnxruntime-cuda", "onnxruntime-tensorrt"),
-    "openvino": ("openvino", "openvino-gpu", "openvino-npu"),
+    "openvino": ("openvino", "openvino-bf16", "openvino-gpu", "openvino-npu"),
     "coreml": ("coreml",),
 }
+# Runtimes that run wherever the one they vary is asked for: `bench.runtimes: [openvino]` also gets the
+# bf16 row, because bf16 is what OpenVINO itself picks on CPUs that have it, and an app that compiles
+# without a precision hint gets those numbers, not the f32 ones.
+COMPANIONS = {"openvino-bf16": "openvino"}
 SAMPLES_FILE, INFO_FILE = "samples.safetensors", "baseline.json"
 
 
@@ -144,14 +152,16 @@ def validate_artifact(path: Path, baseline: Baseline, name: str, runtimes: list[
         "bytes": artifact_bytes(path),
         "params": (artifact.sidecar.get("model") or {}).get("parameters"),
     }
-    rows = []
+    rows, outputs = [], {}
     for runtime in RUNTIMES_FOR_FORMAT[artifact.format]:
-        if runtimes is not None and runtime not in runtimes:
+        if not selected(runtime, runtimes):
             continue
         runner = get_runner(runtime)
         ok, reason = runner.available()
         if not ok:
-            if runtime in RUNTIMES_FOR_FORMAT[artifact.format][:1]:  # the format's own runtime: say why it did not run
+            # The format's own runtime and one asked for by name say why they did not run; the accelerators
+            # and variants looked for on every machine stay out of the report where they are absent.
+            if runtime in RUNTIMES_FOR_FORMAT[artifact.format][:1] or (runtimes is not None and runtime in runtimes):
                 rows.append({**common, "runtime": runtime, "device": runner.device, "status": "skipped", "reason": reason})
             continue
         log(f"validate: {name} on {runtime}")
@@ -162,7 +172,18 @@ def validate_artifact(path: Path, baseline: Baseline, name: str, runtimes: list[
         except Exception as e:  # a runtime that cannot run an artifact is a finding for the report, not a crash
             rows.append({**common, "runtime": runtime, "device": runner.device, "status": "failed", "reason": first_line(e)})
             continue
-        rows.append({**common, "runtime": runtime, "device": runner.device, "status": "ok", **timing, **baseline.quality(samples),
-                     "runner": runner.describe()})
-        on_samples(rows[-1], samples)
+        row = {**common, "runtime": runtime, "device": runner.device, "status": "ok", **timing, **baseline.quality(samples),
+               "runner": runner.describe()}
+        parent = COMPANIONS.get(runtime)
+        if parent in outputs:  # how far the variant moves the samples from its parent on the same noise
+            row[f"max_abs_diff_vs_{parent}"] = float((samples - outputs[parent]).abs().max())
+        if runtime in COMPANIONS.values():
+            outputs[runtime] = samples
+        rows.append(row)
+        on_samples(row, samples)
     return rows
+
+
+def selected(runtime: str, runtimes: list[str] | None) -> bool:
+    """Whether a validation restricted to ``runtimes`` (None: every one that runs here) includes ``runtime``."""
+    return runtimes is None or runtime in runtimes or COMPANIONS.get(runtime) in runtimes

@@ -13,7 +13,7 @@ from compress.errors import UserError
 @click.command()
 @click.argument("artifact", required=False, type=click.Path())
 @click.option("--runtime", "runtimes", multiple=True,
-              help="torch, onnxruntime[-cuda|-tensorrt|-qnn|-coreml], openvino[-gpu|-npu], coreml[-cpu]; repeatable. "
+              help="torch, onnxruntime[-cuda|-tensorrt|-qnn|-coreml], openvino[-bf16|-gpu|-npu], coreml[-cpu]; repeatable. "
                    "Default: the artifact format's own runtime.")
 @click.option("--batch", type=int, default=None, help="Batch size (default: the artifact's fixed batch, else 1).")
 @click.option("--runs", type=int, default=20, show_default=True, help="Timed calls.")
