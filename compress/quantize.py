@@ -117,7 +117,7 @@ class QuantizeConfig(SectionConfig):
     decoder: str | None = None
     text_encoder: str | None = None
     target_psnr: float | None = None
-    target_samples: int = 32
+    target_samples: int = 128
     max_float_layers: int | None = None
     require_target: bool = False
 
@@ -416,9 +416,11 @@ def _meet_target(model, float_model, kind: str, sidecar: dict, calib, config: Qu
         layers = [x for x in plan["layers"] if x in present]
         return revert_layers(model, layers, float_model), {"target_psnr": config.target_psnr, "from": "sampler", "float_layers": layers}
     if kind == "sampler":
-        items, _ = _sampler_items(sidecar, calib, config.target_samples)
+        starts, _ = _sampler_items(sidecar, calib, None)
         rng = np.random.default_rng(TARGET_NOISE_SEED)
-        items = [{**item, "noise": rng.standard_normal(item["noise"].shape).astype(np.float32)} for item in items]
+        # Fresh noise for every draw; the conditions (labels, prompts) cycle through the set's own.
+        items = [{**starts[k % len(starts)], "noise": rng.standard_normal(starts[0]["noise"].shape).astype(np.float32)}
+                 for k in range(config.target_samples)]
         width = sidecar["outputs"][0].get("range")
         data_range = None if width is None else float(width[1] - width[0])
     else:
