@@ -119,11 +119,15 @@ def structural_float_nodes(model: onnx.ModelProto) -> dict[str, str]:
     return reasons
 
 
-def summarize_layers(reasons: dict[str, str]) -> list[dict]:
-    """One entry per layer (all unrolled steps together) with its reason."""
+def summarize_layers(reasons: dict[str, str], quantized: onnx.ModelProto) -> list[dict]:
+    """One entry per layer (all unrolled steps together) that has a kept node and reads no quantized
+    activation in ``quantized``, with its reason (a block whose own ops mix the timestep path and the
+    features is not listed: part of it is quantized)."""
+    partly = set(quantized_layers(quantized, "activation"))
     layers: dict[str, str] = {}
     for node, reason in reasons.items():
-        layers.setdefault(layer_of(node), reason)
+        if layer_of(node) not in partly:
+            layers.setdefault(layer_of(node), reason)
     return [{"layer": layer, "reason": reason} for layer, reason in sorted(layers.items())]
 
 

@@ -464,7 +464,7 @@ def _nncf_quantize(model: onnx.ModelProto, items: list[dict], config: QuantizeCo
         quantize_conv_outputs(quantized, items[:OUTPUT_CALIBRATION_ITEMS])
     quantize_constants(quantized, keep={n for n, r in reasons.items() if r != "conditioning path"},
                        conditioning={n for n, r in reasons.items() if r == "conditioning path"})
-    kept = summarize_layers({n: r for n, r in reasons.items() if inside_network(n) and r != "outside the network"})
+    kept = summarize_layers({n: r for n, r in reasons.items() if r != "outside the network"}, quantized)
     return activations_to_uint8(quantized), kept
 
 
