@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from calibration import CalibrationConfig, calibrate, check_calibration_matches, load_calibration, model_identity, save_calibration
 from calibration.timesteps import sample_requests
@@ -23,6 +24,13 @@ SCHEDULE = NoiseSchedule.from_betas()
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def diffusers_timesteps(scheduler_class, solver: SolverConfig) -> list[float]:
+    """What diffusers' own scheduler runs on SCHEDULE (its default linear betas) at the solver's spacing and steps."""
+    scheduler = scheduler_class.from_config(DDPMScheduler().config, timestep_spacing=solver.spacing)
+    scheduler.set_timesteps(solver.steps)
+    return [float(t) for t in scheduler.timesteps]
 
 
 def class_denoiser() -> Denoiser:
@@ -53,13 +61,14 @@ def test_ndtc_mean_and_std_are_configurable():
     assert abs(t.mean() - 500) < 5 and abs(t.std() - 100) < 5
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers' DPM-Solver on numpy 2, not ours
 def test_uniform_and_solver_timesteps():
     uniform = sample_requests(CalibrationConfig(sampler="uniform", samples=45), SCHEDULE)
     assert list(np.unique(uniform.t)[::-1]) == list(range(999, -1, -50))
     assert uniform.trajectories == 3  # twenty levels per trajectory
     solver = SolverConfig("dpmpp-2m", 4)
     requests = sample_requests(CalibrationConfig(sampler="solver", samples=8), SCHEDULE, solver)
-    assert list(requests.t[:4]) == list(solver.plan(SCHEDULE).timesteps)
+    assert list(requests.t[:4]) == diffusers_timesteps(DPMSolverMultistepScheduler, solver)
     with pytest.raises(UserError, match="needs the solver"):
         sample_requests(CalibrationConfig(sampler="solver", samples=8), SCHEDULE)
 
@@ -87,7 +96,7 @@ def test_states_are_the_inputs_of_the_full_precision_chain():
     expected = torch.stack(seen, 1).flatten(0, 1)  # trajectory-major, as recorded
     assert torch.allclose(calib.sample, expected, atol=1e-5)
     assert torch.allclose(calib.sample[0], calib.noise[0])  # t = 999 is the start of the chain
-    assert calib.timestep.tolist()[:5] == list(solver.plan(SCHEDULE).timesteps)
+    assert calib.timestep.tolist()[:5] == diffusers_timesteps(DDIMScheduler, solver)
 
 
 def test_guided_sets_hold_conditional_and_unconditional_inputs():
@@ -106,7 +115,8 @@ def test_guided_sets_hold_conditional_and_unconditional_inputs():
 
 def test_save_and_reload_bit_for_bit(tmp_path):
     denoiser = class_denoiser()
-    calib = calibrate(denoiser, CalibrationConfig(sampler="uniform", samples=8, trajectory_steps=10, interval=250, seed=7, guidance_scale=1.5))
+    config = CalibrationConfig(sampler="uniform", samples=8, trajectory_steps=10, interval=250, seed=7, guidance_scale=1.5)
+    calib = calibrate(denoiser, config)
     path = save_calibration(calib, tmp_path / "calib.safetensors")
     again = load_calibration(path)
     for name in ("sample", "timestep", "condition", "noise", "noise_condition"):
@@ -114,17 +124,12 @@ def test_save_and_reload_bit_for_bit(tmp_path):
         assert a.dtype == b.dtype and torch.equal(a, b), name
     assert again.header == calib.header
     header = again.header
-    assert header["model"]["hash"] == model_identity(denoiser)["hash"]
-    assert header["model"]["schedule_fingerprint"] == SCHEDULE.fingerprint()
+    # That the header identifies this model and schedule is test_a_set_from_another_model_is_refused's to show.
     assert header["sampler"] == "uniform" and header["seed"] == 7
     assert header["timesteps"] == {"values": [999.0, 749.0, 499.0, 249.0], "counts": [2, 2, 2, 2]}
     assert header["counts"] == {"states": 8, "inputs": 16, "trajectories": 2, "guided": True}
-    assert CalibrationConfig(**header["config"]) == calib_config_of(header)
+    assert CalibrationConfig.from_dict(header["config"]) == config
     assert not list(tmp_path.glob(".*partial"))
-
-
-def calib_config_of(header) -> CalibrationConfig:
-    return CalibrationConfig.from_dict(header["config"])
 
 
 def test_a_set_from_another_model_is_refused():

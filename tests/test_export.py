@@ -16,6 +16,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from diffusers import DDIMScheduler, DDPMScheduler
 
 from compress.denoiser import ClassTokenUNet, Denoiser, DiffusersUNet
 from compress.errors import UserError
@@ -161,14 +162,26 @@ def test_sidecars_describe_the_interface(unconditional):
     assert sampler["batch"] == {"dynamic": True, "size": None}
     assert sampler["data_range"] == [-1.0, 1.0] and sampler["prediction_type"] == "epsilon"
     assert sampler["solver"]["name"] == "ddim" and sampler["solver"]["steps"] == 8 and sampler["solver"]["nfe"] == 8
-    assert sampler["solver"]["timesteps"] == [float(t) for t in solver.plan(denoiser.schedule).timesteps]
+    # The timesteps diffusers' own DDIM runs on this schedule at the solver's spacing (trailing by default).
+    ddim = DDIMScheduler.from_config(DDPMScheduler().config, timestep_spacing=solver.spacing)
+    ddim.set_timesteps(8)
+    assert sampler["solver"]["timesteps"] == [float(t) for t in ddim.timesteps]
     assert sampler["guidance"] == {"enabled": False, "default_scale": None}
     assert sampler["conditioning"]["kind"] == "none"
-    assert sampler["model"] == denoiser.describe()
+    # NoiseSchedule.from_betas() stands for diffusers' default linear betas (1e-4 to 0.02, 1000 steps). The
+    # fingerprint is computed from its definition (sha256 of alphas_cumprod in float64): calibration sets and
+    # artifacts of earlier versions store it, so a different digest of the same schedule would refuse them.
+    alphas_cumprod = DDPMScheduler().alphas_cumprod.double().numpy()
+    assert sampler["model"] == {
+        "name": "tiny-uncond", "source": "", "prediction_type": "epsilon", "sample_shape": [1, 8, 8], "conditioning": "none",
+        "num_classes": None, "cond_shape": None, "data_range": [-1.0, 1.0], "space": "pixels", "num_train_timesteps": 1000,
+        "schedule_fingerprint": hashlib.sha256(alphas_cumprod.tobytes()).hexdigest()[:16],
+        "parameters": denoiser.module.unet.num_parameters(),
+    }
     bare = json.loads((out / "denoiser.json").read_text())
     assert [i["name"] for i in bare["inputs"]] == ["sample", "timestep"]
     assert bare["outputs"][0]["name"] == "prediction"
-    assert len(bare["schedule"]["alphas_cumprod"]) == 1000
+    np.testing.assert_allclose(bare["schedule"]["alphas_cumprod"], alphas_cumprod, rtol=1e-6)
 
 
 def test_denoiser_onnx_matches_the_module(unconditional):

@@ -54,6 +54,16 @@ def inputs_for(denoiser: Denoiser, batch: int = 2, seed: int = 0):
     return x, t, cond
 
 
+def torch_macs(denoiser: Denoiser) -> int:
+    """Multiply-accumulates of one call on one sample, by torch.utils.flop_counter (which counts 2 FLOPs per MAC)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, t = torch.zeros((1, *denoiser.sample_shape)), torch.tensor([500.0])
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        denoiser.module(x, t, denoiser.null_condition(1))
+    return counter.get_total_flops() // 2
+
+
 def heads(module) -> list[int]:
     from diffusers.models.attention_processor import Attention
 
@@ -74,7 +84,11 @@ def test_prune_runs_saves_and_loads_exactly(arch, method, tmp_path):
     assert after["macs"] < 0.8 * before["macs"] and after["parameters"] < before["parameters"], (before, after)
     assert all(torch.equal(a, b) for a, b in zip(original, denoiser.module.parameters()))  # the input model is untouched
     info = pruned.extra["pruning"]
-    assert (info["method"], info["ratio"], info["macs_before"], info["macs_after"]) == (method, 0.5, before["macs"], after["macs"])
+    assert (info["method"], info["ratio"]) == (method, 0.5)
+    # The recorded MACs against torch's own counter (convolutions and matmuls only), not against count_macs, which
+    # wrote them: within 1.8-5.6% on these models, where the record of the wrong model would be 1.6-4x off.
+    assert info["macs_before"] == pytest.approx(torch_macs(denoiser), rel=0.1)
+    assert info["macs_after"] == pytest.approx(torch_macs(pruned), rel=0.1)
     assert max(heads(pruned.module)) < max(heads(denoiser.module))  # heads go whole (every tiny model has 2+ heads)
     x, t, cond = inputs_for(denoiser)
     with torch.no_grad():
