@@ -61,11 +61,12 @@ def pipeline_guidance(pipeline: Pipeline, guidance: float | None) -> float | Non
 
 
 def export_artifacts(model: Denoiser | Pipeline, solver: SolverConfig, out_dir: Path, formats: list[str], batch_size: int | None = None,
-                     opset: int = 18, output: str = "image") -> list[dict]:
+                     opset: int = 18, output: str = "image", target: str = "generic") -> list[dict]:
     """Writes sampler.* and denoiser.* (+ sidecars) for each format; returns one record per model file.
 
     A text-to-image pipeline also gets its text encoder(s), VAE decoder and encoder, tokenizers
     and pipeline.json; its sampler ends in the decoder (``output`` 'image') unless ``output`` is 'latents'.
+    ``target`` (`export.targets`) is recorded in the ONNX sidecars and in the OpenVINO ones made from them.
     """
     from export.onnx_export import export_onnx, export_pipeline_onnx
     from export.sidecar import PIPELINE_FILE, record_component_files
@@ -73,11 +74,11 @@ def export_artifacts(model: Denoiser | Pipeline, solver: SolverConfig, out_dir: 
     pipeline = model if isinstance(model, Pipeline) else Pipeline(model)
     denoiser = pipeline.denoiser
     if pipeline.is_text_to_image:
-        records = export_pipeline_onnx(pipeline, solver, out_dir, batch_size=batch_size, opset=opset, output=output)
+        records = export_pipeline_onnx(pipeline, solver, out_dir, batch_size=batch_size, opset=opset, output=output, target=target)
     else:
         if output != "image":
             raise UserError(f"--output {output} applies to latent text-to-image pipelines; {denoiser.name!r} samples pixels directly")
-        records = export_onnx(denoiser, solver, out_dir, batch_size=batch_size, opset=opset)
+        records = export_onnx(denoiser, solver, out_dir, batch_size=batch_size, opset=opset, target=target)
     if "openvino" in formats:
         records += add_openvino(records, out_dir)
     if "coreml" in formats:

@@ -31,6 +31,14 @@ is ours is how a diffusion sampler is fed to it:
   w8a16 turns the activation quantizers into int16 (com.microsoft QuantizeLinear, which
   onnxruntime runs); fp16 stores float16 weights with a Cast (onnxruntime folds it at load).
 
+The export target (`export.targets`, recorded in the export's sidecar or given as ``target``)
+fixes the QDQ layout: ``generic`` and ``npu-openvino`` are the NNCF path above (uint8 asymmetric
+activations, int8 symmetric per-channel weights; NNCF's NPU hardware config for npu-openvino);
+``npu-qnn`` / ``npu-qnn-w8a16`` are quantized by onnxruntime's own QNN tooling (qnn_preprocess_model,
+get_qnn_qdq_config), since QNN HTP runs every op in integers: uint8 / uint16 asymmetric activations,
+int32 biases, per-tensor MatMul weights, 16-bit Q/DQ in the com.microsoft domain. The layout the file
+actually has is read back into the sidecar (``quantization.qdq_layout``); an NPU target's must match.
+
 Each quantized artifact gets the float sidecar plus a ``quantization`` section.
 """
 from __future__ import annotations
@@ -56,7 +64,8 @@ from compress.errors import UserError
 from compress.outputs import sha256_of
 from compress.precision import DECODER_SCOPE, STEP_PREFIX, WEIGHTED_OPS, inside_network, module_path, structural_float_nodes, summarize_layers
 from compress.section_config import SectionConfig
-from export.sidecar import PIPELINE_FILE
+from export.sidecar import PIPELINE_FILE, target_section
+from export.targets import TARGETS as EXPORT_TARGETS
 
 SCHEMES = ("w8a8", "w8a16", "int8-weights", "int4-weights", "fp16")
 GRANULARITIES = ("per-step", "shared")
@@ -95,6 +104,8 @@ class QuantizeConfig(SectionConfig):
     preset       NNCF preset: mixed (asymmetric activations) or performance (symmetric)
     subset_size  calibration inputs NNCF uses (trajectories for the sampler, states for the denoiser)
     targets      which graphs of an export folder to quantize
+    target       export target whose QDQ layout to emit (generic | npu-qnn | npu-qnn-w8a16 | npu-openvino);
+                 None: the one the export's sidecars record, else generic
     """
 
     section = "quantize"
@@ -120,6 +131,7 @@ class QuantizeConfig(SectionConfig):
     target_samples: int = 128
     max_float_layers: int | None = None
     require_target: bool = False
+    target: str | None = None
 
     def __post_init__(self):
         if self.denoiser is not None:
@@ -153,6 +165,10 @@ class QuantizeConfig(SectionConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"quantize {name} must be a positive integer, got {value!r}")
+        if self.target is not None and self.target not in EXPORT_TARGETS:
+            close = difflib.get_close_matches(str(self.target), EXPORT_TARGETS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise UserError(f"unknown quantize target {self.target!r}{hint} (expected one of {', '.join(EXPORT_TARGETS)})")
         if self.smooth_quant is not None and not 0 <= self.smooth_quant <= 1:
             raise UserError(f"quantize smooth_quant alpha must lie in [0, 1], got {self.smooth_quant!r}")
         for pattern in self.ignored:
@@ -213,6 +229,7 @@ def quantize_(target, calib, config: QuantizeConfig | None = None, out_dir: str 
     target = Path(target)
     pipeline = target.is_dir() and (target / PIPELINE_FILE).is_file()
     artifacts = _find_artifacts(target, config)
+    config = _resolve_target(config, artifacts)
     if pipeline:  # every graph of the pipeline, each with its component's scheme
         chosen = list(artifacts)
         configs = {p: config.for_component(s["kind"]) for p, s in artifacts.items()}
@@ -222,6 +239,9 @@ def quantize_(target, calib, config: QuantizeConfig | None = None, out_dir: str 
     else:
         chosen = [p for p, s in artifacts.items() if s["kind"] in config.targets and (target.is_dir() or p == target)]
         configs = {p: config for p in chosen}
+    for path, c in configs.items():
+        if c is not None:
+            _check_target(c, path, artifacts[path])
     if calib is not None:  # before any long work, and before anything is written
         from calibration import check_calibration_matches
 
@@ -316,7 +336,7 @@ def _quantize_artifact(path: Path, sidecar: dict, artifacts: dict, calib, config
         # Weights of layers returned to float come from here: split as NNCF's input was, so split convs find theirs.
         float_model = split_concat_convs(onnx.load(str(path))) if config.split_concat else onnx.load(str(path))
         model, info = _quantize_activations(model, kind, sidecar, path, artifacts, calib, config)
-        if config.scheme == "w8a16":
+        if config.scheme == "w8a16" and _layout(config).engine == "nncf":  # the QNN engine writes uint16 itself
             model = _activations_to_int16(model)
             _check_runs(model, path.name, "int16 activations (w8a16)")
         if config.target_psnr is not None:
@@ -330,13 +350,15 @@ def _quantize_artifact(path: Path, sidecar: dict, artifacts: dict, calib, config
         "float_bytes": path.stat().st_size,
         "calibration": None if calib is None else {k: calib.header[k] for k in ("sampler", "seed", "counts", "config", "solver")}
         | {"model_hash": calib.header["model"].get("hash"), "timesteps": calib.header["timesteps"]["values"][:64]},
-        "engine": f"nncf {_nncf_version()}" if config.scheme != "fp16" else "diffusion-compress",
+        "engine": _engine(config),
     }
     out_sidecar = {**sidecar, "quantization": quantization}
     # NNCF leaves the shapes its inference recorded; as in the exporter, every runtime infers them, and in an
     # unrolled int8 sampler they were 6% of the file.
     del model.graph.value_info[:]
     _compact_quantizer_names(model)
+    quantization["qdq_layout"] = _emitted_layout(model, config)
+    out_sidecar["target"] = target_section(config.target)
     model.producer_name = "diffusion-compress"
     helper.set_model_props(model, {"diffusion_compress.sidecar": json.dumps(out_sidecar)})
     out_path = stage / path.name
@@ -356,6 +378,7 @@ def _quantize_artifact(path: Path, sidecar: dict, artifacts: dict, calib, config
         "float_bytes": quantization["float_bytes"],
         "sha256": sha256_of(out_path),
         "sidecar": sidecar_path.name,
+        "export_target": config.target,
         **{k: v for k, v in info.items() if k not in ("scheme", "granularity")},
     }
 
@@ -369,12 +392,12 @@ def _quantize_activations(model, kind, sidecar, path, artifacts, calib, config: 
     transformer = _is_transformer(model)
     if kind in ("denoiser", "vae_decoder"):
         items = calib.denoiser_inputs(condition, config.subset_size) if kind == "denoiser" else calib.latent_inputs(config.subset_size)
-        quantized, kept = _nncf_quantize(model, items, config, transformer, bias_correction=True)
+        quantized, kept = _calibrated_quantize(model, items, config, transformer, bias_correction=True)
         return quantized, {"granularity": "shared", "calibration_inputs": len(items), "activation_quantizers": _count_activation_quantizers(quantized),
                            "float_layers": kept}
 
     items, scale = _sampler_items(sidecar, calib, config.subset_size)
-    quantized, kept = _nncf_quantize(model, items, config, transformer, bias_correction=False)
+    quantized, kept = _calibrated_quantize(model, items, config, transformer, bias_correction=False)
     info = {"granularity": config.granularity, "calibration_inputs": len(items), "guidance_scale": scale, "float_layers": kept}
     if config.granularity == "shared":
         source = None
@@ -383,9 +406,11 @@ def _quantize_activations(model, kind, sidecar, path, artifacts, calib, config: 
             if denoiser_path is None:
                 raise UserError(f"shared scales from the denoiser need denoiser.onnx next to {path.name}; pass the export folder or shared_from='union'")
             denoiser_items = calib.denoiser_inputs(condition, config.subset_size)
-            source, _ = _nncf_quantize(onnx.load(str(denoiser_path)), denoiser_items, config, transformer, bias_correction=False)
+            source, _ = _calibrated_quantize(onnx.load(str(denoiser_path)), denoiser_items, config, transformer, bias_correction=False)
             info["denoiser_calibration_inputs"] = len(denoiser_items)
         info.update(share_scales(quantized, source))
+        if _layout(config).bias_dtype == "int32":
+            _requantize_int32_biases(quantized)
     info["activation_quantizers"] = _count_activation_quantizers(quantized)
     info["layers_with_per_step_scales"] = distinct_step_scales(quantized)
     return quantized, info
@@ -459,6 +484,7 @@ def _nncf_quantize(model: onnx.ModelProto, items: list[dict], config: QuantizeCo
         subset_size=len(items),
         ignored_scope=nncf.IgnoredScope(names=list(reasons), validate=False),
         advanced_parameters=advanced,
+        target_device=nncf.TargetDevice[_layout(config).nncf_target_device],
     )
     if config.fuse_outputs:
         quantize_conv_outputs(quantized, items[:OUTPUT_CALIBRATION_ITEMS])
@@ -935,6 +961,180 @@ def _to_fp16_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     del graph.node[:]
     graph.node.extend(casts + nodes)
     return model
+
+
+# ----------------------------------------------------------------------------- export targets (QDQ layouts)
+
+
+def _layout(config: QuantizeConfig):
+    from export.targets import get_target
+
+    return get_target(config.target or "generic").qdq
+
+
+def _layout_scheme(layout) -> str:
+    """The calibrated scheme a target's layout is: its activations' width."""
+    return "w8a16" if layout.activation_dtype in ("uint16", "int16") else "w8a8"
+
+
+def _resolve_target(config: QuantizeConfig, artifacts: dict) -> QuantizeConfig:
+    """The config with its target named: the one given, else the one the export's sidecars record, else generic."""
+    if config.target is not None:
+        return config
+    recorded = {s["target"]["name"] for s in artifacts.values() if isinstance(s.get("target"), dict) and s["target"].get("name")}
+    if len(recorded) > 1:
+        raise UserError(f"the export's sidecars record different targets ({', '.join(sorted(recorded))}); name one with --target")
+    return dataclasses.replace(config, target=recorded.pop() if recorded else "generic")
+
+
+def _check_target(config: QuantizeConfig, path: Path, sidecar: dict) -> None:
+    """Refuses, before any work, a graph or a scheme the target's provider would not take."""
+    from export.targets import get_target
+
+    target = get_target(config.target)
+    if target.name == "generic":
+        return
+    if target.static_batch and sidecar.get("batch", {}).get("dynamic", False):
+        raise UserError(f"{path.name} has a dynamic batch, and target {target.name} compiles one static graph: "
+                        f"export it with --target {target.name} (or --batch-size N)")
+    layout, needed = target.qdq, _layout_scheme(target.qdq)
+    if config.scheme != needed:
+        other = next((t for t in ("npu-qnn", "npu-qnn-w8a16") if t != target.name and _layout_scheme(get_target(t).qdq) == config.scheme), None)
+        hint = f", or target {other}" if other and layout.engine == "onnxruntime-qnn" else ""
+        raise UserError(f"{path.name}: target {target.name} takes {layout.activation_dtype} activations with {layout.weight_dtype} weights; "
+                        f"scheme {config.scheme!r} is not that: quantize with --scheme {needed}{hint}")
+    if config.preset != layout.nncf_preset and layout.engine == "nncf":
+        raise UserError(f"target {target.name} takes asymmetric activations; preset {config.preset!r} makes them symmetric (use preset 'mixed')")
+    if layout.engine == "onnxruntime-qnn" and config.smooth_quant is not None:
+        raise UserError(f"target {target.name} is quantized by onnxruntime's QNN tooling, which has no SmoothQuant here; drop smooth_quant")
+
+
+def _engine(config: QuantizeConfig) -> str:
+    if config.scheme == "fp16":
+        return "diffusion-compress"
+    if config.scheme in CALIBRATED and _layout(config).engine == "onnxruntime-qnn":
+        import onnxruntime
+
+        return f"onnxruntime {onnxruntime.__version__} (quantization.execution_providers.qnn)"
+    return f"nncf {_nncf_version()}"
+
+
+def _calibrated_quantize(model: onnx.ModelProto, items: list[dict], config: QuantizeConfig, transformer: bool, bias_correction: bool):
+    """W8A8 / W8A16 by the target's engine; returns (model, the layers kept float and why)."""
+    layout = _layout(config)
+    if layout.engine == "onnxruntime-qnn":
+        return _qnn_quantize(model, items, config, layout)
+    return _nncf_quantize(model, items, config, transformer, bias_correction)
+
+
+# What stays float for a QNN target: of compress.precision's reasons, those that are not about accuracy.
+QNN_FLOAT_REASONS = ("outside the network", "ignored pattern", "elementwise")
+
+
+class _FeedReader:
+    """onnxruntime's CalibrationDataReader over the feed dicts NNCF would get."""
+
+    def __init__(self, items: list[dict]):
+        self.items = iter(items)
+
+    def get_next(self):
+        return next(self.items, None)
+
+
+def _qnn_quantize(model: onnx.ModelProto, items: list[dict], config: QuantizeConfig, layout):
+    """onnxruntime's QNN tooling on the graph: qnn_preprocess_model's fusions, then quantize_static with
+    get_qnn_qdq_config, which quantizes every op but Cast (QNN HTP runs no float op: one would fall
+    back to the CPU) and adds QNN's overrides (fixed 16-bit Sigmoid/Tanh output scales, per-tensor
+    MatMul weights). For the same reason the layers compress.precision keeps float for accuracy (first
+    and last layers, conditioning path, attention probabilities) are quantized here: what stays float
+    is the solver's arithmetic and what the config names (``ignored``, ``elementwise=False``; a
+    ``target_psnr`` returns layers afterwards), and on QNN that runs on the CPU between steps."""
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
+
+    if not items:
+        raise UserError("the calibration set is empty")
+    if config.split_concat:
+        model = split_concat_convs(model)
+    types = {"uint8": QuantType.QUInt8, "uint16": QuantType.QUInt16, "int8": QuantType.QInt8}
+    root = logging.getLogger()
+    # onnxruntime's quantizer warns through the root logger (one line per weight); a handler keeps it from configuring one.
+    quiet, level = logging.NullHandler(), root.level
+    root.addHandler(quiet)
+    root.setLevel(logging.ERROR)
+    try:
+        with tempfile.TemporaryDirectory(prefix="compress-qnn-") as scratch:
+            source = Path(scratch) / "float.onnx"
+            # onnxruntime 1.32's qnn_preprocess_model fails on a model with metadata_props (it updates a dict with
+            # the repeated field); and given a ModelProto it leaves that proto's weights pointing into its deleted
+            # temporary folder, so it gets a path.
+            del model.metadata_props[:]
+            onnx.save_model(model, str(source))
+            if qnn_preprocess_model(str(source), str(Path(scratch) / "fused.onnx")):
+                source = Path(scratch) / "fused.onnx"
+            model = onnx.load(str(source))
+            reasons = {n: r for n, r in float_nodes(model, config).items() if r in QNN_FLOAT_REASONS}
+            qnn_config = get_qnn_qdq_config(model, _FeedReader(items), activation_type=types[layout.activation_dtype],
+                                            weight_type=types[layout.weight_dtype], per_channel=layout.weight_per_channel,
+                                            activation_symmetric=layout.activation_symmetric, weight_symmetric=layout.weight_symmetric,
+                                            nodes_to_exclude=list(reasons) or None)
+            quantize(str(source), str(Path(scratch) / "qdq.onnx"), qnn_config)
+            quantized = onnx.load(str(Path(scratch) / "qdq.onnx"))
+    finally:
+        root.removeHandler(quiet)
+        root.setLevel(level)
+    quantize_constants(quantized, keep=set(reasons))
+    kept = summarize_layers({n: r for n, r in reasons.items() if r != "outside the network"}, quantized)
+    return quantized, kept
+
+
+def _requantize_int32_biases(model: onnx.ModelProto) -> int:
+    """Shared scales change the input scale of layers whose int32 bias was scaled by the old one; QNN
+    takes bias scale = input scale x weight scale, so each such bias is requantized. Returns how many."""
+    from export.targets import BIAS_INPUT
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    changed = 0
+    for node in graph.node:
+        j = BIAS_INPUT.get(node.op_type)
+        if j is None or len(node.input) <= j:
+            continue
+        act, weight, bias = (producer.get(node.input[k]) for k in (0, 1, j))
+        if any(d is None or d.op_type != "DequantizeLinear" for d in (act, weight, bias)) or bias.input[0] not in inits:
+            continue
+        if inits[bias.input[0]].data_type != onnx.TensorProto.INT32:
+            continue
+        scale = (numpy_helper.to_array(inits[act.input[1]]) * numpy_helper.to_array(inits[weight.input[1]])).astype(np.float32)
+        old = numpy_helper.to_array(inits[bias.input[1]])
+        if np.array_equal(scale, old):
+            continue
+        value = numpy_helper.to_array(inits[bias.input[0]]).astype(np.float64) * old
+        info = np.iinfo(np.int32)
+        q = np.clip(np.round(value / scale), info.min, info.max).astype(np.int32)
+        base = f"{node.name}/bias_shared"
+        graph.initializer.extend([numpy_helper.from_array(q, base + "_q"), numpy_helper.from_array(scale.reshape(old.shape), base + "_scale")])
+        bias.input[0], bias.input[1] = base + "_q", base + "_scale"
+        changed += 1
+    _drop_unused_initializers(model)
+    return changed
+
+
+def _emitted_layout(model: onnx.ModelProto, config: QuantizeConfig) -> dict:
+    """The QDQ layout the graph has, read from its Q/DQ nodes, with where it departs from the target's.
+    An NPU target's provider takes no other layout, so a departure there is an error of this code."""
+    from export.targets import get_target, read_qdq_layout
+
+    target = get_target(config.target)
+    emitted = read_qdq_layout(model)
+    # The target's layout describes its calibrated scheme; weight-only and fp16 files have no such layout.
+    departures = target.qdq.mismatches(emitted) if config.scheme == _layout_scheme(target.qdq) else None
+    if departures and target.name != "generic":
+        raise RuntimeError(f"the quantized graph does not have target {target.name}'s QDQ layout: {'; '.join(departures)}")
+    return {**emitted, "target": target.name, "departures_from_target": departures}
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -36,6 +36,7 @@ from export.sidecar import (
     pipeline_sidecar,
     record_component_files,
     sampler_sidecar,
+    target_section,
     write_sidecar,
 )
 
@@ -54,20 +55,24 @@ def export_onnx(
     batch_size: int | None = None,
     opset: int = 18,
     guidance: bool | None = None,
+    target: str = "generic",
 ) -> list[dict]:
     """Writes sampler.onnx, denoiser.onnx and their sidecars into ``out_dir``; returns one record per artifact.
 
-    ``batch_size`` None exports a dynamic batch dimension; an int fixes it (everything folds).
+    ``batch_size`` None exports a dynamic batch dimension (a static ``target`` fixes it: 1); an int fixes it (everything folds).
     ``guidance`` None means: classifier-free guidance whenever the model is conditional.
+    ``target`` (`export.targets`) is recorded in the sidecars, for `compress quantize` to emit its QDQ layout.
     """
+    batch_size = _target_batch(target, batch_size)
     _check_options(batch_size, opset)
     sampler = SamplerGraph(denoiser, solver_config, guidance)
     network = DenoiserGraph(denoiser)
     out_dir = Path(out_dir)
+    extra = {"target": target_section(target)}
     with _staged_files(out_dir) as stage:
         records = [
-            _write_artifact(sampler, "sampler", sampler_sidecar(sampler, "onnx", "sampler.onnx", batch_size), stage, batch_size, opset),
-            _write_artifact(network, "denoiser", denoiser_sidecar(network, "onnx", "denoiser.onnx", batch_size), stage, batch_size, opset),
+            _write_artifact(sampler, "sampler", sampler_sidecar(sampler, "onnx", "sampler.onnx", batch_size, extra), stage, batch_size, opset),
+            _write_artifact(network, "denoiser", denoiser_sidecar(network, "onnx", "denoiser.onnx", batch_size, extra), stage, batch_size, opset),
         ]
     return _placed(records, out_dir)
 
@@ -80,21 +85,31 @@ def export_pipeline_onnx(
     opset: int = 18,
     guidance: bool | None = None,
     output: str = "image",
+    target: str = "generic",
 ) -> list[dict]:
     """A text-to-image pipeline as one folder: text encoder(s), the sampler with the VAE decoder baked
     in (``output`` 'image'; 'latents' keeps the latent output), the denoiser, vae_decoder,
     vae_encoder, the tokenizers as tokenizer.json and pipeline.json, which says how they chain.
+    ``target`` is recorded in every sidecar and in pipeline.json (as in `export_onnx`).
     """
+    batch_size = _target_batch(target, batch_size)
     _check_options(batch_size, opset)
-    sampler, graphs = pipeline_graphs(pipeline, solver_config, "onnx", batch_size, guidance, output)
+    extra = {"target": target_section(target)}
+    sampler, graphs = pipeline_graphs(pipeline, solver_config, "onnx", batch_size, guidance, output, extra=extra)
     out_dir = Path(out_dir)
     with _staged_files(out_dir) as stage:
         records = [_write_artifact(graph, kind, sidecar, stage, batch_size, opset) for graph, kind, sidecar in graphs]
         for encoder in pipeline.text_encoders:
             write_tokenizer_json(encoder, stage / encoder.tokenizer_name)
-        write_sidecar(stage / PIPELINE_FILE, pipeline_sidecar(pipeline, sampler, batch_size))
+        write_sidecar(stage / PIPELINE_FILE, {**pipeline_sidecar(pipeline, sampler, batch_size), **extra})
         record_component_files(stage / PIPELINE_FILE, records)
     return _placed(records, out_dir)
+
+
+def _target_batch(target: str, batch_size: int | None) -> int | None:
+    from export.targets import get_target
+
+    return get_target(target).batch_size(batch_size)  # NPU targets compile one static graph
 
 
 def _check_options(batch_size: int | None, opset: int) -> None:

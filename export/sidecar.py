@@ -186,6 +186,14 @@ def denoiser_sidecar(graph: DenoiserGraph, fmt: str, file: str, batch_size: int 
     }
 
 
+def target_section(name: str) -> dict:
+    """The export target every ONNX sidecar (and the OpenVINO IR's, copied from it) records: its static
+    shapes, where it is meant to run and the QDQ layout `compress quantize` emits for it."""
+    from export.targets import get_target
+
+    return get_target(name).describe()
+
+
 def write_sidecar(path: Path, sidecar: dict) -> Path:
     path.write_text(json.dumps(sidecar, indent=2) + "\n")
     return path

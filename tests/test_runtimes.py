@@ -248,7 +248,11 @@ def test_targets_fix_the_batch_and_describe_their_qdq_layout():
     assert get_target("npu-qnn").batch_size(None) == 1 and get_target("npu-qnn").batch_size(2) == 2
     qnn = get_target("npu-qnn").qdq
     assert qnn.activation_dtype == "uint8" and not qnn.activation_symmetric and qnn.activation_per_tensor
-    assert qnn.nncf_preset == "mixed" and get_target("generic").qdq.nncf_preset == "performance"
+    # QNN layouts are written by onnxruntime's QNN tooling, not NNCF; generic is what compress quantize always wrote.
+    assert qnn.engine == "onnxruntime-qnn" and qnn.nncf_preset is None and qnn.bias_dtype == "int32" and qnn.per_tensor_weight_ops == ("MatMul",)
+    generic = get_target("generic").qdq
+    assert generic.activation_dtype == "uint8" and not generic.activation_symmetric and generic.nncf_preset == "mixed"
+    assert get_target("npu-openvino").qdq == dataclasses.replace(generic, nncf_target_device="NPU")
     a16 = get_target("npu-qnn-w8a16").qdq
     assert a16.nncf_preset is None and a16.contrib_qdq_ops
     from onnxruntime.quantization import QuantType

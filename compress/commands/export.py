@@ -40,7 +40,8 @@ def parse_resolution(text: str) -> tuple[int, int]:
 @click.option("--format", "formats", multiple=True, default=("onnx",), show_default=True, help="onnx, coreml, openvino; repeatable.")
 @click.option("--batch-size", type=int, default=None, help="Static batch size (default: dynamic batch).")
 @click.option("--target", default="generic", show_default=True,
-              help="generic, npu-qnn, npu-qnn-w8a16 or npu-openvino; NPU targets export static shapes (batch 1 unless --batch-size).")
+              help="generic, npu-qnn, npu-qnn-w8a16 or npu-openvino, recorded in the sidecars: NPU targets export static shapes "
+                   "(batch 1 unless --batch-size) and 'compress quantize' emits the target's QDQ layout.")
 @click.option("--opset", type=int, default=18, show_default=True)
 @click.option("--resolution", default=None, help="Text-to-image pipelines: the image size to export, HxW such as 512x512 (default: the UNet's sample size).")
 @click.option("--output", "output", type=click.Choice(["image", "latents"]), default="image", show_default=True,
@@ -63,6 +64,6 @@ def export(model, solver, steps, spacing, schedule, timesteps, guidance, formats
     guidance = pipeline_guidance(pipeline, guidance)
     config = resolve_solver(pipeline.denoiser, solver, steps, spacing, guidance, schedule, parse_timesteps(timesteps))
     with staged_folder(Path(out)) as root:
-        records = export_artifacts(pipeline, config, root, list(formats), batch_size=batch_size, opset=opset, output=output)
+        records = export_artifacts(pipeline, config, root, list(formats), batch_size=batch_size, opset=opset, output=output, target=target)
     for r in records:
         click.echo(f"wrote {Path(out) / Path(r['path']).name} ({r['bytes'] / 1e6:.2f} MB)")

@@ -8,6 +8,7 @@ import click
 
 from compress.commands.common import ChecksFailed, load_from_flags, load_pipeline_from_flags, model_options
 from compress.errors import UserError
+from export.targets import TARGETS as EXPORT_TARGETS
 
 
 @click.command()
@@ -72,7 +73,9 @@ def calibrate(model, sampler, samples, seed, mean, std, interval, trajectory_ste
               help="Activation scales of the unrolled sampler: per step, or one per layer for all steps.")
 @click.option("--shared-from", type=click.Choice(["denoiser", "union"]), default="denoiser", show_default=True,
               help="shared: the denoiser's scales calibrated on the set, or the union of the per-step ranges.")
-@click.option("--target", "targets", multiple=True, type=click.Choice(["sampler", "denoiser"]), help="Graphs to quantize (default both).")
+@click.option("--target", "targets", multiple=True, type=click.Choice(["sampler", "denoiser", *EXPORT_TARGETS]),
+              help="Graphs to quantize (sampler, denoiser; default both), and/or the export target whose QDQ layout to emit "
+                   f"({', '.join(EXPORT_TARGETS)}; default: the one the export recorded, else generic).")
 @click.option("--decoder", type=click.Choice(["w8a8", "w8a16", "int8-weights", "int4-weights", "fp16"]), default=None,
               help="Text-to-image exports: the VAE decoder's scheme (default float; w8a8 also quantizes it inside the sampler).")
 @click.option("--text-encoder", type=click.Choice(["int8-weights", "int4-weights", "fp16"]), default=None,
@@ -100,9 +103,13 @@ def quantize(model_or_onnx, calib, scheme, granularity, shared_from, targets, de
     from compress.outputs import Manifest, staged_folder
     from compress.quantize import QuantizeConfig, missed_targets, quantize_
 
+    # Graph names and export-target names do not overlap, so one flag takes both, as `compress export --target` takes the latter.
+    graphs, layout = [t for t in targets if t not in EXPORT_TARGETS], sorted({t for t in targets if t in EXPORT_TARGETS})
+    if len(layout) > 1:
+        raise UserError(f"--target names one export target, got {', '.join(layout)}")
     config = QuantizeConfig(scheme=scheme, granularity=granularity, shared_from=shared_from, subset_size=subset_size, decoder=decoder,
                             text_encoder=text_encoder, ignored=list(ignored), target_psnr=target_psnr, max_float_layers=max_float_layers,
-                            require_target=require_target, **({"targets": list(targets)} if targets else {}))
+                            require_target=require_target, target=layout[0] if layout else None, **({"targets": graphs} if graphs else {}))
     calib_set = load_calibration(calib) if calib else None
     if scheme in ("w8a8", "w8a16") and calib_set is None:
         raise UserError(f"--scheme {scheme} needs --calib (record a set with 'compress calibrate')")
@@ -119,7 +126,7 @@ def quantize(model_or_onnx, calib, scheme, granularity, shared_from, targets, de
                 check_calibration_matches(calib_set, model_identity(denoiser), where=f"model {model_or_onnx!r}")
             if guidance is None and calib_set is not None and denoiser.supports_guidance:
                 guidance = calib_set.guidance_scale
-            export_onnx(denoiser, resolve_solver(denoiser, solver, steps, spacing, guidance), scratch)
+            export_onnx(denoiser, resolve_solver(denoiser, solver, steps, spacing, guidance), scratch, target=config.target or "generic")
             source = Path(scratch)
         records = quantize_(source, calib_set, config, out_dir=root, progress=lambda m: click.echo(m, err=True))
         manifest = Manifest(root, "quantize")
@@ -130,7 +137,8 @@ def quantize(model_or_onnx, calib, scheme, granularity, shared_from, targets, de
         manifest.write()
     for r in records:
         click.echo(f"wrote {Path(out) / Path(r['path']).name} ({r['bytes'] / 1e6:.2f} MB, float {r['float_bytes'] / 1e6:.2f} MB, {r['scheme'] or 'float32'}"
-                   + (f", {r['granularity']}" if r.get("granularity") else "") + ")")
+                   + (f", {r['granularity']}" if r.get("granularity") else "")
+                   + (f", target {r['export_target']}" if r.get("export_target") not in (None, "generic") else "") + ")")
     for r in records:
         if r.get("target") and r["target"].get("met"):
             click.echo(r["target"]["message"])
