@@ -312,6 +312,7 @@ def run_graph(model: onnx.ModelProto, items: list[dict], output: str) -> np.ndar
 # A batch PSNR is set by its worst samples (an int8 trajectory that flips to another digit), so the
 # verdict needs many draws: on 32, zoo:digits read 30.8 dB where 256 other draws gave 25.
 SENSITIVITY_ITEMS = 32
+INT8_WEIGHTS_KEPT = "float activations, int8 weights"
 
 
 def search_float_layers(quantized: onnx.ModelProto, float_model: onnx.ModelProto, items: list[dict], target: float,
@@ -346,7 +347,7 @@ def search_float_layers(quantized: onnx.ModelProto, float_model: onnx.ModelProto
     # First float activations over int8 weights (no bytes added: activation error is most of int8's),
     # then float16 weights as well where that is not enough.
     best = (full, 0, quantized, None)
-    for precision, keep_weights in (("float activations, int8 weights", True), ("float activations, float16 weights", False)):
+    for precision, keep_weights in ((INT8_WEIGHTS_KEPT, True), ("float activations, float16 weights", False)):
         def build(k: int, keep_weights=keep_weights) -> onnx.ModelProto:
             return revert_layers(quantized, ranked[:k], float_model, keep_int8_weights=keep_weights)
 

@@ -434,12 +434,14 @@ def _meet_target(model, float_model, kind: str, sidecar: dict, calib, config: Qu
 
     The sampler is searched (on fresh noise, the final sample against the float sampler's); a
     denoiser exported beside it gets the same layers, since both graphs share their layer names."""
-    from compress.precision import quantized_layers, revert_layers, search_float_layers
+    from compress.precision import INT8_WEIGHTS_KEPT, quantized_layers, revert_layers, search_float_layers
 
     if kind == "denoiser" and "layers" in plan:
         present = set(quantized_layers(model))
         layers = [x for x in plan["layers"] if x in present]
-        return revert_layers(model, layers, float_model), {"target_psnr": config.target_psnr, "from": "sampler", "float_layers": layers}
+        keep_weights = plan.get("precision") == INT8_WEIGHTS_KEPT
+        return (revert_layers(model, layers, float_model, keep_int8_weights=keep_weights),
+                {"target_psnr": config.target_psnr, "from": "sampler", "float_layers": layers, "precision": plan.get("precision")})
     if kind == "sampler":
         starts, _ = _sampler_items(sidecar, calib, None)
         rng = np.random.default_rng(TARGET_NOISE_SEED)
@@ -454,7 +456,7 @@ def _meet_target(model, float_model, kind: str, sidecar: dict, calib, config: Qu
     budget = config.max_float_layers or max(1, math.ceil(len(quantized_layers(model)) / 4))
     result = search_float_layers(model, float_model, items, config.target_psnr, data_range, budget, log)
     log(result.message())
-    plan["layers"] = [x["layer"] for x in result.float_layers]
+    plan["layers"], plan["precision"] = [x["layer"] for x in result.float_layers], result.precision
     return result.model, {**result.describe(), "message": result.message(), "measured_on": f"{len(items)} {'fresh noise draws' if kind == 'sampler' else 'calibration states'}"}
 
 

@@ -165,3 +165,13 @@ def test_run_gates_on_a_required_quality_target(cli, tmp_path):
     report = json.loads((tmp_path / "out" / "report" / "report.json").read_text())
     (target,) = report["quantization_targets"]
     assert not target["met"] and target["artifact"].endswith("-w8a8/sampler") and len(target["float_layers"]) <= 1
+
+
+def test_the_denoiser_beside_the_sampler_gets_the_layers_the_sampler_search_chose(exported, tmp_path):
+    _, folder, calib = exported["layernorm_ddpm"]
+    records = {r["kind"]: r for r in quantize_(folder, calib, QuantizeConfig(target_psnr=30.0), out_dir=tmp_path)}
+    sampler, denoiser = records["sampler"]["target"], records["denoiser"]["target"]
+    chosen = [x["layer"] for x in sampler["float_layers"]]
+    assert chosen, "the test needs a model whose target returns layers"
+    assert denoiser["from"] == "sampler" and denoiser["float_layers"] == chosen and denoiser["precision"] == sampler["precision"]
+    assert set(chosen).isdisjoint(quantized_layers(onnx.load(str(tmp_path / "denoiser.onnx")), "activation"))
