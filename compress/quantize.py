@@ -802,8 +802,16 @@ def _params(model, q: _Quantizer) -> tuple[np.ndarray, np.ndarray]:
 def _set_params(model, q: _Quantizer, scale: np.ndarray, zero_point: np.ndarray) -> None:
     """Gives q (and its dequantizers) their own scale and zero point initializers."""
     base = f"{q.node.name}_shared"
-    model.graph.initializer.extend([numpy_helper.from_array(np.asarray(scale, dtype=np.float32), base + "_scale"),
-                                    numpy_helper.from_array(np.asarray(zero_point), base + "_zp")])
+    tensors = [numpy_helper.from_array(np.asarray(scale, dtype=np.float32), base + "_scale"), numpy_helper.from_array(np.asarray(zero_point), base + "_zp")]
+    # Shared scales and then int16 activations both set q's parameters: the second replaces the first,
+    # else two initializers of one name (uint8 and int16) made the w8a16 shared sampler unloadable.
+    for t in model.graph.initializer:
+        for new in tensors:
+            if t.name == new.name:
+                t.CopyFrom(new)
+                tensors.remove(new)
+                break
+    model.graph.initializer.extend(tensors)
     for node in [q.node, *q.dequantizers]:
         node.input[1], node.input[2] = base + "_scale", base + "_zp"
 

@@ -184,9 +184,10 @@ def test_shared_granularity_gives_one_scale_per_layer(exported, tmp_path, shared
     assert relative_error(run(record["path"], {"noise": NOISE}), expected) < 0.2
 
 
-def test_w8a16_has_int16_activations_that_onnxruntime_runs(exported, tmp_path):
+@pytest.mark.parametrize("granularity", ["per-step", "shared"])
+def test_w8a16_has_int16_activations_that_onnxruntime_runs(granularity, exported, tmp_path):
     _, folder, calib = exported
-    (record,) = quantize_(folder, calib, QuantizeConfig(scheme="w8a16", targets=["sampler"]), out_dir=tmp_path)
+    (record,) = quantize_(folder, calib, QuantizeConfig(scheme="w8a16", granularity=granularity, targets=["sampler"]), out_dir=tmp_path)
     model = onnx.load(record["path"])
     inits = {t.name: t for t in model.graph.initializer}
     zero_points = [numpy_helper.to_array(inits[q.node.input[2]]).dtype for q in activation_quantizers(model)]
