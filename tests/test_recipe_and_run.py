@@ -85,7 +85,10 @@ def test_bad_model_in_recipe_leaves_no_folder(tmp_path, cli):
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_stopped_run_exits_with_the_signal_code_and_leaves_no_output_folder(sig, code, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", {**TINY, "validate": {"reference": {"name": "ddim", "steps": 1000}, "samples": 64}})
-    proc = subprocess.Popen([sys.executable, "-m", "compress", "run", str(recipe), "--out", str(tmp_path / "out")], stderr=subprocess.PIPE, text=True)
+    # A shell that runs the suite in the background starts its children with SIGINT ignored, and Python
+    # keeps an ignored SIGINT: the child gets the default disposition, as from a terminal.
+    proc = subprocess.Popen([sys.executable, "-m", "compress", "run", str(recipe), "--out", str(tmp_path / "out")], stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not list(tmp_path.glob(".out.partial-*")) and time.time() < deadline:
         time.sleep(0.2)
