@@ -62,7 +62,8 @@ from onnx import helper, numpy_helper
 
 from compress.errors import UserError
 from compress.outputs import sha256_of
-from compress.precision import DECODER_SCOPE, STEP_PREFIX, WEIGHTED_OPS, inside_network, module_path, structural_float_nodes, summarize_layers
+from compress.precision import (DECODER_SCOPE, STEP_PREFIX, WEIGHTED_OPS, drop_unused_initializers, inside_network, module_path,
+                                structural_float_nodes, summarize_layers)
 from compress.section_config import SectionConfig
 from export.sidecar import PIPELINE_FILE, target_section
 from export.targets import TARGETS as EXPORT_TARGETS
@@ -551,7 +552,7 @@ def quantize_conv_outputs(model: onnx.ModelProto, items: list[dict]) -> int:
                 for j, i in enumerate(user.input):
                     if i == conv.output[0]:
                         user.input[j] = dq.output[0]
-    _drop_unused_initializers(model)
+    drop_unused_initializers(model)
     if not targets or not items:
         return 0
     probe = onnx.ModelProto()
@@ -747,16 +748,8 @@ def split_concat_convs(model: onnx.ModelProto) -> onnx.ModelProto:
     del graph.node[:]
     graph.node.extend(new_nodes)
     del graph.value_info[:]
-    _drop_unused_initializers(model)
+    drop_unused_initializers(model)
     return model
-
-
-def _drop_unused_initializers(model: onnx.ModelProto) -> None:
-    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-    keep = [t for t in model.graph.initializer if t.name in used]
-    if len(keep) != len(model.graph.initializer):
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(keep)
 
 
 # ----------------------------------------------------------------------------- per-step and shared scales
@@ -864,7 +857,7 @@ def share_scales(sampler: onnx.ModelProto, denoiser: onnx.ModelProto | None) -> 
             from_union += len(members)
         for q in members:
             _set_params(sampler, q, scale, zp)
-    _drop_unused_initializers(sampler)
+    drop_unused_initializers(sampler)
     return {"shared_from": "denoiser" if denoiser is not None else "union",
             "quantizers_from_denoiser": from_denoiser, "quantizers_from_union": from_union}
 
@@ -911,7 +904,7 @@ def _activations_to_int16(model: onnx.ModelProto) -> onnx.ModelProto:
             node.domain = "com.microsoft"
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    _drop_unused_initializers(model)
+    drop_unused_initializers(model)
     return model
 
 
@@ -1129,7 +1122,7 @@ def _requantize_int32_biases(model: onnx.ModelProto) -> int:
         graph.initializer.extend([numpy_helper.from_array(q, base + "_q"), numpy_helper.from_array(scale.reshape(old.shape), base + "_scale")])
         bias.input[0], bias.input[1] = base + "_q", base + "_scale"
         changed += 1
-    _drop_unused_initializers(model)
+    drop_unused_initializers(model)
     return changed
 
 
