@@ -293,10 +293,14 @@ def _finite(value: float):
 
 
 def psnr_against(reference: np.ndarray, outputs: np.ndarray, data_range: float | None) -> float:
-    ref, out = np.asarray(reference, dtype=np.float64), np.asarray(outputs, dtype=np.float64)
-    mse = float(np.mean((ref - out) ** 2))
+    """`compress.metrics.psnr` on arrays; without a data range (a latent or a prediction), the reference's own span."""
+    import torch
+
+    from compress.metrics import psnr
+
+    ref = np.asarray(reference)
     peak = data_range if data_range else float(ref.max() - ref.min())
-    return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
+    return float(psnr(torch.from_numpy(np.asarray(outputs)), torch.from_numpy(ref), peak))
 
 
 def run_graph(model: onnx.ModelProto, items: list[dict], output: str) -> np.ndarray:

@@ -645,10 +645,6 @@ def float_nodes(model: onnx.ModelProto, config: QuantizeConfig) -> dict[str, str
     return reasons
 
 
-def ignored_nodes(model: onnx.ModelProto, config: QuantizeConfig) -> list[str]:
-    return list(float_nodes(model, config))
-
-
 def quantize_constants(model: onnx.ModelProto, keep: set[str], conditioning: set[str] = frozenset()) -> int:
     """Stores large float constants read by non-conv/linear ops inside the network (normalization
     affine maps, embedding tables) as uint8 behind a DequantizeLinear, asymmetric per row of the last
