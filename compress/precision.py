@@ -17,7 +17,11 @@ Two sources, both recorded in the quantized artifact's sidecar (``quantization.f
   found and the layers that limit it.
 
 A "layer" is a node's module path without the unrolled step and the op (``s3/enc1/conv1/Conv`` ->
-``enc1/conv1``), so one decision covers every step of the sampler and the bare denoiser alike.
+``enc1/conv1``), so one decision covers every step of the sampler and the bare denoiser alike. The
+search also weighs whole steps of an unrolled sampler (``step:0``: every layer of that step, float
+activations over the shared int8 weights): a solver reads the first steps' noise prediction through
+x0 = (x - sigma eps) / alpha, so there an activation error is multiplied by sigma/alpha (about 157
+at t=999 of the linear schedule) and can end as a pixel tens of units off in the final sample.
 """
 from __future__ import annotations
 
@@ -57,6 +61,12 @@ def layer_of(node_name: str) -> str:
         if part[:1].isupper():
             return "/".join(parts[:k]) or parts[0]
     return "/".join(parts)
+
+
+def step_unit(node_name: str) -> str | None:
+    """'s3/enc1/conv1/Conv' -> 'step:3': the unrolled step a node of the sampler belongs to."""
+    m = STEP_PREFIX.match(node_name)
+    return f"step:{m.group(1)}" if m else None
 
 
 def _network_instance(node_name: str) -> tuple:
@@ -172,6 +182,12 @@ def quantized_layers(model: onnx.ModelProto, kind: str | None = None) -> dict[st
     return layers
 
 
+def quantized_steps(model: onnx.ModelProto) -> list[str]:
+    """The steps (``step:K``) of an unrolled sampler that read quantized activations; none for a bare denoiser."""
+    steps = {step_unit(node) for entries in quantized_layers(model, "activation").values() for node, _ in entries} - {None}
+    return sorted(steps, key=lambda x: int(x.split(":")[1])) if len(steps) > 1 else []
+
+
 def _dequantized(dq, inits: dict) -> np.ndarray:
     q = numpy_helper.to_array(inits[dq.input[0]]).astype(np.float32)
     scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
@@ -185,15 +201,16 @@ def _dequantized(dq, inits: dict) -> np.ndarray:
 
 
 def revert_layers(model: onnx.ModelProto, layers, float_model: onnx.ModelProto | None = None, keep_int8_weights: bool = False) -> onnx.ModelProto:
-    """A copy of ``model`` where the given layers compute in float: each reads the activation from
+    """A copy of ``model`` where the given layers (and steps, ``step:K``) compute in float: each reads the activation from
     before its QuantizeLinear, and its weight from ``float_model`` (the dequantized int8 where that
     graph has no such node, as for split convs) stored as float16 behind a Cast: half the bytes of
-    float32, and an error far below int8's (``keep_int8_weights``: the int8 weights stay). Q/DQ nodes
-    nobody reads any more are dropped."""
+    float32, and an error far below int8's (``keep_int8_weights``: the int8 weights stay; a step always
+    keeps them, since every step reads the same stored weights). Q/DQ nodes nobody reads any more are dropped."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
     wanted = set(layers)
+    steps = {x for x in wanted if x.startswith("step:")}
     producer = {o: n for n in graph.node for o in n.output}
     inits = {t.name: t for t in graph.initializer}
     original = {t.name: t for t in float_model.graph.initializer} if float_model is not None else {}
@@ -201,7 +218,10 @@ def revert_layers(model: onnx.ModelProto, layers, float_model: onnx.ModelProto |
     floats: dict[str, str] = {}
     casts = []
     for n in graph.node:
-        if _is_plumbing(n, producer, inits) or layer_of(n.name) not in wanted or not inside_network(n.name):
+        if _is_plumbing(n, producer, inits) or not inside_network(n.name):
+            continue
+        by_layer = layer_of(n.name) in wanted
+        if not by_layer and step_unit(n.name) not in steps:
             continue
         for j, i in enumerate(n.input):
             source = _quantized_source(i, producer, inits)
@@ -210,7 +230,7 @@ def revert_layers(model: onnx.ModelProto, layers, float_model: onnx.ModelProto |
             if source[0] == "activation":
                 n.input[j] = source[1].input[0]
                 continue
-            if keep_int8_weights:
+            if keep_int8_weights or not by_layer:  # the steps share their weights: a step keeps int8 ones
                 continue
             if i not in floats:
                 names = original_inputs.get(n.name, [])
@@ -318,8 +338,9 @@ def run_graph(model: onnx.ModelProto, items: list[dict], output: str) -> np.ndar
 
 
 # Layers are ranked on this many of the items; every accepted or rejected graph is judged on all of them.
-# A batch PSNR is set by its worst samples (an int8 trajectory that flips to another digit), so the
-# verdict needs many draws: on 32, zoo:digits read 30.8 dB where 256 other draws gave 25.
+# A batch PSNR is set by its worst samples, so the verdict needs many draws: on zoo:digits about one
+# int8 draw in 200 ends with pixels tens of units off (the first steps' error times sigma/alpha), and
+# 128 draws read 34.0 dB where 256 others gave 24.5.
 SENSITIVITY_ITEMS = 32
 INT8_WEIGHTS_KEPT = "float activations, int8 weights"
 
@@ -345,13 +366,18 @@ def search_float_layers(quantized: onnx.ModelProto, float_model: onnx.ModelProto
     if full >= target or not layers:
         result.evaluations = evaluations
         return result
-    log(f"target {target:g} dB: {full:.1f} dB with every layer quantized; measuring {len(layers)} layers one at a time")
+    steps = quantized_steps(quantized)
+    units = layers + steps
+    log(f"target {target:g} dB: {full:.1f} dB with every layer quantized; measuring {len(layers)} layers"
+        f"{f' and {len(steps)} steps' if steps else ''} one at a time")
     alone = {}
-    for k, layer in enumerate(layers):
-        alone[layer] = measure(revert_layers(quantized, [x for x in layers if x != layer], float_model), SENSITIVITY_ITEMS)
+    for k, unit in enumerate(units):
+        # Alone: every other layer (or step) back in float, this one quantized.
+        others = [x for x in (steps if unit in steps else layers) if x != unit]
+        alone[unit] = measure(revert_layers(quantized, others, float_model, keep_int8_weights=unit in steps), SENSITIVITY_ITEMS)
         if (k + 1) % 10 == 0:
-            log(f"  sensitivity: {k + 1}/{len(layers)} layers")
-    ranked = sorted(layers, key=lambda x: alone[x])
+            log(f"  sensitivity: {k + 1}/{len(units)}")
+    ranked = sorted(units, key=lambda x: alone[x])
     budget = min(budget, len(ranked))
     # First float activations over int8 weights (no bytes added: activation error is most of int8's),
     # then float16 weights as well where that is not enough.

@@ -62,8 +62,8 @@ from onnx import helper, numpy_helper
 
 from compress.errors import UserError
 from compress.outputs import sha256_of
-from compress.precision import (DECODER_SCOPE, STEP_PREFIX, WEIGHTED_OPS, drop_unused_initializers, inside_network, module_path,
-                                structural_float_nodes, summarize_layers)
+from compress.precision import (DECODER_SCOPE, STEP_PREFIX, WEIGHTED_OPS, drop_dead_nodes, drop_unused_initializers, inside_network,
+                                module_path, structural_float_nodes, summarize_layers)
 from compress.section_config import SectionConfig
 from export.sidecar import PIPELINE_FILE, target_section
 from export.targets import TARGETS as EXPORT_TARGETS
@@ -94,7 +94,7 @@ class QuantizeConfig(SectionConfig):
     target_psnr  quality target in dB of the final sample against the float32 sampler: the most
                  sensitive layers go back to float until it is met (None: the defaults alone)
     target_samples  fresh noise draws the target is measured on
-    max_float_layers  at most this many layers go back to float for the target (None: a quarter of them)
+    max_float_layers  at most this many layers (or sampler steps) go back to float for the target (None: a quarter of them)
     require_target  a missed target fails (exit 1) instead of warning; the best file is written either way
     keep_softmax the MatMul reading attention probabilities stays float (Q-Diffusion keeps them 16-bit)
     split_concat a conv on a channel concat gets one quantizer per input (Q-Diffusion's shortcut splitting)
@@ -129,7 +129,7 @@ class QuantizeConfig(SectionConfig):
     decoder: str | None = None
     text_encoder: str | None = None
     target_psnr: float | None = None
-    target_samples: int = 128
+    target_samples: int = 512
     max_float_layers: int | None = None
     require_target: bool = False
     target: str | None = None
@@ -342,6 +342,11 @@ def _quantize_artifact(path: Path, sidecar: dict, artifacts: dict, calib, config
             _check_runs(model, path.name, "int16 activations (w8a16)")
         if config.target_psnr is not None:
             model, info["target"] = _meet_target(model, float_model, kind, sidecar, calib, config, plan, log)
+        merge_duplicate_quantizers(model)
+        # Counted on the file as written: the target search and the merge both remove quantizers.
+        for name, count in (("activation_quantizers", _count_activation_quantizers), ("layers_with_per_step_scales", distinct_step_scales)):
+            if name in info:
+                info[name] = count(model)
     weights = _weight_summary(model)
     quantization = {
         **info,
@@ -435,7 +440,7 @@ def _meet_target(model, float_model, kind: str, sidecar: dict, calib, config: Qu
 
     The sampler is searched (on fresh noise, the final sample against the float sampler's); a
     denoiser exported beside it gets the same layers, since both graphs share their layer names."""
-    from compress.precision import INT8_WEIGHTS_KEPT, quantized_layers, revert_layers, search_float_layers
+    from compress.precision import INT8_WEIGHTS_KEPT, quantized_layers, quantized_steps, revert_layers, search_float_layers
 
     if kind == "denoiser" and "layers" in plan:
         present = set(quantized_layers(model))
@@ -454,7 +459,7 @@ def _meet_target(model, float_model, kind: str, sidecar: dict, calib, config: Qu
     else:
         items = calib.denoiser_inputs(sidecar.get("conditioning", {}).get("input"), None)[-config.target_samples:]
         data_range = None  # a prediction has no fixed range: the reference's own peak-to-peak
-    budget = config.max_float_layers or max(1, math.ceil(len(quantized_layers(model)) / 4))
+    budget = config.max_float_layers or max(1, math.ceil((len(quantized_layers(model)) + len(quantized_steps(model))) / 4))
     result = search_float_layers(model, float_model, items, config.target_psnr, data_range, budget, log)
     log(result.message())
     plan["layers"], plan["precision"] = [x["layer"] for x in result.float_layers], result.precision
@@ -1137,6 +1142,45 @@ def _emitted_layout(model: onnx.ModelProto, config: QuantizeConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def merge_duplicate_quantizers(model: onnx.ModelProto) -> int:
+    """One Q/DQ pair per (tensor, scale, zero point): NNCF quantizes a tensor once per consumer, and
+    where the consumers' scales agree (the halves of a split conv, the branches reading one input) the
+    copies compute the same thing: in an unrolled sampler they were a fifth of the pairs. onnxruntime
+    gives each consumer its own DQ again when it fuses (EnsureUniqueDQForNodeUnit). Returns the pairs removed."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def value(name: str) -> bytes:
+        t = inits.get(name)
+        return b"" if t is None else bytes(t.data_type.to_bytes(1, "little")) + numpy_helper.to_array(t).tobytes()
+
+    seen: dict[tuple, str] = {}  # (input, scale, zero point, attributes) -> the kept DQ's output
+    renamed: dict[str, str] = {}
+    for q in graph.node:
+        if q.op_type != "QuantizeLinear" or len(consumers.get(q.output[0], [])) != 1:
+            continue
+        dq = consumers[q.output[0]][0]
+        if dq.op_type != "DequantizeLinear" or list(dq.input[1:]) != list(q.input[1:]) or any(i not in inits for i in q.input[1:]):
+            continue
+        key = (q.input[0], *(value(i) for i in q.input[1:]), tuple(a.SerializeToString() for a in q.attribute),
+               tuple(a.SerializeToString() for a in dq.attribute))
+        if key in seen:
+            renamed[dq.output[0]] = seen[key]
+        else:
+            seen[key] = dq.output[0]
+    for n in graph.node:
+        for j, i in enumerate(n.input):
+            if i in renamed:
+                n.input[j] = renamed[i]
+    if renamed:
+        drop_dead_nodes(model)
+    return len(renamed)
 
 
 def _compact_quantizer_names(model: onnx.ModelProto) -> None:
