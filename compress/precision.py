@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -35,44 +34,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-STEP_PREFIX = re.compile(r"^s(\d+)/")
+from export.onnx_graph import consumers, drop_dead_nodes, inside_network, layer_of, network_instance, producers, step_unit
+
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 # Ops whose output does not depend on their input's values, only on its shape or type.
 SHAPE_OPS = ("Shape", "Size")
-# The VAE decoder a text-to-image sampler runs once after its steps: outside every step, so never
-# confused with a network's own module called "decoder" (s3/decoder/...).
-DECODER_SCOPE = "decoder/"
-
-
-def module_path(node_name: str) -> str:
-    """'s3/unet/down_blocks.0/resnets.0/conv1/Conv' -> 'unet/down_blocks.0/resnets.0/conv1/Conv'."""
-    return STEP_PREFIX.sub("", node_name)
-
-
-def inside_network(node_name: str) -> bool:
-    """Nodes of the solver's own arithmetic carry no module path (``s0/Mul``): they are not the network."""
-    return "/" in module_path(node_name)
-
-
-def layer_of(node_name: str) -> str:
-    """The module a node belongs to: its path up to the first op-named segment (ops are capitalised)."""
-    parts = module_path(node_name).split("/")
-    for k, part in enumerate(parts):
-        if part[:1].isupper():
-            return "/".join(parts[:k]) or parts[0]
-    return "/".join(parts)
-
-
-def step_unit(node_name: str) -> str | None:
-    """'s3/enc1/conv1/Conv' -> 'step:3': the unrolled step a node of the sampler belongs to."""
-    m = STEP_PREFIX.match(node_name)
-    return f"step:{m.group(1)}" if m else None
-
-
-def _network_instance(node_name: str) -> tuple:
-    """(step, scope): the unrolled copy of the denoiser (or of the VAE decoder) a node belongs to."""
-    m = STEP_PREFIX.match(node_name)
-    return (m.group(1) if m else None, node_name.startswith(DECODER_SCOPE))
 
 
 def _weight_input(node, initializers: set) -> bool:
@@ -88,11 +54,7 @@ def structural_float_nodes(model: onnx.ModelProto) -> dict[str, str]:
     initializers = {t.name for t in graph.initializer}
     shapes = {i.name: len(i.type.tensor_type.shape.dim) for i in graph.input}
     feature_inputs = {name for name, rank in shapes.items() if rank >= 3}
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producer, readers = producers(graph), consumers(graph)
 
     featured: set[str] = set(feature_inputs)  # tensors whose values depend on the image or the tokens
     for n in graph.node:  # exported graphs are topologically sorted
@@ -105,13 +67,13 @@ def structural_float_nodes(model: onnx.ModelProto) -> dict[str, str]:
 
     def weighted_neighbours(node, forward: bool) -> bool:
         """Is there a weighted op of the same network instance before (after) ``node`` on a feature path?"""
-        instance, seen = _network_instance(node.name), set()
+        instance, seen = network_instance(node.name), set()
         frontier = list(node.output if forward else node.input)
         while frontier:
             tensor = frontier.pop()
-            nexts = consumers.get(tensor, []) if forward else [producer[tensor]] if tensor in producer else []
+            nexts = readers.get(tensor, []) if forward else [producer[tensor]] if tensor in producer else []
             for m in nexts:
-                if m.name in seen or not inside_network(m.name) or _network_instance(m.name) != instance or m.op_type in SHAPE_OPS:
+                if m.name in seen or not inside_network(m.name) or network_instance(m.name) != instance or m.op_type in SHAPE_OPS:
                     continue
                 seen.add(m.name)
                 if _weight_input(m, initializers) and any(o in featured for o in m.output):
@@ -169,7 +131,7 @@ def _is_plumbing(node, producer: dict, inits) -> bool:
 def quantized_layers(model: onnx.ModelProto, kind: str | None = None) -> dict[str, list[tuple[str, int]]]:
     """{layer: [(node, input index)]}: the inputs of the network's nodes that read a quantized tensor
     (``kind`` "weight" or "activation": only those)."""
-    producer = {o: n for n in model.graph.node for o in n.output}
+    producer = producers(model.graph)
     inits = {t.name for t in model.graph.initializer}
     layers: dict[str, list[tuple[str, int]]] = {}
     for n in model.graph.node:
@@ -211,7 +173,7 @@ def revert_layers(model: onnx.ModelProto, layers, float_model: onnx.ModelProto |
     graph = out.graph
     wanted = set(layers)
     steps = {x for x in wanted if x.startswith("step:")}
-    producer = {o: n for n in graph.node for o in n.output}
+    producer = producers(graph)
     inits = {t.name: t for t in graph.initializer}
     original = {t.name: t for t in float_model.graph.initializer} if float_model is not None else {}
     original_inputs = {n.name: list(n.input) for n in float_model.graph.node} if float_model is not None else {}
@@ -251,28 +213,6 @@ def revert_layers(model: onnx.ModelProto, layers, float_model: onnx.ModelProto |
     graph.node.extend(nodes)
     drop_dead_nodes(out)
     return out
-
-
-def drop_dead_nodes(model: onnx.ModelProto) -> None:
-    """Removes nodes whose outputs nobody reads, then initializers nobody reads."""
-    graph = model.graph
-    outputs = {o.name for o in graph.output}
-    while True:
-        used = {i for n in graph.node for i in n.input} | outputs
-        keep = [n for n in graph.node if any(o in used for o in n.output)]
-        if len(keep) == len(graph.node):
-            break
-        del graph.node[:]
-        graph.node.extend(keep)
-    drop_unused_initializers(model)
-
-
-def drop_unused_initializers(model: onnx.ModelProto) -> None:
-    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-    keep = [t for t in model.graph.initializer if t.name in used]
-    if len(keep) != len(model.graph.initializer):
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(keep)
 
 
 # ----------------------------------------------------------------------------- the sensitivity search

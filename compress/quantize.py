@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import heapq
 import json
 import math
 import os
@@ -62,9 +61,10 @@ from onnx import helper, numpy_helper
 
 from compress.errors import UserError
 from compress.outputs import sha256_of
-from compress.precision import (DECODER_SCOPE, STEP_PREFIX, WEIGHTED_OPS, drop_dead_nodes, drop_unused_initializers, inside_network,
-                                module_path, structural_float_nodes, summarize_layers)
+from compress.precision import WEIGHTED_OPS, structural_float_nodes, summarize_layers
 from compress.section_config import SectionConfig
+from export.onnx_graph import (DECODER_SCOPE, STEP_PREFIX, consumers, drop_dead_nodes, drop_unused_initializers, input_uses,
+                               inside_network, module_path, producers, topological)
 from export.sidecar import PIPELINE_FILE, target_section
 from export.targets import TARGETS as EXPORT_TARGETS
 
@@ -516,18 +516,14 @@ def quantize_conv_outputs(model: onnx.ModelProto, items: list[dict]) -> int:
     import onnxruntime as ort
 
     graph = model.graph
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producer, readers = producers(graph), consumers(graph)
     outputs = {o.name for o in graph.output}
-    int8_convs = [n for n in graph.node if n.op_type == "Conv" and n.output[0] not in outputs and consumers.get(n.output[0])
+    int8_convs = [n for n in graph.node if n.op_type == "Conv" and n.output[0] not in outputs and readers.get(n.output[0])
                   and all(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in n.input[:2])]
     targets = []
     inits = {t.name: t for t in graph.initializer}
     for conv in int8_convs:
-        users = consumers[conv.output[0]]
+        users = readers[conv.output[0]]
         quantizers = [u for u in users if u.op_type == "QuantizeLinear"]
         if not quantizers:
             targets.append(conv)
@@ -543,15 +539,15 @@ def quantize_conv_outputs(model: onnx.ModelProto, items: list[dict]) -> int:
                 graph.initializer.extend([numpy_helper.from_array(scale, base + "_scale"), numpy_helper.from_array(zp, base + "_zp")])
                 quantizer.input[1], quantizer.input[2] = base + "_scale", base + "_zp"
                 for other in quantizers[1:]:
-                    for dq in consumers.get(other.output[0], []):
+                    for dq in readers.get(other.output[0], []):
                         dq.input[0] = quantizer.output[0]
                     graph.node.remove(other)
-                for dq in (d for q in quantizers for d in consumers.get(q.output[0], []) if d.op_type == "DequantizeLinear"):
+                for dq in (d for q in quantizers for d in readers.get(q.output[0], []) if d.op_type == "DequantizeLinear"):
                     dq.input[1], dq.input[2] = base + "_scale", base + "_zp"
-                consumers[quantizer.output[0]] = [d for q in quantizers for d in consumers.get(q.output[0], [])]
+                readers[quantizer.output[0]] = [d for q in quantizers for d in readers.get(q.output[0], [])]
                 users = [u for u in users if u not in quantizers[1:]]
         # Already quantized for some consumers: the float ones read its dequantized value too, so the conv's only consumer is a Q.
-        dq = next((d for d in consumers.get(quantizer.output[0], []) if d.op_type == "DequantizeLinear"), None)
+        dq = next((d for d in readers.get(quantizer.output[0], []) if d.op_type == "DequantizeLinear"), None)
         for user in users:
             if user.op_type != "QuantizeLinear" and dq is not None:
                 for j, i in enumerate(user.input):
@@ -581,7 +577,7 @@ def quantize_conv_outputs(model: onnx.ModelProto, items: list[dict]) -> int:
             helper.make_node("QuantizeLinear", [tensor, base + "_scale", base + "_zp"], [tensor + "_oq"], name=base + "/QuantizeLinear"),
             helper.make_node("DequantizeLinear", [tensor + "_oq", base + "_scale", base + "_zp"], [tensor + "_odq"], name=base + "/DequantizeLinear"),
         ]
-        for user in consumers[tensor]:
+        for user in readers[tensor]:
             for j, i in enumerate(user.input):
                 if i == tensor:
                     user.input[j] = tensor + "_odq"
@@ -590,35 +586,8 @@ def quantize_conv_outputs(model: onnx.ModelProto, items: list[dict]) -> int:
         nodes.append(n)
         nodes.extend(added.get(n.name, []))
     del graph.node[:]
-    graph.node.extend(_topological(nodes, {i.name for i in graph.input} | {t.name for t in graph.initializer}))
+    graph.node.extend(topological(nodes, {i.name for i in graph.input} | {t.name for t in graph.initializer}))
     return len(targets)
-
-
-def _topological(nodes: list, available: set) -> list:
-    """The nodes in an order where each comes after the producers of its inputs (stable otherwise)."""
-    available = set(available) | {""}
-    waiting: dict[str, list] = {}
-    ready, order = [], []
-    missing = {}
-    for k, n in enumerate(nodes):
-        need = {i for i in n.input if i not in available}
-        missing[k] = need
-        for i in need:
-            waiting.setdefault(i, []).append(k)
-        if not need:
-            ready.append(k)
-    heapq.heapify(ready)
-    while ready:
-        k = heapq.heappop(ready)
-        order.append(nodes[k])
-        for out in nodes[k].output:
-            for j in waiting.pop(out, []):
-                missing[j].discard(out)
-                if not missing[j]:
-                    heapq.heappush(ready, j)
-    if len(order) != len(nodes):
-        raise RuntimeError("quantized graph has a cycle or a dangling input")
-    return order
 
 
 def _is_transformer(model: onnx.ModelProto) -> bool:
@@ -634,7 +603,7 @@ def float_nodes(model: onnx.ModelProto, config: QuantizeConfig) -> dict[str, str
     configured patterns, and (elementwise=False) every add and multiply.
     """
     patterns = [re.compile(p) for p in config.ignored]
-    producer = {o: n for n in model.graph.node for o in n.output}
+    producer = producers(model.graph)
     reasons = structural_float_nodes(model) if config.default_ignored else {}
     decoder_float = config.decoder != config.scheme  # a sampler with the VAE decoder baked in: the decoder's own scheme
     for node in model.graph.node:
@@ -720,7 +689,7 @@ def split_concat_convs(model: onnx.ModelProto) -> onnx.ModelProto:
         if len(dims) == 4 and dims[1].HasField("dim_value"):
             channels[v.name] = dims[1].dim_value
     inits = {i.name: i for i in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
+    producer = producers(graph)
     made: dict[tuple, tuple[str, str]] = {}
     new_nodes = []
     for node in graph.node:
@@ -768,16 +737,13 @@ def activation_quantizers(model: onnx.ModelProto) -> list[_Quantizer]:
     """QuantizeLinear nodes on activations (not weights), each keyed by the layer inputs it feeds."""
     graph = model.graph
     inits = {i.name for i in graph.initializer}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for j, i in enumerate(n.input):
-            consumers.setdefault(i, []).append((n, j))
+    uses = input_uses(graph)
     found = []
     for q in graph.node:
         if q.op_type != "QuantizeLinear" or q.input[0] in inits:
             continue
-        dqs = [n for n, _ in consumers.get(q.output[0], []) if n.op_type == "DequantizeLinear"]
-        users = [(n, j) for dq in dqs for n, j in consumers.get(dq.output[0], [])]
+        dqs = [n for n, _ in uses.get(q.output[0], []) if n.op_type == "DequantizeLinear"]
+        users = [(n, j) for dq in dqs for n, j in uses.get(dq.output[0], [])]
         key = tuple(sorted((module_path(n.name), j) for n, j in users))
         steps = {int(m.group(1)) for n, _ in users if (m := STEP_PREFIX.match(n.name))}
         found.append(_Quantizer(q, dqs, key, min(steps) if steps else None))
@@ -1101,7 +1067,7 @@ def _requantize_int32_biases(model: onnx.ModelProto) -> int:
 
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
+    producer = producers(graph)
     changed = 0
     for node in graph.node:
         j = BIAS_INPUT.get(node.op_type)
@@ -1151,10 +1117,7 @@ def merge_duplicate_quantizers(model: onnx.ModelProto) -> int:
     gives each consumer its own DQ again when it fuses (EnsureUniqueDQForNodeUnit). Returns the pairs removed."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    readers = consumers(graph)
 
     def value(name: str) -> bytes:
         t = inits.get(name)
@@ -1163,9 +1126,9 @@ def merge_duplicate_quantizers(model: onnx.ModelProto) -> int:
     seen: dict[tuple, str] = {}  # (input, scale, zero point, attributes) -> the kept DQ's output
     renamed: dict[str, str] = {}
     for q in graph.node:
-        if q.op_type != "QuantizeLinear" or len(consumers.get(q.output[0], [])) != 1:
+        if q.op_type != "QuantizeLinear" or len(readers.get(q.output[0], [])) != 1:
             continue
-        dq = consumers[q.output[0]][0]
+        dq = readers[q.output[0]][0]
         if dq.op_type != "DequantizeLinear" or list(dq.input[1:]) != list(q.input[1:]) or any(i not in inits for i in q.input[1:]):
             continue
         key = (q.input[0], *(value(i) for i in q.input[1:]), tuple(a.SerializeToString() for a in q.attribute),

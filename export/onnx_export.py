@@ -8,16 +8,13 @@ folder inside ``out_dir`` and renamed into place at the end, so a failure leaves
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 import warnings
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 from torch import nn
@@ -28,6 +25,7 @@ from compress.errors import UserError
 from compress.outputs import sha256_of
 from compress.solvers import SolverConfig
 from export.component_graphs import pipeline_graphs, write_tokenizer_json
+from export.onnx_graph import share_identical_constants, short_node_name, tensor_bytes
 from export.sampler_graph import DenoiserGraph, SamplerGraph
 from export.sidecar import (
     BATCH,
@@ -144,11 +142,11 @@ def _write_artifact(graph: nn.Module, kind: str, sidecar: dict, stage: Path, bat
     path = stage / sidecar["file"]
     model = _trace(graph, graph.output_names, stage / f".{kind}.traced.onnx", batch_size, opset)
     model = _simplify(model)
-    _share_identical_constants(model)
+    share_identical_constants(model)
     _check_interface(model, graph.input_names, graph.output_names, kind)
     _shorten_names(model)
     weight_bytes = sum(p.numel() * p.element_size() for p in graph.parameters())
-    constant_bytes = sum(_tensor_bytes(t) for t in model.graph.initializer)
+    constant_bytes = sum(tensor_bytes(t) for t in model.graph.initializer)
     if kind == "sampler":
         _check_weights_stored_once(constant_bytes, weight_bytes)
     model.producer_name, model.producer_version = "diffusion-compress", "0.1.0"
@@ -203,34 +201,6 @@ def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     return simplified
 
 
-def _share_identical_constants(model: onnx.ModelProto) -> None:
-    """Keeps one copy of each distinct constant.
-
-    Tracing folds a transposed Linear weight once per unrolled step, and onnxslim only ties
-    constants below 1000 elements: without this, every attention weight is stored once per step.
-    """
-    graph = model.graph
-    first: dict[tuple, str] = {}
-    replaced: dict[str, str] = {}
-    unique = []
-    for tensor in graph.initializer:
-        data = onnx.numpy_helper.to_array(tensor)
-        key = (tensor.data_type, tuple(tensor.dims), hashlib.sha256(data.tobytes()).digest())
-        if key in first:
-            replaced[tensor.name] = first[key]
-        else:
-            first[key] = tensor.name
-            unique.append(tensor)
-    if not replaced:
-        return
-    del graph.initializer[:]
-    graph.initializer.extend(unique)
-    for node in graph.node:
-        for j, name in enumerate(node.input):
-            if name in replaced:
-                node.input[j] = replaced[name]
-
-
 def _check_interface(model: onnx.ModelProto, inputs: list[str], outputs: list[str], kind: str) -> None:
     found_inputs = [i.name for i in model.graph.input]
     found_outputs = [o.name for o in model.graph.output]
@@ -245,18 +215,6 @@ def _check_weights_stored_once(constant_bytes: int, weight_bytes: int) -> None:
             f"sampler.onnx holds {constant_bytes / 1e6:.2f} MB of constants for {weight_bytes / 1e6:.2f} MB of weights: "
             "the weights are not shared across the unrolled steps"
         )
-
-
-_STEP_SCOPE = re.compile(r"^/?steps\.(\d+)/")
-
-
-def _short_node_name(name: str) -> str:
-    """'/steps.3/network/unet/conv_in/Conv' -> 's3/unet/conv_in/Conv': the step and the module path, nothing else."""
-    name = _STEP_SCOPE.sub(r"s\1/", name)
-    # The network's own top-level ops (a torch.cat in its forward) keep a scope, 'net/', to tell them
-    # from the solver's arithmetic around the network.
-    name = re.sub(r"(^|/)network/(?=[A-Z])", r"\1net/", name, count=1)
-    return name.replace("network/", "", 1).lstrip("/")
 
 
 def _shorten_names(model: onnx.ModelProto) -> None:
@@ -277,7 +235,7 @@ def _shorten_names(model: onnx.ModelProto) -> None:
             if out and out not in keep:
                 renamed[out] = f"t{i}" if j == 0 else f"t{i}_{j}"
                 node.output[j] = renamed[out]
-        name = _short_node_name(node.name) if node.name else f"{node.op_type}_{i}"
+        name = short_node_name(node.name) if node.name else f"{node.op_type}_{i}"
         if name in used_names:
             name = f"{name}_{i}"
         used_names.add(name)
@@ -286,10 +244,6 @@ def _shorten_names(model: onnx.ModelProto) -> None:
         for j, inp in enumerate(node.input):
             if inp in renamed:
                 node.input[j] = renamed[inp]
-
-
-def _tensor_bytes(tensor: onnx.TensorProto) -> int:
-    return int(np.prod(tensor.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
 
 
 def _save(model: onnx.ModelProto, path: Path, constant_bytes: int) -> str | None:

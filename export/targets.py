@@ -16,6 +16,7 @@ import difflib
 from dataclasses import asdict, dataclass, replace
 
 from compress.errors import UserError
+from export.onnx_graph import input_uses
 
 DEFAULT_STATIC_BATCH = 1
 
@@ -120,10 +121,7 @@ def read_qdq_layout(model) -> dict:
 
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for j, i in enumerate(n.input):
-            consumers.setdefault(i, []).append((n, j))
+    uses = input_uses(graph)
     qdq = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     dq_outputs = {n.output[0] for n in qdq if n.op_type == "DequantizeLinear"}
 
@@ -155,7 +153,7 @@ def read_qdq_layout(model) -> dict:
         if n.op_type != "DequantizeLinear" or n.input[0] not in inits:
             continue
         roles = set()
-        for user, j in consumers.get(n.output[0], []):
+        for user, j in uses.get(n.output[0], []):
             if WEIGHT_INPUT.get(user.op_type) == j or (user.op_type == "MatMul" and j == 0):
                 roles.add(("weight", user.op_type))
             elif BIAS_INPUT.get(user.op_type) == j:

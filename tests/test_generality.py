@@ -9,10 +9,11 @@ import onnxruntime as ort
 import pytest
 
 from calibration import CalibrationConfig, calibrate
-from compress.precision import layer_of, psnr_against, quantized_layers, revert_layers, structural_float_nodes
+from compress.precision import psnr_against, quantized_layers, quantized_steps, revert_layers, structural_float_nodes
 from compress.quantize import QuantizeConfig, missed_targets, quantize_, split_concat_convs
 from compress.solvers import SolverConfig
 from export.onnx_export import export_onnx
+from export.onnx_graph import input_uses, layer_of, step_unit
 from tests.architectures import FAMILY, build
 from tests.conftest import assert_one_line_error
 
@@ -96,6 +97,29 @@ def test_reverting_every_layer_restores_the_float_sampler(exported):
     assert psnr_against(reference, out, 2.0) > 60  # float16 weights: far above any int8 figure
     int8 = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"]).run(["sample"], {"noise": noise})[0]
     assert psnr_against(reference, int8, 2.0) < psnr_against(reference, out, 2.0) - 10
+
+
+def test_a_step_goes_back_to_float_activations_over_the_int8_weights_every_step_shares(exported, tmp_path):
+    _, folder, calib = exported["fourier_resnet"]
+    quantize_(folder, calib, QuantizeConfig(targets=["sampler"]), out_dir=tmp_path)
+    quantized = onnx.load(str(tmp_path / "sampler.onnx"))
+    assert quantized_steps(quantized) == [f"step:{k}" for k in range(6)]
+    reverted = revert_layers(quantized, ["step:0"], split_concat_convs(onnx.load(str(folder / "sampler.onnx"))))
+
+    def steps_reading(model, kind):
+        inits = {t.name for t in model.graph.initializer}
+        producer = {o: n for n in model.graph.node for o in n.output}
+        found = set()
+        for tensor, uses in input_uses(model.graph).items():
+            dq = producer.get(tensor)
+            if dq is None or dq.op_type != "DequantizeLinear" or (dq.input[0] in inits) != (kind == "weight"):
+                continue
+            found |= {step_unit(n.name) for n, _ in uses if n.op_type not in ("QuantizeLinear", "DequantizeLinear")}
+        return found - {None}
+
+    assert steps_reading(reverted, "activation") == {f"step:{k}" for k in range(1, 6)}
+    assert "step:0" in steps_reading(reverted, "weight")  # the step still reads the shared int8 weights
+    assert sum(t.ByteSize() for t in reverted.graph.initializer) <= sum(t.ByteSize() for t in quantized.graph.initializer)
 
 
 @pytest.mark.parametrize("name", list(FAMILY))

@@ -18,7 +18,8 @@ from onnx import numpy_helper
 from calibration import CalibrationConfig, calibrate, save_calibration
 from compress.denoiser import Denoiser, DiffusersUNet
 from compress.errors import UserError
-from compress.quantize import QuantizeConfig, activation_quantizers, distinct_step_scales, module_path, per_step_scales, quantize_
+from compress.quantize import QuantizeConfig, activation_quantizers, distinct_step_scales, per_step_scales, quantize_
+from export.onnx_graph import module_path
 from compress.schedule import NoiseSchedule
 from compress.solvers import SolverConfig
 from export.onnx_export import export_onnx
@@ -84,6 +85,18 @@ def test_per_step_sampler_has_its_own_scales_in_every_step(per_step):
     assert distinct_step_scales(model) >= 0.9 * len(scales)
     assert per_step["sampler"]["granularity"] == "per-step"
     assert per_step["sampler"]["layers_with_per_step_scales"] == distinct_step_scales(model)
+
+
+def test_a_tensor_is_quantized_once_per_scale(per_step):
+    """NNCF quantizes a tensor once per consumer; copies with the same scale and zero point are merged."""
+    model = onnx.load(per_step["sampler"]["path"])
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    seen = set()
+    for q in (n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits):
+        key = (q.input[0], inits[q.input[1]].tobytes(), inits[q.input[2]].tobytes())
+        assert key not in seen, f"{q.input[0]} is quantized twice with the same scale"
+        seen.add(key)
+    assert len(seen) == per_step["sampler"]["activation_quantizers"]
 
 
 def test_only_the_network_is_quantized(per_step):

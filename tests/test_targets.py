@@ -24,7 +24,7 @@ from onnx import numpy_helper
 
 from calibration import CalibrationConfig, calibrate, save_calibration
 from compress.errors import UserError
-from compress.precision import inside_network
+from export.onnx_graph import inside_network
 from compress.quantize import QuantizeConfig, quantize_
 from compress.solvers import SolverConfig
 from export.onnx_export import export_onnx
