@@ -65,13 +65,15 @@ def _load(reference: str, flags: ScheduleFlags) -> Denoiser | Pipeline:
     if not sep or scheme not in SCHEMES or not rest:
         raise UserError(f"bad model reference {reference!r}: expected zoo:NAME, diffusers:PATH, python:module:factory or a model folder written by compress")
     if scheme == "zoo":
-        from compress.zoo import ZOO, load_denoiser
+        from compress.zoo import DATA, ZOO, load_denoiser
 
         if rest in ZOO and ZOO[rest].kind == "pipeline":
             from compress.text_to_image import load_pipeline_folder
             from compress.zoo import pipeline_folder
 
-            return load_pipeline_folder(pipeline_folder(rest), source=reference, name=rest)
+            pipeline = load_pipeline_folder(pipeline_folder(rest), source=reference, name=rest)
+            pipeline.denoiser.extra["data"] = DATA
+            return pipeline
         return load_denoiser(rest)
     if scheme == "diffusers":
         return _load_diffusers(rest, flags)

@@ -91,7 +91,7 @@ def validation_prompts(pipeline: Pipeline, recipe: Recipe) -> tuple[list[str], t
     if recipe.validate_.prompts:
         prompts = recipe.validate_.prompts
         return [prompts[i % len(prompts)] for i in range(n)], None
-    if pipeline.denoiser.source.startswith("zoo:"):
+    if pipeline.denoiser.extra.get("data") == "digits":
         from compress.zoo.t2i import digit_prompts
 
         return digit_prompts(n)
@@ -257,7 +257,7 @@ def _load_baseline(folder: Path, denoiser: Denoiser, text_to_image: bool = False
     from runtimes.validate import Baseline
 
     judge = held_out = None
-    if denoiser.source.startswith("zoo:") or denoiser.extra.get("zoo_family"):
+    if denoiser.extra.get("data") == "digits":
         from compress.metrics import DigitsJudge
         from compress.zoo.data import load_digits_tensors
 
@@ -300,7 +300,8 @@ def _transform(stage, config, denoiser, model_key, root, cache, manifest, recipe
         cache.done(stage, key, [folder])
     model = load_model_folder(folder)
     model.source = f"models/{name}"  # relative to the output folder, which may be moved
-    model.extra["zoo_family"] = denoiser.source.startswith("zoo:") or bool(denoiser.extra.get("zoo_family"))
+    if "data" in denoiser.extra:  # a slim student starts from an empty extra
+        model.extra.setdefault("data", denoiser.extra["data"])
     for path in sorted(folder.iterdir()):
         manifest.add(path, path.suffix.lstrip("."), stage, recipe.section(stage))
     return model, model_hash(model.module)

@@ -75,3 +75,16 @@ def test_same_seed_same_picture(tmp_path, cli):
 def test_label_on_unconditional_model_exits_2(tmp_path, cli):
     assert_one_line_error(cli("sample", "zoo:digits", "--label", "3", "--out", tmp_path / "g.png"), "class-conditional")
     assert_one_line_error(cli("sample", "zoo:digits-cond", "--label", "12", "--steps", "2", "--out", tmp_path / "g.png"), "out of range")
+
+
+def test_every_zoo_model_names_its_data_and_a_pruned_copy_keeps_it(tmp_path):
+    """Validation picks the digits judge and prompts from ``extra["data"]``, not from a "zoo:" reference."""
+    from compress.loading import load_pipeline
+    from compress.prune import PruneConfig, prune, save_pruned
+
+    assert load_pipeline("zoo:digits-t2i").denoiser.extra["data"] == "digits"
+    digits = load_model("zoo:digits")
+    assert digits.extra["data"] == "digits" and load_model("zoo:digits-cond").extra["data"] == "digits"
+    save_pruned(prune(digits, PruneConfig(method="magnitude", ratio=0.25, finetune_steps=0)), tmp_path / "pruned")
+    reloaded = load_model(str(tmp_path / "pruned"))
+    assert reloaded.source == str(tmp_path / "pruned") and reloaded.extra["data"] == "digits"

@@ -11,6 +11,10 @@ from safetensors.torch import load_file
 from compress.errors import UserError
 
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
+# What every zoo model was trained on, in ``Denoiser.extra["data"]``: it names the judge validation
+# uses (the digits classifier's FD and prompted-digit share) and the default validation prompts, and
+# travels with pruned and slim variants, so no stage has to recognise a "zoo:" reference.
+DATA = "digits"
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,8 @@ def load_denoiser(name: str):
         module = build_digits_cond_unet(meta["config"])
         module.load_state_dict(load_file(str(path)))
         kwargs = {"conditioning": "class", "num_classes": module.num_classes}
-    return Denoiser(module.eval(), schedule, "epsilon", (1, 16, 16), name=name, source=f"zoo:{name}", extra={"training": meta.get("training")}, **kwargs)
+    return Denoiser(module.eval(), schedule, "epsilon", (1, 16, 16), name=name, source=f"zoo:{name}",
+                    extra={"training": meta.get("training"), "data": DATA}, **kwargs)
 
 
 def load_classifier():
