@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import numpy as np
 import torch
 
 from compress.errors import UserError
+from compress.outputs import staged_file
 
 SCHEMA = "diffusion-compress/calibration/1"
 HEADER_KEY = "diffusion_compress.calibration"
@@ -142,14 +141,8 @@ def save_calibration(calib: CalibrationSet, path: str | Path) -> Path:
     for name in ("negative_condition", "latents"):
         if getattr(calib, name) is not None:
             tensors[name] = getattr(calib, name)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={HEADER_KEY: json.dumps(calib.header)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with staged_file(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={HEADER_KEY: json.dumps(calib.header)})
     return path
 
 

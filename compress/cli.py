@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from compress.commands.common import ChecksFailed, load_pipeline_from_flags, model_options
-from compress.errors import UserError
+from compress.errors import UserError, user_code_error
 
 EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 1, 2, 3
 
@@ -222,6 +222,10 @@ def main(argv=None) -> int:
     except Exception as e:  # an internal error: one line unless --debug asks for the traceback
         if debug:
             raise
+        theirs = user_code_error(e)  # raised inside a python: model's own code: bad input, not our bug
+        if theirs is not None:
+            click.echo(f"error: {theirs}", err=True)
+            return EXIT_BAD_INPUT
         click.echo(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", err=True)
         return EXIT_INTERNAL
     return 0

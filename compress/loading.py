@@ -19,7 +19,7 @@ from torch import nn
 
 from compress.components import Pipeline
 from compress.denoiser import PREDICTION_TYPES, Denoiser, DiffusersTransformer, DiffusersUNet
-from compress.errors import UserError
+from compress.errors import UserError, first_line, register_user_code
 from compress.schedule import NoiseSchedule
 
 SCHEMES = ("zoo", "diffusers", "python")
@@ -165,10 +165,15 @@ def _load_python(target: str, flags: ScheduleFlags) -> Denoiser:
         raise UserError(f"bad python reference 'python:{target}': expected python:module:factory")
     if "" not in sys.path:
         sys.path.insert(0, "")  # a factory in the working directory is the common case
+    # From here on an exception raised inside this package's code (the module's forward during sampling,
+    # calibration or export) is the user's: the CLI reports it as such (compress.errors.user_code_error).
+    register_user_code(module_name, f"python:{target}")
     try:
         py_module = importlib.import_module(module_name)
     except ImportError as e:
         raise UserError(f"cannot import {module_name!r}: {e}") from None
+    except Exception as e:  # a SyntaxError or any exception at the module's top level: the user's code
+        raise UserError(f"python:{target}: importing {module_name!r} raised {first_line(e)}") from None
     factory = getattr(py_module, factory_name, None)
     if not callable(factory):
         raise UserError(f"module {module_name!r} has no callable {factory_name!r}")
@@ -177,7 +182,7 @@ def _load_python(target: str, flags: ScheduleFlags) -> Denoiser:
     except UserError:
         raise
     except Exception as e:  # the user's code failed: say so in one line, not as our internal error
-        raise UserError(f"python:{target}: the factory raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise UserError(f"python:{target}: the factory raised {first_line(e)}") from None
     if isinstance(made, Denoiser):
         made.source = made.source or f"python:{target}"
         return made

@@ -1,23 +1,45 @@
-"""The output-folder contract: written to a temporary folder, renamed into place at the end."""
+"""The output-folder contract: written to a temporary folder, renamed into place at the end.
+
+The one place for staged writes and file hashing: `staged_folder` (a whole output folder),
+`staged_files` (files that land together in a folder that may hold others), `staged_file` (one
+file), and `sha256_of` / `files_sha256` (one file, or several under their names).
+"""
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
+import tempfile
 from pathlib import Path
+from typing import Iterable
 
 from compress.errors import UserError
 
 MANIFEST = "manifest.json"
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
+def _update_with_file(digest, path: Path) -> None:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    _update_with_file(digest, path)
+    return digest.hexdigest()
+
+
+def files_sha256(files: Iterable[tuple[str, Path]]) -> str:
+    """One digest over several files: each one's name (as given), a NUL byte and its bytes, in the order given."""
+    digest = hashlib.sha256()
+    for name, path in files:
+        digest.update(name.encode() + b"\0")
+        _update_with_file(digest, path)
     return digest.hexdigest()
 
 
@@ -54,6 +76,41 @@ def staged_folder(out: Path, force: bool = False):
     shutil.rmtree(previous, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def staged_files(out_dir: str | Path, prefix: str = ".staging-"):
+    """Yields a hidden folder inside ``out_dir``; on success everything in it is renamed into ``out_dir``
+    (replacing files or folders of the same names), on any failure it is removed and ``out_dir`` is as before."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers_of_dead_processes(out_dir, prefix)
+    stage = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=out_dir))
+    try:
+        yield stage
+        for item in sorted(stage.iterdir()):
+            destination = out_dir / item.name
+            if destination.is_dir() and not destination.is_symlink():
+                shutil.rmtree(destination)
+            os.replace(item, destination)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_file(path: str | Path):
+    """Yields a temporary name beside ``path``; on success it is renamed to ``path``, on any failure removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers_of_dead_processes(path.parent, f".{path.name}.", ".partial")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def writable_file(path: str | Path, flag: str = "--out") -> Path:
     """``path`` with its folder made, or a UserError naming it: checked before the long work, not after."""
     path = Path(path)
@@ -84,6 +141,18 @@ def _remove_stale_partials(out: Path) -> None:
         pid = leftover.name.rsplit("-", 1)[-1]
         if not pid.isdigit() or int(pid) == os.getpid() or not _pid_alive(int(pid)):
             shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _remove_leftovers_of_dead_processes(folder: Path, prefix: str, suffix: str = "") -> None:
+    """The staged writes ``PREFIX<pid>...SUFFIX`` in ``folder`` of processes that no longer exist (killed
+    outright); those of live processes, and names without a process id, are left alone."""
+    for leftover in folder.glob(f"{glob.escape(prefix)}*{suffix}"):
+        digits = re.match(r"\d+", leftover.name[len(prefix):])
+        if digits and int(digits.group()) != os.getpid() and not _pid_alive(int(digits.group())):
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
 
 
 class Manifest:

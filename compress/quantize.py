@@ -60,7 +60,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from compress.errors import UserError
-from compress.outputs import sha256_of
+from compress.outputs import sha256_of, staged_files
 from compress.precision import WEIGHTED_OPS, structural_float_nodes, summarize_layers
 from compress.section_config import SectionConfig
 from export.onnx_graph import (DECODER_SCOPE, STEP_PREFIX, consumers, drop_dead_nodes, drop_unused_initializers, input_uses,
@@ -250,9 +250,7 @@ def quantize_(target, calib, config: QuantizeConfig | None = None, out_dir: str 
             if artifacts[path]["kind"] in TARGETS:
                 check_calibration_matches(calib, artifacts[path]["model"], where=f"{path.name}'s model")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".quantize-", dir=out_dir))
-    try:
+    with staged_files(out_dir, ".quantize-") as stage:
         records, plan = [], {}
         log = progress or (lambda message: None)
         for path in chosen:
@@ -262,10 +260,6 @@ def quantize_(target, calib, config: QuantizeConfig | None = None, out_dir: str 
                 records.append(_quantize_artifact(path, artifacts[path], artifacts, calib, configs[path], stage, plan, log))
         if pipeline:
             _copy_pipeline_files(target, stage, records)
-        for item in sorted(stage.iterdir()):
-            os.replace(item, out_dir / item.name)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
     for r in records:
         r["path"], r["sidecar"] = str(out_dir / r["path"]), str(out_dir / r["sidecar"])
     return records

@@ -20,14 +20,10 @@ loads, names, shapes and dtypes match the sidecar, the weights are stored once) 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
-import os
 import platform
-import shutil
-import tempfile
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -39,6 +35,7 @@ from torch import nn
 from compress.components import Pipeline
 from compress.denoiser import Denoiser
 from compress.errors import UserError
+from compress.outputs import files_sha256, staged_files
 from compress.solvers import SolverConfig
 from export.component_graphs import pipeline_graphs
 from export.sampler_graph import DenoiserGraph, SamplerGraph
@@ -133,17 +130,8 @@ def export_pipeline_coreml(
 def _write_packages(graphs: list[tuple[nn.Module, str, dict]], out_dir: Path, settings: dict) -> list[dict]:
     """Converts each (graph, kind, sidecar) in a staging folder inside ``out_dir``, then renames them all into place."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".coreml-export-", dir=out_dir))
-    try:
+    with staged_files(out_dir, ".coreml-export-") as stage:
         records = [_write_package(graph, kind, _coreml_sidecar(sidecar), stage, settings) for graph, kind, sidecar in graphs]
-        for item in sorted(stage.iterdir()):
-            destination = out_dir / item.name
-            if destination.is_dir():
-                shutil.rmtree(destination)
-            os.replace(item, destination)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
     for record in records:
         for key in ("path", "sidecar"):
             record[key] = str(out_dir / record[key])
@@ -386,10 +374,4 @@ def package_bytes(path: Path) -> int:
 
 def package_sha256(path: Path) -> str:
     """One digest for a package folder: each file's relative path and bytes, files in sorted order."""
-    digest = hashlib.sha256()
-    for file in package_files(path):
-        digest.update(file.relative_to(path).as_posix().encode() + b"\0")
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    return files_sha256((file.relative_to(path).as_posix(), file) for file in package_files(path))

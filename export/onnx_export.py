@@ -7,11 +7,7 @@ folder inside ``out_dir`` and renamed into place at the end, so a failure leaves
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -22,7 +18,7 @@ from torch import nn
 from compress.components import Pipeline
 from compress.denoiser import Denoiser
 from compress.errors import UserError
-from compress.outputs import sha256_of
+from compress.outputs import sha256_of, staged_files
 from compress.solvers import SolverConfig
 from export.component_graphs import pipeline_graphs, write_tokenizer_json
 from export.onnx_graph import share_identical_constants, short_node_name, tensor_bytes
@@ -67,7 +63,7 @@ def export_onnx(
     network = DenoiserGraph(denoiser)
     out_dir = Path(out_dir)
     extra = {"target": target_section(target)}
-    with _staged_files(out_dir) as stage:
+    with staged_files(out_dir, ".onnx-export-") as stage:
         records = [
             _write_artifact(sampler, "sampler", sampler_sidecar(sampler, "onnx", "sampler.onnx", batch_size, extra), stage, batch_size, opset),
             _write_artifact(network, "denoiser", denoiser_sidecar(network, "onnx", "denoiser.onnx", batch_size, extra), stage, batch_size, opset),
@@ -95,7 +91,7 @@ def export_pipeline_onnx(
     extra = {"target": target_section(target)}
     sampler, graphs = pipeline_graphs(pipeline, solver_config, "onnx", batch_size, guidance, output, extra=extra)
     out_dir = Path(out_dir)
-    with _staged_files(out_dir) as stage:
+    with staged_files(out_dir, ".onnx-export-") as stage:
         records = [_write_artifact(graph, kind, sidecar, stage, batch_size, opset) for graph, kind, sidecar in graphs]
         for encoder in pipeline.text_encoders:
             write_tokenizer_json(encoder, stage / encoder.tokenizer_name)
@@ -123,19 +119,6 @@ def _placed(records: list[dict], out_dir: Path) -> list[dict]:
             if record.get(key):
                 record[key] = str(out_dir / record[key])
     return records
-
-
-@contextlib.contextmanager
-def _staged_files(out_dir: Path):
-    """Yields a hidden folder inside ``out_dir``; on success its files are renamed into ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".onnx-export-", dir=out_dir))
-    try:
-        yield stage
-        for item in sorted(stage.iterdir()):
-            os.replace(item, out_dir / item.name)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
 
 
 def _write_artifact(graph: nn.Module, kind: str, sidecar: dict, stage: Path, batch_size: int | None, opset: int) -> dict:

@@ -14,14 +14,12 @@ ask for it when compiling (`INFERENCE_PRECISION_HINT`).
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from compress import outputs
 from compress.errors import UserError
+from compress.outputs import staged_files
 from export.sidecar import write_sidecar
 
 SIDECAR_SUFFIX = ".openvino.json"
@@ -41,14 +39,8 @@ def export_openvino(onnx_records: list[dict], out_dir: str | Path) -> list[dict]
     if not sources:
         raise UserError("OpenVINO export converts the ONNX models of an export, and none was given")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".openvino-export-", dir=out_dir))
-    try:
+    with staged_files(out_dir, ".openvino-export-") as stage:
         records = [_convert(ov, record, stage) for record in sources]
-        for item in sorted(stage.iterdir()):
-            os.replace(item, out_dir / item.name)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
     for record in records:
         for key in ("path", "weights", "sidecar"):
             record[key] = str(out_dir / record[key])
@@ -102,10 +94,4 @@ def _check_interface(ov, xml: Path, sidecar: dict, kind: str) -> None:
 
 def files_sha256(files: list[Path]) -> str:
     """One digest over several files (name and bytes of each, in the order given)."""
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode() + b"\0")
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    return outputs.files_sha256((path.name, path) for path in files)

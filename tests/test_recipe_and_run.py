@@ -35,12 +35,42 @@ def write_recipe(path, data):
         ({"model": "zoo:digits", "solver": {"steps": 0}}, "solver.steps"),
         ({"solver": {}}, "model: Field required"),
         ([1, 2], "YAML mapping"),
+        ({"model": {"ref": "zoo:digits", "prediction_type": "epsilom"}}, "model.prediction_type: expected one of 'epsilon'"),
+        ({"model": {"ref": "zoo:digits", "prediction_type": "epsilom"}}, "did you mean 'epsilon'"),
+        ({"model": "zoo:digits", "export": {"formats": ["onnx", "onx"]}}, "export.formats[1]"),
+        ({"model": "zoo:digits", "validate": {"samples": "many"}}, "validate.samples: expected an integer, got 'many'"),
+        ({"model": "zoo:digits", "validate": {"reference": None}}, "validate.reference: expected a mapping"),
+        ({"model": "zoo:digits", "seed": True}, "seed: expected an integer"),
     ],
 )
 def test_recipe_errors_name_the_key(data, fragment):
     with pytest.raises(UserError) as e:
         parse_recipe(data)
     assert fragment in str(e.value)
+
+
+def test_recipe_sections_are_dataclass_configs_that_round_trip():
+    from compress.section_config import SectionConfig
+
+    recipe = parse_recipe({"name": "r", "model": "zoo:digits", "solver": {"steps": 4, "guidance_scale": 2},
+                           "validate": {"reference": {"steps": 20}, "samples": 8}, "export": {"formats": ["onnx"]},
+                           "quantize": {"scheme": "w8a8"}, "bench": {"runs": 3}})
+    assert all(isinstance(getattr(recipe, name), SectionConfig) for name in ("model", "solver", "validate_", "export", "bench", "report"))
+    assert recipe.solver.guidance_scale == 2.0 and isinstance(recipe.solver.guidance_scale, float)
+    data = recipe.to_dict()
+    assert data["validate"]["reference"]["steps"] == 20 and data["model"]["ref"] == "zoo:digits" and data["quantize"] == {"scheme": "w8a8"}
+    assert parse_recipe(data) == recipe
+    assert parse_recipe(yaml.safe_load(yaml.safe_dump(data))) == recipe
+
+
+def test_transform_sections_are_checked_by_the_same_checker():
+    from compress.slim import SlimConfig
+
+    assert SlimConfig.from_dict({"lr": "1e-3"}).lr == 1e-3  # YAML reads 1e-3 as a string
+    with pytest.raises(UserError, match=r"slim\.wavelet_gating: expected true or false, got 'no'"):
+        SlimConfig.from_dict({"wavelet_gating": "no"})
+    with pytest.raises(UserError, match=r"unknown key 'slim\.widht'; did you mean 'width'"):
+        SlimConfig.from_dict({"widht": 0.5})
 
 
 def test_run_writes_the_output_contract(tmp_path, cli):
