@@ -30,8 +30,10 @@ from compress.quantize import QuantizeConfig, quantize_
 from compress.solvers import SolverConfig
 from compress.zoo.models import ddpm_cifar10_architecture
 from export.onnx_export import export_onnx
+from export.openvino_export import export_openvino
 from runtimes.bench import paired_benchmark, processor_name
 from runtimes.onnxruntime_runner import OnnxRuntimeRunner
+from runtimes.openvino_runner import OpenVINORunner
 
 RESULTS = Path(__file__).parent / "results"
 SOLVER = dict(name="dpmpp-2m", steps=8)
@@ -59,9 +61,10 @@ def latency_ms(path, feeds: dict, threads: int, repeats: int) -> dict:
 
 
 def paired_latency_ms(paths: dict, feeds: dict, threads: int, repeats: int) -> dict:
-    """Batch-1 latency of several graphs through the toolkit's own timing (`runtimes.bench`), in alternation."""
+    """Batch-1 latency of several graphs through the toolkit's own timing (`runtimes.bench`), in alternation:
+    an .onnx path on onnxruntime, an .xml path on OpenVINO (f32, as validation runs it)."""
     one = {k: (v if k == "guidance_scale" else v[:1]) for k, v in feeds.items()}
-    runners = {k: OnnxRuntimeRunner(threads=threads).load(p) for k, p in paths.items()}
+    runners = {k: (OpenVINORunner if Path(p).suffix == ".xml" else OnnxRuntimeRunner)(threads=threads).load(p) for k, p in paths.items()}
     rounds = 5
     return paired_benchmark(runners, one, rounds=rounds, runs=max(1, repeats // rounds))
 
@@ -157,13 +160,24 @@ def speed(name: str, denoiser: Denoiser, guidance: float | None, args, work: Pat
         start = time.perf_counter()
         quantize_(folder, calib, QuantizeConfig(subset_size=args.speed_calib_trajectories * 8, targets=["sampler"]), out_dir=paths["w8a8"].parent)
         log(f"{name}: quantized in {time.perf_counter() - start:.0f} s")
+    ir = {}
+    for kind, path in list(paths.items()):
+        (record,) = export_openvino([{"format": "onnx", "kind": "sampler", "path": str(path), "sidecar": str(path.with_suffix(".json"))}],
+                                    path.parent / "openvino")
+        ir[kind] = Path(record["path"])
     feeds, _ = sampler_feeds(denoiser, 1, seed=0, guidance=guidance)
     out = {"model": name, "parameters": sum(p.numel() for p in denoiser.module.parameters()), "batch": 1, "threads": args.threads}
-    latency = paired_latency_ms(paths, feeds, args.threads, args.speed_repeats)
+    latency = paired_latency_ms({**paths, **{f"openvino {k}": v for k, v in ir.items()}}, feeds, args.threads, args.speed_repeats)
     for kind, path in paths.items():
         out[kind] = {"bytes": path.stat().st_size, **latency[kind]}
+        xml = ir[kind]
+        out[f"openvino {kind}"] = {"bytes": xml.stat().st_size + xml.with_suffix(".bin").stat().st_size, "xml_bytes": xml.stat().st_size,
+                                   "bin_bytes": xml.with_suffix(".bin").stat().st_size, **latency[f"openvino {kind}"]}
     out["speedup"] = out["float32"]["median_ms"] / out["w8a8"]["median_ms"]
     out["size_ratio"] = out["w8a8"]["bytes"] / out["float32"]["bytes"]
+    f, q = out["openvino float32"], out["openvino w8a8"]
+    out["openvino"] = {"speedup": f["median_ms"] / q["median_ms"], "size_ratio": q["bytes"] / f["bytes"], "bin_ratio": q["bin_bytes"] / f["bin_bytes"],
+                       "float_xml_share": f["xml_bytes"] / f["bytes"]}
     out["goal_met"] = out["speedup"] >= GOALS["speedup"]
     log(f"{name}: float32 {out['float32']['median_ms']:.0f} ms, w8a8 {out['w8a8']['median_ms']:.0f} ms -> {out['speedup']:.2f}x, size x{out['size_ratio']:.3f}")
     return out
@@ -194,12 +208,19 @@ def markdown(results: dict) -> str:
                          f"| {r['bytes'] / 1e6:.2f} | {r['median_ms']:.1f} | {r['speedup']:.2f}x |")
         lines.append("")
     lines += ["## Speed: float32 vs W8A8 per-step sampler, batch 1", "",
-              "| model | params | float32 ms | w8a8 ms | speed-up | size ratio |", "|---|---|---|---|---|---|"]
+              "onnxruntime and OpenVINO (the IR converted from each ONNX file, compiled at f32 for a static batch as the toolkit's "
+              "runner does) timed in alternation in one run. An IR's bytes are its graph text (.xml) and its weights (.bin).", "",
+              "| model | runtime | params | float32 ms | w8a8 ms | speed-up | size ratio | IR parts |", "|---|---|---|---|---|---|---|---|"]
     for s in results["speed"]:
         if "skipped" in s:
-            lines.append(f"| {s['model']} | skipped: {s['skipped']} | | | | |")
+            lines.append(f"| {s['model']} | skipped: {s['skipped']} | | | | | | |")
             continue
-        lines.append(f"| {s['model']} | {s['parameters'] / 1e6:.1f}M | {s['float32']['median_ms']:.0f} | {s['w8a8']['median_ms']:.0f} | {s['speedup']:.2f}x | {s['size_ratio']:.3f} |")
+        lines.append(f"| {s['model']} | onnxruntime | {s['parameters'] / 1e6:.1f}M | {s['float32']['median_ms']:.0f} | {s['w8a8']['median_ms']:.0f} "
+                     f"| {s['speedup']:.2f}x | {s['size_ratio']:.3f} | - |")
+        if "openvino" in s:
+            o, f, q = s["openvino"], s["openvino float32"], s["openvino w8a8"]
+            lines.append(f"| {s['model']} | OpenVINO IR (f32 hint) | {s['parameters'] / 1e6:.1f}M | {f['median_ms']:.0f} | {q['median_ms']:.0f} "
+                         f"| {o['speedup']:.2f}x | {o['size_ratio']:.3f} | .bin {o['bin_ratio']:.3f}; .xml {f['xml_bytes'] / 1e6:.2f} -> {q['xml_bytes'] / 1e6:.2f} MB |")
     lines += ["", "Per-step: NNCF calibrates the unrolled graph from the set's trajectory starts, so each step's scales come from "
               "that step's own states whatever the timestep sampler. Shared: the denoiser is calibrated once on the set's recorded "
               "(x_t, t, cond) and its scales are written into every step, so there the timestep sampler decides the ranges.", ""]
@@ -220,6 +241,7 @@ def main() -> None:
     parser.add_argument("--speed-calib-trajectories", type=int, default=4)
     parser.add_argument("--work", default=None, help="keep the artifacts here (default: a temporary folder)")
     parser.add_argument("--skip-zoo-speed", action="store_true", help="no separate float32 vs w8a8 speed run on zoo:digits")
+    parser.add_argument("--speed-only", action="store_true", help="only the speed runs (zoo:digits when 'digits' is listed, and cifar)")
     parser.add_argument("--reuse", action="store_true", help="speed: reuse the float (and w8a8) samplers already in --work")
     args = parser.parse_args()
     args.schemes = args.schemes.split(",")
@@ -255,8 +277,9 @@ def main() -> None:
                 results["quality"].append({"model": f"zoo:{name}", "skipped": "checkpoint not trained yet"})
                 results["speed"].append({"model": f"zoo:{name}", "skipped": "checkpoint not trained yet"})
                 continue
-            results["quality"].append(zoo_quality(name, guidance, args, work, log))
-            save()
+            if not args.speed_only:
+                results["quality"].append(zoo_quality(name, guidance, args, work, log))
+                save()
             if name == "digits" and not args.skip_zoo_speed:
                 from compress.loading import load_model
 
