@@ -9,12 +9,13 @@ teacher's own samples (data-free) unless ``data`` is given.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from compress.training import EMA, FeatureRecorder, LRSchedule, TimeBudget, drop_conditions, self_samples, train_loop, training_target
 
 
 @dataclass
@@ -48,25 +49,6 @@ def feature_layers(module: nn.Module) -> list[nn.Module]:
     return []
 
 
-class FeatureRecorder:
-    """Forward hooks that keep each layer's output until `take` (features to match in distillation)."""
-
-    def __init__(self, layers):
-        self.features: list[torch.Tensor] = []
-        self.handles = [layer.register_forward_hook(self._hook) for layer in layers]
-
-    def _hook(self, module, args, output):
-        self.features.append(output[0] if isinstance(output, tuple) else output)
-
-    def take(self) -> list[torch.Tensor]:
-        out, self.features = self.features, []
-        return out
-
-    def close(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-
 class _Trainee(nn.Module):
     """The student plus the projections that map its (narrower) features onto the teacher's."""
 
@@ -93,52 +75,36 @@ def distill(student, teacher, config: DistillConfig, data: torch.Tensor | None =
     """Fine-tunes ``student.module`` in place towards ``teacher``; returns a summary of the run."""
     from accelerate import Accelerator
 
-    from compress.prune import _self_samples, training_target
-
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
-    started = time.time()
-    teacher_module = teacher.module.to(accelerator.device).eval()  # only ever run under no_grad: the caller's model stays as it was
+    started = time.perf_counter()  # the time budget counts drawing the teacher's samples too
+    device = accelerator.device
+    teacher_module = teacher.module.to(device).eval()  # only ever run under no_grad: the caller's model stays as it was
     source = "given" if data is not None else "teacher samples"
     if data is None:
         # Every process draws the same pool (same seed): no communication needed.
-        data, cond = _self_samples(teacher, config.data_samples, config.seed + 7, config.data_solver, config.data_steps)
+        data, cond = self_samples(teacher, config.data_samples, config.seed + 7, config.data_solver, config.data_steps)
     data = data.cpu()
-    module = student.module.to(accelerator.device).train()
+    module = student.module.to(device).train()
     teacher_recorder = FeatureRecorder(feature_layers(teacher_module)) if config.feature_weight > 0 else None
-    adapters = nn.ModuleList()
-    if teacher_recorder is not None:
-        probe = FeatureRecorder(feature_layers(module))
-        x = data[:2].to(accelerator.device)
-        t = torch.full((2,), teacher.schedule.num_train_timesteps // 2, dtype=torch.float32, device=accelerator.device)
-        c = None if cond is None else cond[:2].to(accelerator.device)
-        with torch.no_grad():
-            module(x, t, c)
-            teacher_module(x, t, c)
-        adapters = nn.ModuleList(_adapter(s, f) for s, f in zip(probe.take(), teacher_recorder.take())).to(accelerator.device)
-        for h in probe.handles:
-            h.remove()
+    adapters = _adapters(module, teacher_module, teacher_recorder, data, cond, teacher.schedule.num_train_timesteps, device)
     trainee = _Trainee(module, adapters)
     optimizer = torch.optim.AdamW(trainee.parameters(), lr=config.lr, weight_decay=0.0)
     trainee, optimizer = accelerator.prepare(trainee, optimizer)
-    ema = [p.detach().clone() for p in module.parameters()] if config.ema > 0 else None
+    ema = EMA(module, config.ema) if config.ema > 0 else None
     generator = torch.Generator().manual_seed(config.seed * 1000 + accelerator.process_index)
     T = teacher.schedule.num_train_timesteps
-    losses, step = [], 0
-    elapsed = agreed_seconds(accelerator, time.time() - started, config.max_seconds)
-    for step in range(1, config.steps + 1):
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * _lr_factor(_budget_used(step, config, elapsed))
+
+    def loss_at(step: int) -> torch.Tensor:
         idx = torch.randint(0, data.shape[0], (config.batch_size,), generator=generator)
         x0 = data[idx]
-        c = None if cond is None else cond[idx].to(accelerator.device)
+        c = None if cond is None else cond[idx].to(device)
         if c is not None and teacher.supports_guidance:
             # Teach the null condition too, so classifier-free guidance keeps working after pruning.
-            drop = torch.rand(c.shape[0], generator=generator) < 0.1
-            c = torch.where(drop.view(-1, *[1] * (c.dim() - 1)).to(c.device), teacher.null_condition(c.shape[0], c.device), c)
+            c = drop_conditions(c, teacher.null_condition(c.shape[0], c.device), generator)
         t = torch.randint(0, T, (config.batch_size,), generator=generator)
         eps = torch.randn(x0.shape, generator=generator)
         xt, _ = training_target(teacher, x0, eps, t)
-        xt, tf = xt.to(accelerator.device), t.float().to(accelerator.device)
+        xt, tf = xt.to(device), t.float().to(device)
         with torch.no_grad():
             target = teacher_module(xt, tf, c)
             teacher_features = teacher_recorder.take() if teacher_recorder else []
@@ -146,38 +112,29 @@ def distill(student, teacher, config: DistillConfig, data: torch.Tensor | None =
         loss = nn.functional.mse_loss(out, target)
         if features:
             loss = loss + config.feature_weight * sum(nn.functional.mse_loss(f, g) for f, g in zip(features, teacher_features)) / len(features)
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(trainee.parameters(), 1.0)
-        optimizer.step()
-        if ema is not None:
-            decay = min(config.ema, (1 + step) / (10 + step))  # short runs: a warm-up keeps EMA from lagging at the start
-            with torch.no_grad():
-                for e, p in zip(ema, module.parameters()):
-                    e.lerp_(p.detach(), 1 - decay)
-        losses.append(loss.item())
-        if step % max(1, config.steps // 10) == 0 or step == config.steps:
-            log(f"finetune {step}/{config.steps}: distillation loss {sum(losses[-50:]) / len(losses[-50:]):.4g}")
-        elapsed = agreed_seconds(accelerator, time.time() - started, config.max_seconds)
-        if config.max_seconds is not None and elapsed > config.max_seconds:
-            log(f"finetune stopped at step {step}: time budget of {config.max_seconds:.0f} s reached")
-            break
+        return loss
+
+    def report(step: int, losses: list[float]) -> None:
+        done = step + 1
+        if done % max(1, config.steps // 10) == 0 or done == config.steps:
+            log(f"finetune {done}/{config.steps}: distillation loss {sum(losses[-50:]) / len(losses[-50:]):.4g}")
+
+    result = train_loop(trainee, optimizer, loss_at, config.steps, lr_schedule(config), budget=TimeBudget(config.max_seconds, started=started),
+                        ema=ema, accelerator=accelerator, on_step=report)
+    if result.out_of_time:
+        log(f"finetune stopped at step {result.steps}: time budget of {config.max_seconds:.0f} s reached")
     if ema is not None:
-        with torch.no_grad():
-            for e, p in zip(ema, module.parameters()):
-                p.copy_(e)
+        ema.copy_to_module()
     if teacher_recorder:
-        for h in teacher_recorder.handles:
-            h.remove()
+        teacher_recorder.close()
     inner = accelerator.unwrap_model(trainee)  # under DDP the trainee is wrapped
     if inner.recorder is not None:
-        for h in inner.recorder.handles:
-            h.remove()
+        inner.recorder.close()
     student.module = inner.student.eval()
     return {
-        "steps": step,
-        "seconds": round(time.time() - started, 1),
-        "final_loss": float(sum(losses[-50:]) / max(1, len(losses[-50:]))),
+        "steps": result.steps,
+        "seconds": round(time.perf_counter() - started, 1),
+        "final_loss": float(result.mean_loss(50)),
         "processes": accelerator.num_processes,
         "ema": config.ema,
         "feature_weight": config.feature_weight,
@@ -185,36 +142,25 @@ def distill(student, teacher, config: DistillConfig, data: torch.Tensor | None =
     }
 
 
-def budget_share(step_share: float, seconds: float, max_seconds: float | None) -> float:
-    """Share of a training budget spent: the steps' share, or the time's when a time budget runs out first."""
-    return step_share if max_seconds is None else max(step_share, seconds / max_seconds)
+def lr_schedule(config: DistillConfig) -> LRSchedule:
+    """Linear warm-up over the first 5% of the budget (steps or time), then cosine down to a tenth."""
+    return LRSchedule(config.lr, warmup_share=0.05, floor=0.1)
 
 
-def agreed_seconds(accelerator, seconds: float, budget: float | None) -> float:
-    """Process 0's elapsed time, on every process; 0 without a time ``budget`` (nothing reads it then).
-
-    A time budget read off each process's own clock can stop them at different steps, and the
-    ones still training then wait in the next gradient all-reduce for good.
-    """
-    if budget is None:
-        return 0.0  # and no collective per step
-    if accelerator.num_processes == 1:
-        return seconds
-    from accelerate.utils import broadcast
-
-    return float(broadcast(torch.tensor([seconds], device=accelerator.device), from_process=0).item())
-
-
-def _budget_used(step: int, config: DistillConfig, seconds: float) -> float:
-    return min(1.0, budget_share((step - 1) / config.steps, seconds, config.max_seconds))
-
-
-def _lr_factor(done: float) -> float:
-    """Linear warm-up over the first 5% of the budget, then cosine down to a tenth."""
-    warmup = 0.05
-    if done < warmup:
-        return max(done, 0.005) / warmup
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (done - warmup) / (1 - warmup)))
+def _adapters(module, teacher_module, teacher_recorder, data, cond, num_train_timesteps: int, device) -> nn.ModuleList:
+    """One projection per matched feature, sized by a probe of both networks at mid-schedule (none without feature matching)."""
+    if teacher_recorder is None:
+        return nn.ModuleList()
+    probe = FeatureRecorder(feature_layers(module))
+    x = data[:2].to(device)
+    t = torch.full((2,), num_train_timesteps // 2, dtype=torch.float32, device=device)
+    c = None if cond is None else cond[:2].to(device)
+    with torch.no_grad():
+        module(x, t, c)
+        teacher_module(x, t, c)
+    adapters = nn.ModuleList(_adapter(s, f) for s, f in zip(probe.take(), teacher_recorder.take())).to(device)
+    probe.close()
+    return adapters
 
 
 def parameter_checksum(module: nn.Module) -> str:

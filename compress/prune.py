@@ -35,6 +35,7 @@ from torch import nn
 
 from compress.errors import UserError
 from compress.section_config import SectionConfig
+from compress.training import self_samples, training_target
 
 METHODS = ("magnitude", "taylor", "mask")
 WRAPPERS = ("diffusers-unet", "class-token-unet", "diffusers-transformer")
@@ -418,36 +419,11 @@ def diff_pruning_timesteps(loss_at: Callable[[int], float], timesteps, threshold
     return used
 
 
-def _self_samples(denoiser, count: int, seed: int, solver: str = "dpmpp-2m", steps: int = 20):
-    """Samples of the model itself: data-free stand-ins for its training set."""
-    from compress.sampling import make_noise, sample
-    from compress.solvers import SolverConfig
-
-    cond = _conditions(denoiser, count, seed)
-    x0 = sample(denoiser, SolverConfig(solver, steps), make_noise(denoiser, count, seed + 1), cond, device=denoiser.device, show_progress=False)
-    return x0, cond
-
-
-def _conditions(denoiser, count: int, seed: int):
-    from compress.denoiser import draw_conditions
-
-    return draw_conditions(denoiser, count, torch.Generator().manual_seed(seed))
-
-
-def training_target(denoiser, x0, eps, t):
-    """What the network should output at x_t for the model's prediction type."""
-    a = torch.as_tensor(denoiser.schedule.alpha(t.numpy()), dtype=torch.float32).view(-1, 1, 1, 1)
-    s = torch.as_tensor(denoiser.schedule.sigma(t.numpy()), dtype=torch.float32).view(-1, 1, 1, 1)
-    xt = a * x0 + s * eps
-    target = {"epsilon": eps, "v_prediction": a * eps - s * x0, "sample": x0}[denoiser.prediction_type]
-    return xt, target
-
-
 def accumulate_taylor_gradients(denoiser, config: PruneConfig, log=lambda m: None) -> list[int]:
     """Accumulates dL/dw in ``.grad`` over Diff-Pruning's timesteps; returns the timesteps used."""
     module = denoiser.module
     device = denoiser.device
-    x0, cond = _self_samples(denoiser, config.taylor_samples, config.seed, config.data_solver, config.data_steps)
+    x0, cond = self_samples(denoiser, config.taylor_samples, config.seed, config.data_solver, config.data_steps)
     T = denoiser.schedule.num_train_timesteps
     stride = max(1, T // config.taylor_steps)
     generator = torch.Generator().manual_seed(config.seed + 2)

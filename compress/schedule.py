@@ -73,10 +73,17 @@ class NoiseSchedule:
     def sigma(self, t) -> np.ndarray:
         return np.sqrt(1.0 - self.alphas_cumprod[np.asarray(t, dtype=np.int64)])
 
+    def alpha_sigma(self, t: torch.Tensor, dims: int = 4, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """alpha_t and sigma_t per sample as float32 tensors that broadcast over a batch of ``dims`` dimensions.
+
+        Taken in float32 from float32 levels, as diffusers' add_noise takes them: what training used."""
+        acp = torch.as_tensor(self.alphas_cumprod, dtype=torch.float32, device=device)[t]
+        shape = (-1,) + (1,) * (dims - 1)
+        return acp.sqrt().view(shape), (1 - acp).sqrt().view(shape)
+
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        acp = torch.as_tensor(self.alphas_cumprod, dtype=torch.float32, device=x0.device)[t]
-        shape = (-1,) + (1,) * (x0.dim() - 1)
-        return acp.sqrt().view(shape) * x0 + (1 - acp).sqrt().view(shape) * noise
+        alpha, sigma = self.alpha_sigma(t, x0.dim(), x0.device)
+        return alpha * x0 + sigma * noise
 
     def fingerprint(self) -> str:
         """Short stable id of the schedule, stored with artifacts and calibration sets."""

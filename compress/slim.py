@@ -12,7 +12,6 @@ the student is built from the teacher's architecture config, and those have none
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass
@@ -25,9 +24,10 @@ from torch import nn
 from compress.denoiser import ClassTokenUNet, Denoiser, DiffusersUNet, draw_conditions
 from compress.errors import UserError
 from compress.section_config import SectionConfig
+from compress.solvers import convert_prediction
+from compress.training import EMA, FeatureRecorder, LRSchedule, TimeBudget, drop_conditions, self_samples, train_loop, training_target
 
 DATA_SOURCES = ("auto", "digits", "teacher")
-LABEL_DROPOUT = 0.1  # as the zoo's conditional training: keeps the null label meaningful for guidance
 
 
 @dataclass
@@ -238,8 +238,6 @@ def network_cost(denoiser: Denoiser) -> dict:
 
 def feature_tap(unet: nn.Module):
     """Hooks on the UNet's down, mid and up blocks: the multi-scale features to match."""
-    from compress.distill import FeatureRecorder
-
     return FeatureRecorder(list(unet.down_blocks) + ([unet.mid_block] if unet.mid_block is not None else []) + list(unet.up_blocks))
 
 
@@ -256,51 +254,12 @@ def _training_data(teacher: Denoiser, config: SlimConfig) -> tuple[torch.Tensor,
         images, labels = load_digits_tensors("train")
         return images, (labels if teacher.conditioning == "class" else None), "digits"
     # No training set travels with a model: draw x0 from the teacher itself (data-free distillation).
-    from compress.sampling import make_noise, sample
-    from compress.solvers import SolverConfig
-
-    n = config.teacher_samples
-    gen = torch.Generator().manual_seed(config.seed + 1)
-    labels = torch.randint(0, teacher.num_classes, (n,), generator=gen) if teacher.conditioning == "class" else None
-    cond = labels if labels is not None else (draw_conditions(teacher, n, gen) if teacher.conditioning == "text" else None)
-    images = sample(teacher, SolverConfig("ddim", config.teacher_sample_steps), make_noise(teacher, n, config.seed + 2),
-                    cond, device="cpu", show_progress=False)
+    images, cond = self_samples(teacher, config.teacher_samples, config.seed + 1, "ddim", config.teacher_sample_steps, device="cpu")
     if teacher.space == "pixels":  # latents have no data range to clamp to
         images = images.clamp(*teacher.data_range)
+    # Text conditions are drawn afresh for every batch; only class labels stay paired with their images.
+    labels = cond if teacher.conditioning == "class" else None
     return images, labels, f"teacher ddim-{config.teacher_sample_steps}"
-
-
-def _alpha_sigma(schedule, t) -> tuple[torch.Tensor, torch.Tensor]:
-    acp = torch.as_tensor(schedule.alphas_cumprod, dtype=torch.float32)[t].view(-1, 1, 1, 1)
-    return acp.sqrt(), (1 - acp).sqrt()
-
-
-def _target(prediction_type: str, x0, noise, alpha, sigma) -> torch.Tensor:
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "sample":
-        return x0
-    return alpha * noise - sigma * x0  # v
-
-
-def _convert(pred, from_type: str, to_type: str, xt, alpha, sigma) -> torch.Tensor:
-    """A network output in one parametrization expressed in another (the teacher's into the student's)."""
-    if from_type == to_type:
-        return pred
-    if from_type == "epsilon":
-        eps, x0 = pred, (xt - sigma * pred) / alpha
-    elif from_type == "v_prediction":
-        eps, x0 = sigma * xt + alpha * pred, alpha * xt - sigma * pred
-    else:
-        eps, x0 = (xt - alpha * pred) / sigma, pred
-    return _target(to_type, x0, eps, alpha, sigma)
-
-
-def _lr_at(step: int, done: float, peak: float, warmup: int) -> float:
-    """Linear warm-up over ``warmup`` steps, then a cosine over the share of the budget ``done``."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
 
 
 # ----------------------------------------------------------------------------- distillation
@@ -312,11 +271,6 @@ def slim(teacher: Denoiser, config: SlimConfig | None = None, progress: Callable
     The student's ``extra["slim"]`` records width, gating, MACs and parameters of both networks,
     the loss curve and the wall time.
     """
-    from accelerate import Accelerator
-
-    from compress.distill import agreed_seconds
-    from compress.spectral_loss import SpectralDistillationLoss, noise_level_weights
-
     config = (config or SlimConfig()).validate()
     teacher_unet, _ = _teacher_unet(teacher)
     student = build_student(teacher, config)
@@ -329,89 +283,14 @@ def slim(teacher: Denoiser, config: SlimConfig | None = None, progress: Callable
     # Frozen while it teaches; the caller's flags come back afterwards (the teacher may be pruned or tuned next).
     grad_flags = [p.requires_grad for p in teacher_module.parameters()]
     teacher_module.requires_grad_(False)
-    t_tap, s_tap = feature_tap(teacher_unet), feature_tap(student_unet)
+    taps = feature_tap(teacher_unet), feature_tap(student_unet)
     try:
-        with torch.no_grad():
-            probe = _probe_inputs(teacher)
-            teacher_module(*probe)
-            student.module.eval()(*probe)
-        widths_t = [f.shape[1] for f in t_tap.take()]
-        widths_s = [f.shape[1] for f in s_tap.take()]
-        criterion = SpectralDistillationLoss(widths_s, widths_t, config.lambda_feature, config.lambda_freq, config.alpha)
-        student.module.train()
-        ema = copy.deepcopy(student.module).requires_grad_(False) if config.ema else None
-        optimizer = torch.optim.AdamW(list(student.module.parameters()) + list(criterion.parameters()), lr=config.lr, weight_decay=0.0)
-
-        accelerator = Accelerator(cpu=not torch.cuda.is_available())
-        module, criterion, optimizer = accelerator.prepare(student.module, criterion, optimizer)
-        device = accelerator.device
-        teacher_module.to(device)
-        if ema is not None:
-            ema.to(device)
-
-        gen = torch.Generator().manual_seed(config.seed)
-        T = teacher.schedule.num_train_timesteps
-        t_weights = noise_level_weights(teacher.schedule.alphas_cumprod, config.high_noise_weight)
-        want_features = config.lambda_feature > 0
-        curve, window = [], {}
-        steps = range(config.steps)
-        clock = time.process_time if config.budget_clock == "cpu" else time.perf_counter
-        loop_start = clock()
-        for step in (progress(steps, description=f"slim width {config.width:g}") if progress else steps):
-            done = _budget_used(step, config, agreed_seconds(accelerator, clock() - loop_start, config.max_minutes))
-            if done >= 1.0:
-                break  # out of time: the cosine has already reached zero
-            idx = torch.randint(0, len(images), (config.batch_size,), generator=gen)
-            x0 = images[idx]
-            noise = torch.randn(x0.shape, generator=gen)
-            t = torch.randint(0, T, (config.batch_size,), generator=gen)  # uniform, as in DDPM training
-            xt = teacher.schedule.add_noise(x0, noise, t)
-            cond = _training_condition(teacher, labels, idx, gen)
-            alpha, sigma = _alpha_sigma(teacher.schedule, t)
-            target = _target(student.prediction_type, x0, noise, alpha, sigma)
-            x0, xt, target, tf = x0.to(device), xt.to(device), target.to(device), t.float().to(device)
-            alpha, sigma = alpha.to(device), sigma.to(device)
-            cond = cond.to(device) if cond is not None else None
-
-            with torch.no_grad():
-                t_tap.take()
-                teacher_pred = _convert(teacher_module(xt, tf, cond), teacher.prediction_type, student.prediction_type, xt, alpha, sigma)
-                teacher_features = t_tap.take()
-            s_tap.take()
-            student_pred = module(xt, tf, cond)
-            student_features = s_tap.take()
-            terms = criterion(student_pred, teacher_pred, target, x0,
-                              student_features if want_features else (), teacher_features if want_features else (),
-                              sample_weights=t_weights[t].to(device))
-            for group in optimizer.param_groups:
-                group["lr"] = _lr_at(step, done, config.lr, config.warmup)
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(terms["total"])
-            accelerator.clip_grad_norm_(module.parameters(), 1.0)
-            optimizer.step()
-            if ema is not None:
-                with torch.no_grad():
-                    decay = min(config.ema, (1 + step) / (10 + step))
-                    for e, p in zip(ema.parameters(), accelerator.unwrap_model(module).parameters()):
-                        e.lerp_(p, 1 - decay)
-            for k, v in terms.items():
-                window.setdefault(k, []).append(float(v.detach()))
-            if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-                curve.append({"step": step + 1, **{k: sum(v) / len(v) for k, v in window.items()}})
-                window = {}
-        if window:
-            curve.append({"step": step, **{k: sum(v) / len(v) for k, v in window.items()}})
-        steps_done = curve[-1]["step"] if curve else 0
+        curve = _distil(student, teacher, config, images, labels, taps, progress)
     finally:
-        t_tap.close()
-        s_tap.close()
+        for tap in taps:
+            tap.close()
         for p, flag in zip(teacher_module.parameters(), grad_flags):
             p.requires_grad_(flag)
-
-    trained = accelerator.unwrap_model(module)
-    if ema is not None:
-        trained.load_state_dict(ema.state_dict())
-    student.module = trained.cpu().eval()
     student.extra = {"slim": {
         "teacher": teacher.source or teacher.name,
         "width": config.width,
@@ -425,7 +304,7 @@ def slim(teacher: Denoiser, config: SlimConfig | None = None, progress: Callable
         "params_student": student_cost["parameters"],
         "mac_reduction": round(teacher_cost["macs"] / student_cost["macs"], 3),
         "data": data_source,
-        "steps": steps_done,
+        "steps": curve[-1]["step"] if curve else 0,
         "train_seconds": round(time.perf_counter() - start, 1),
         "train_cpu_seconds": round(time.process_time() - cpu_start, 1),
         "threads": torch.get_num_threads(),
@@ -437,25 +316,89 @@ def slim(teacher: Denoiser, config: SlimConfig | None = None, progress: Callable
     return student
 
 
-def _budget_used(step: int, config: SlimConfig, seconds: float) -> float:
-    """Share of the budget spent before ``step`` (warm-up steps excluded)."""
-    from compress.distill import budget_share
+def _distil(student: Denoiser, teacher: Denoiser, config: SlimConfig, images, labels, taps, progress) -> list[dict]:
+    """Trains ``student.module`` towards the (frozen) teacher; returns the loss curve, each term averaged per ``log_every`` steps."""
+    from accelerate import Accelerator
 
-    steps = (step - config.warmup) / max(1, config.steps - config.warmup) if step >= config.warmup else 0.0
-    return budget_share(steps, seconds, None if config.max_minutes is None else 60 * config.max_minutes)
+    from compress.spectral_loss import SpectralDistillationLoss, noise_level_weights
+
+    t_tap, s_tap = taps
+    teacher_module = teacher.module
+    with torch.no_grad():
+        probe = _probe_inputs(teacher)
+        teacher_module(*probe)
+        student.module.eval()(*probe)
+    widths_t = [f.shape[1] for f in t_tap.take()]
+    widths_s = [f.shape[1] for f in s_tap.take()]
+    criterion = SpectralDistillationLoss(widths_s, widths_t, config.lambda_feature, config.lambda_freq, config.alpha)
+    student.module.train()
+    optimizer = torch.optim.AdamW(list(student.module.parameters()) + list(criterion.parameters()), lr=config.lr, weight_decay=0.0)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    module, criterion, optimizer = accelerator.prepare(student.module, criterion, optimizer)
+    device = accelerator.device
+    teacher_module.to(device)
+    ema = EMA(accelerator.unwrap_model(module), config.ema) if config.ema else None
+
+    gen = torch.Generator().manual_seed(config.seed)
+    T = teacher.schedule.num_train_timesteps
+    t_weights = noise_level_weights(teacher.schedule.alphas_cumprod, config.high_noise_weight)
+    want_features = config.lambda_feature > 0
+    curve, window = [], {}
+
+    def loss_at(step: int) -> torch.Tensor:
+        idx = torch.randint(0, len(images), (config.batch_size,), generator=gen)
+        x0 = images[idx]
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, T, (config.batch_size,), generator=gen)  # uniform, as in DDPM training
+        cond = _training_condition(teacher, labels, idx, gen)
+        xt, target = training_target(student, x0, noise, t)
+        alpha, sigma = (v.to(device) for v in teacher.schedule.alpha_sigma(t))
+        x0, xt, target, tf = x0.to(device), xt.to(device), target.to(device), t.float().to(device)
+        cond = cond.to(device) if cond is not None else None
+        with torch.no_grad():
+            t_tap.take()
+            teacher_pred = convert_prediction(teacher_module(xt, tf, cond), teacher.prediction_type, student.prediction_type, xt, alpha, sigma)
+            teacher_features = t_tap.take()
+        s_tap.take()
+        student_pred = module(xt, tf, cond)
+        student_features = s_tap.take()
+        terms = criterion(student_pred, teacher_pred, target, x0,
+                          student_features if want_features else (), teacher_features if want_features else (),
+                          sample_weights=t_weights[t].to(device))
+        for k, v in terms.items():
+            window.setdefault(k, []).append(float(v.detach()))
+        return terms["total"]
+
+    def record(step: int, losses: list[float]) -> None:
+        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+            curve.append({"step": step + 1, **_window_means(window)})
+
+    clock = time.process_time if config.budget_clock == "cpu" else time.perf_counter
+    budget = TimeBudget(None if config.max_minutes is None else 60 * config.max_minutes, clock)
+    result = train_loop(module, optimizer, loss_at, config.steps, LRSchedule(config.lr, warmup_steps=config.warmup), budget=budget,
+                        ema=ema, accelerator=accelerator, progress=progress, description=f"slim width {config.width:g}", on_step=record)
+    if window:  # stopped by the time budget between two points of the curve
+        curve.append({"step": result.steps, **_window_means(window)})
+    if ema is not None:
+        ema.copy_to_module()
+    student.module = accelerator.unwrap_model(module).cpu().eval()
+    return curve
+
+
+def _window_means(window: dict[str, list[float]]) -> dict[str, float]:
+    """Each loss term's mean over the steps since the last point of the curve; empties the window."""
+    means = {k: sum(v) / len(v) for k, v in window.items()}
+    window.clear()
+    return means
 
 
 def _training_condition(teacher: Denoiser, labels, idx, gen) -> torch.Tensor | None:
     if teacher.conditioning == "class":
-        y = labels[idx]
-        if teacher.has_null_condition:
-            drop = torch.rand(len(idx), generator=gen) < LABEL_DROPOUT
-            y = torch.where(drop, torch.full_like(y, teacher.num_classes), y)
-        return y
-    if teacher.conditioning == "text":
-        tokens = draw_conditions(teacher, len(idx), gen)
-        if teacher.has_null_condition:
-            drop = (torch.rand(len(idx), generator=gen) < LABEL_DROPOUT).view(-1, 1, 1)
-            tokens = torch.where(drop, torch.zeros_like(tokens), tokens)
-        return tokens
-    return None
+        cond = labels[idx]
+    elif teacher.conditioning == "text":
+        cond = draw_conditions(teacher, len(idx), gen)
+    else:
+        return None
+    if teacher.has_null_condition:
+        cond = drop_conditions(cond, teacher.null_condition(len(idx)), gen)
+    return cond

@@ -233,15 +233,40 @@ class Predictor:
         return self.at(x, self.plan.timesteps[i], self.plan.alpha[i], self.plan.sigma[i])
 
     def at(self, x, t, alpha, sigma):
-        out = self.network(x, float(t))
-        a, s = float(alpha), float(sigma)
-        if self.prediction_type == "epsilon":
-            return (x - s * out) / a, out
-        if self.prediction_type == "v_prediction":
-            return a * x - s * out, s * x + a * out
-        if self.prediction_type == "sample":
-            return out, (x - a * out) / s
-        raise UserError(f"unknown prediction type {self.prediction_type!r}")
+        return split_prediction(self.prediction_type, self.network(x, float(t)), x, float(alpha), float(sigma))
+
+
+# The conversions between parametrizations, for x = alpha * x0 + sigma * eps. alpha and sigma are floats
+# (a solver step) or tensors that broadcast per sample (training batches).
+
+
+def split_prediction(prediction_type: str, out, x, alpha, sigma):
+    """(x0, eps) from a network output ``out`` at ``x``."""
+    if prediction_type == "epsilon":
+        return (x - sigma * out) / alpha, out
+    if prediction_type == "v_prediction":
+        return alpha * x - sigma * out, sigma * x + alpha * out
+    if prediction_type == "sample":
+        return out, (x - alpha * out) / sigma
+    raise UserError(f"unknown prediction type {prediction_type!r}")
+
+
+def prediction_target(prediction_type: str, x0, eps, alpha, sigma):
+    """What a network of ``prediction_type`` should output at x = alpha * x0 + sigma * eps."""
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "v_prediction":
+        return alpha * eps - sigma * x0
+    if prediction_type == "sample":
+        return x0
+    raise UserError(f"unknown prediction type {prediction_type!r}")
+
+
+def convert_prediction(out, from_type: str, to_type: str, x, alpha, sigma):
+    """A network output in one parametrization expressed in another (a teacher's in its student's)."""
+    if from_type == to_type:
+        return out
+    return prediction_target(to_type, *split_prediction(from_type, out, x, alpha, sigma), alpha, sigma)
 
 
 # An epsilon prediction becomes x0 = (x - sigma * eps) / alpha: below this alpha its error is multiplied
@@ -375,7 +400,7 @@ def _dpmpp_multistep(model, x, plan: SamplingPlan, order: int, lower_order_final
         x0, _ = model(x, i)
         x0s.append(x0)
         lams.append(plan.lam(i))
-        (a_s, s_s), (a_t, s_t) = plan.level(i), plan.end(i)
+        (_, s_s), (a_t, s_t) = plan.level(i), plan.end(i)
         h = _lam(a_t, s_t) - lams[-1]
         if h == 0:  # Karras spacing ending at sigma_min repeats its last level
             continue
@@ -447,7 +472,7 @@ def _unipc_update(x, start, target, x0s, lams, order: int, variant: str, new=Non
     correction is B(h) times a combination of divided differences of x0 whose weights solve the
     order conditions (Zhao et al. 2023, Alg. 2 and 3). x0s/lams end with the output at `start`.
     """
-    (a_s, s_s), (a_t, s_t) = start, target
+    (_, s_s), (a_t, s_t) = start, target
     h = _lam(a_t, s_t) - lams[-1]
     if h == 0:
         return x
@@ -480,6 +505,7 @@ def _unipc(model, x, plan: SamplingPlan, variant: str, order: int, lower_order_f
     _require_steps(plan, order, name)
     x = plan.start(x)
     x0s, lams = [], []
+    x_prev, p = x, 1  # the previous step's start and order: the corrector reads them from step 1 on
     for i in range(plan.steps):
         x0, _ = model(x, i)
         if i > 0 and i - 1 not in disable_corrector:
@@ -827,13 +853,13 @@ def run_table(table: SolverTable, network: Callable, noise):
     values = [noise]
     timesteps = iter(table.timesteps)
     for row, call in zip(table.weights[:-1], table.calls):
-        values.append(_combine(row, values))
+        values.append(combine_values(row, values))
         if call:
             values.append(network(values[-1], float(next(timesteps))))
-    return _combine(table.weights[-1], values)
+    return combine_values(table.weights[-1], values)
 
 
-def _combine(weights: np.ndarray, values: list):
+def combine_values(weights: np.ndarray, values: list):
     """sum(w * v) with the largest weight factored out, the way the host loop computes
     x0 = (x - sigma * out) / alpha: the terms cancel before the large scale multiplies them."""
     terms = [(float(w), v) for w, v in zip(weights, values) if w != 0.0]

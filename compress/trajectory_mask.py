@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from compress.denoiser import guided
-from compress.solvers import SolverTable, _combine, run_table
+from compress.solvers import SolverConfig, SolverTable, combine_values, run_table
+from compress.training import seeded_conditions
 
 # Hard-concrete constants (Louizos et al. 2018), as EcoDiff uses them.
 BETA, ZETA, GAMMA = 0.83, 1.1, -0.1
@@ -124,10 +125,10 @@ def run_trajectory(table: SolverTable, network, noise: torch.Tensor) -> tuple[to
     values = [noise]
     with torch.no_grad():
         for row, t in _table_rows(table):
-            values.append(_combine(row, values))
+            values.append(combine_values(row, values))
             if t is not None:
                 values.append(network(values[-1], t))
-        final = _combine(table.weights[-1], values)
+        final = combine_values(table.weights[-1], values)
     return final, values
 
 
@@ -196,9 +197,6 @@ def make_network(denoiser, cond, guidance_scale):
 
 def search_mask(denoiser, config, log=lambda m: None) -> HardConcreteGates:
     """Learns the gates on ``denoiser`` (whose weights stay frozen); returns them with their hooks removed."""
-    from compress.prune import _conditions
-    from compress.solvers import SolverConfig
-
     module = denoiser.module
     device = denoiser.device
     sites = gate_sites(module)
@@ -217,7 +215,7 @@ def search_mask(denoiser, config, log=lambda m: None) -> HardConcreteGates:
     try:
         for it in range(config.mask_iterations):
             noise = torch.randn((config.mask_batch, *denoiser.sample_shape), generator=generator).to(device)
-            cond = _conditions(denoiser, config.mask_batch, config.seed + 1000 + it)
+            cond = seeded_conditions(denoiser, config.mask_batch, config.seed + 1000 + it)
             cond = None if cond is None else cond.to(device)
             network = make_network(denoiser, cond, None)
             gates.enabled = False

@@ -249,37 +249,36 @@ def plain_cnn() -> Denoiser:
 
 def train(name: str, iterations: int | None = None, batch_size: int = 64, lr: float = 2e-3, seed: int = 0) -> dict:
     """Epsilon training on the digits (about a minute or two each on 2 cores); writes the EMA weights into WEIGHTS."""
-    import copy
     import time
 
     from safetensors.torch import save_file
 
+    from compress.training import EMA, train_loop
     from compress.zoo.data import load_digits_tensors
-    from compress.zoo.train import optimizer_step
+    from compress.zoo.train import EMA_DECAY, zoo_schedule
 
     iterations = iterations or FAMILY[name][2]
     torch.manual_seed(seed)
     denoiser = build(name, weights=False)
     model = denoiser.module.train()
-    ema = copy.deepcopy(model).requires_grad_(False)
+    ema = EMA(model, EMA_DECAY)
     images, _ = load_digits_tensors("train")
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
-    started, losses = time.time(), []
-    for step in range(iterations):
+
+    def loss_at(step: int) -> torch.Tensor:
         x0 = images[torch.randint(0, len(images), (batch_size,), generator=gen)]
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, TIMESTEPS, (batch_size,), generator=gen)
-        loss = F.mse_loss(model(denoiser.schedule.add_noise(x0, noise, t), t.float()), noise)
-        optimizer_step(model, optimizer, loss, step, iterations, lr, ema)
-        losses.append(loss.item())
-    # BatchNorm's running statistics are buffers: the EMA copy takes the trained model's.
-    for e, b in zip(ema.buffers(), model.buffers()):
-        e.copy_(b)
+        return F.mse_loss(model(denoiser.schedule.add_noise(x0, noise, t), t.float()), noise)
+
+    started = time.time()
+    result = train_loop(model, optimizer, loss_at, iterations, zoo_schedule(lr), ema=ema)
+    ema.copy_to_module()  # BatchNorm's running statistics are buffers: the model keeps its trained ones
     WEIGHTS.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(WEIGHTS / f"{name}.safetensors"))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(WEIGHTS / f"{name}.safetensors"))
     return {"name": name, "iterations": iterations, "seconds": round(time.time() - started, 1),
-            "final_loss": round(sum(losses[-100:]) / len(losses[-100:]), 4)}
+            "final_loss": round(result.mean_loss(100), 4)}
 
 
 if __name__ == "__main__":

@@ -327,7 +327,7 @@ def test_cli_prunes_into_a_model_folder_that_sample_accepts(cli, tmp_path):
 
 
 def test_finetune_distills_towards_the_original_with_ema():
-    from compress.prune import training_target
+    from compress.training import training_target
 
     denoiser = unet_denoiser()
     g = torch.Generator().manual_seed(5)
@@ -395,10 +395,10 @@ def test_two_processes_stop_together_on_a_time_budget(tmp_path):
 
 def test_finetune_schedule_follows_a_time_budget_when_it_runs_out_first():
     """A benchmark gives many steps and a time budget: warm-up and cosine decay must then run on the clock."""
-    from compress.distill import DistillConfig, _budget_used, _lr_factor
+    from compress.distill import DistillConfig, lr_schedule
 
-    config = DistillConfig(steps=100_000, max_seconds=60)
-    assert _lr_factor(_budget_used(1, config, 0.0)) < 0.2
-    assert _lr_factor(_budget_used(200, config, 30.0)) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.45 / 0.95)))
-    assert _lr_factor(_budget_used(400, config, 59.9)) < 0.11
-    assert _lr_factor(_budget_used(50_001, DistillConfig(steps=100_000), 1e6)) == pytest.approx(_lr_factor(0.5))
+    schedule, steps = lr_schedule(DistillConfig(lr=1.0)), 100_000
+    assert schedule.lr(0, steps, 0.0 / 60) < 0.2
+    assert schedule.lr(199, steps, 30.0 / 60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.45 / 0.95)))
+    assert schedule.lr(399, steps, 59.9 / 60) < 0.11
+    assert schedule.lr(50_000, steps) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.45 / 0.95)))  # no time budget: steps

@@ -232,16 +232,16 @@ def test_loss_terms_and_feature_projections():
 
 
 def test_parametrizations_convert_into_each_other():
-    from compress.slim import _convert, _target
+    from compress.solvers import convert_prediction, prediction_target
 
     alpha = torch.tensor([0.05, 0.7, 0.99]).view(-1, 1, 1, 1)
     sigma = (1 - alpha**2).sqrt()
     x0, eps = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
     xt = alpha * x0 + sigma * eps
-    outputs = {"epsilon": eps, "v_prediction": _target("v_prediction", x0, eps, alpha, sigma), "sample": x0}
+    outputs = {"epsilon": eps, "v_prediction": prediction_target("v_prediction", x0, eps, alpha, sigma), "sample": x0}
     for source, pred in outputs.items():
         for target, expected in outputs.items():
-            assert torch.allclose(_convert(pred, source, target, xt, alpha, sigma), expected, atol=1e-4), (source, target)
+            assert torch.allclose(convert_prediction(pred, source, target, xt, alpha, sigma), expected, atol=1e-4), (source, target)
 
 
 def test_noise_level_weights_favour_high_noise():

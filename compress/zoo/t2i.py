@@ -6,7 +6,6 @@ so `StableDiffusionPipeline.from_pretrained(folder)` loads it offline and unchan
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import shutil
@@ -18,8 +17,9 @@ import torch.nn.functional as F
 
 from compress.errors import UserError
 from compress.progress import progress
+from compress.training import EMA, LABEL_DROPOUT, drop_conditions, train_loop
 from compress.zoo.data import load_digits_tensors
-from compress.zoo.train import optimizer_step
+from compress.zoo.train import EMA_DECAY, zoo_schedule
 
 NAME = "digits-t2i"
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -81,7 +81,7 @@ SCHEDULER = dict(
     prediction_type="epsilon",
 )
 
-PROMPT_DROPOUT = 0.1  # the empty prompt is diffusers' unconditional branch of classifier-free guidance
+PROMPT_DROPOUT = LABEL_DROPOUT  # the empty prompt is diffusers' unconditional branch of classifier-free guidance
 KL_WEIGHT = 1e-3  # per latent element: keeps latents near unit scale without blurring reconstructions
 VAE_ITERATIONS = 1500
 DIFFUSION_ITERATIONS = 3600
@@ -225,7 +225,8 @@ def train_vae(iterations: int = VAE_ITERATIONS, batch_size: int = 64, lr: float 
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     recon_losses, kls = [], []
-    for step in progress(range(iterations), description=f"train {NAME} vae"):
+
+    def loss_at(step: int) -> torch.Tensor:
         x = images[torch.randint(0, len(images), (batch_size,), generator=gen)]
         # One-pixel shifts: the decoder must also render digits that are not training pixels.
         x = torch.roll(x, shifts=tuple(torch.randint(-1, 2, (2,), generator=gen).tolist()), dims=(2, 3))
@@ -233,9 +234,11 @@ def train_vae(iterations: int = VAE_ITERATIONS, batch_size: int = 64, lr: float 
         recon = vae.decode(posterior.sample(generator=gen)).sample
         recon_loss = F.mse_loss(recon, x) + F.l1_loss(recon, x)
         kl = posterior.kl().mean() / posterior.mean[0].numel()
-        optimizer_step(vae, optimizer, recon_loss + KL_WEIGHT * kl, step, iterations, lr)
         recon_losses.append(recon_loss.item())
         kls.append(kl.item())
+        return recon_loss + KL_WEIGHT * kl
+
+    train_loop(vae, optimizer, loss_at, iterations, zoo_schedule(lr), progress=progress, description=f"train {NAME} vae")
     info = {"phase": "vae", "iterations": iterations, "batch_size": batch_size, "lr": lr, "seed": seed, "kl_weight": KL_WEIGHT,
             "final_recon_loss": sum(recon_losses[-100:]) / len(recon_losses[-100:]), "final_kl": sum(kls[-100:]) / len(kls[-100:])}
     return vae.eval().requires_grad_(False), info
@@ -257,34 +260,37 @@ def latent_scaling_factor(mean: torch.Tensor, std: torch.Tensor, seed: int = 0) 
 
 def train_denoiser(latents: tuple[torch.Tensor, torch.Tensor, torch.Tensor], scaling_factor: float, tokenizer, text_encoder, unet,
                    iterations: int, batch_size: int = 64, lr: float = DIFFUSION_LR, seed: int = 0):
-    """Epsilon prediction on scaled latents; the text encoder trains jointly. Returns EMA copies."""
+    """Epsilon prediction on scaled latents; the text encoder trains jointly. Returns them with their EMA weights."""
     torch.manual_seed(seed)
     mean, std, labels = latents
     scheduler = build_scheduler()
     ids = tokenizer(all_prompts(), padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
     model = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder}).train()
-    ema = copy.deepcopy(model).requires_grad_(False)
+    ema = EMA(model, EMA_DECAY)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
-    losses = []
-    for step in progress(range(iterations), description=f"train {NAME} unet+text"):
+
+    def loss_at(step: int) -> torch.Tensor:
         idx = torch.randint(0, len(mean), (batch_size,), generator=gen)
         z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling_factor
         template = torch.randint(0, len(PROMPT_TEMPLATES), (batch_size,), generator=gen)
         which = 1 + labels[idx] * len(PROMPT_TEMPLATES) + template
-        which = torch.where(torch.rand(batch_size, generator=gen) < PROMPT_DROPOUT, 0, which)
+        which = drop_conditions(which, torch.zeros_like(which), gen, PROMPT_DROPOUT)  # prompt 0 is the empty one
         # Encode each distinct prompt of the batch once; gradients flow to the text encoder all the same.
         distinct, inverse = which.unique(return_inverse=True)
         context = text_encoder(ids[distinct]).last_hidden_state[inverse]
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
         pred = unet(scheduler.add_noise(z0, noise, t), t, context).sample
-        loss = F.mse_loss(pred, noise)
-        optimizer_step(model, optimizer, loss, step, iterations, lr, ema)
-        losses.append(loss.item())
+        return F.mse_loss(pred, noise)
+
+    result = train_loop(model, optimizer, loss_at, iterations, zoo_schedule(lr), ema=ema, progress=progress,
+                        description=f"train {NAME} unet+text")
+    ema.copy_to_module()
+    model.requires_grad_(False)
     info = {"phase": "denoiser", "iterations": iterations, "batch_size": batch_size, "lr": lr, "seed": seed,
-            "prompt_dropout": PROMPT_DROPOUT, "final_loss": sum(losses[-100:]) / len(losses[-100:])}
-    return ema["unet"].eval(), ema["text_encoder"].eval(), info
+            "prompt_dropout": PROMPT_DROPOUT, "final_loss": result.mean_loss(100)}
+    return unet.eval(), text_encoder.eval(), info
 
 
 def _load_folder(folder: Path):

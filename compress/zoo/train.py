@@ -1,9 +1,7 @@
 """Training of the zoo models on scikit-learn's digits (2 CPU cores, minutes each)."""
 from __future__ import annotations
 
-import copy
 import json
-import math
 import time
 from pathlib import Path
 
@@ -13,6 +11,7 @@ from safetensors.torch import save_file
 
 from compress.progress import progress
 from compress.schedule import NoiseSchedule
+from compress.training import EMA, LRSchedule, drop_conditions, train_loop
 from compress.zoo.data import load_digits_tensors
 from compress.zoo.models import (
     DIGITS_COND_UNET,
@@ -22,64 +21,46 @@ from compress.zoo.models import (
     build_digits_unet,
 )
 
-LABEL_DROPOUT = 0.1
 DIFFUSION_ITERATIONS = 2000
 RESUME_LR = 5e-4  # a second, gentler phase: what `compress zoo train NAME --resume` continues with
+WARMUP_STEPS = 100
+EMA_DECAY = 0.999
 
 
-def _lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-@torch.no_grad()
-def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - decay)
-
-
-def optimizer_step(model: torch.nn.Module, optimizer, loss: torch.Tensor, step: int, iterations: int, lr: float, ema: torch.nn.Module | None = None) -> None:
-    """One step of every zoo training loop: warm-up + cosine learning rate, gradient clipping at 1, EMA."""
-    for group in optimizer.param_groups:
-        group["lr"] = _lr_at(step, iterations, lr)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    if ema is not None:
-        _ema_update(ema, model, decay=min(0.999, (1 + step) / (10 + step)))
+def zoo_schedule(lr: float) -> LRSchedule:
+    """Every zoo model's learning rate: warm-up over 100 steps, then cosine to zero."""
+    return LRSchedule(lr, warmup_steps=WARMUP_STEPS)
 
 
 def train_diffusion(conditional: bool, iterations: int, batch_size: int = 64, lr: float = 2e-3, seed: int = 0, init: dict | None = None):
-    """Epsilon-prediction training; ``init`` (a state dict) continues from earlier weights."""
+    """Epsilon-prediction training; ``init`` (a state dict) continues from earlier weights. Returns the EMA weights."""
     torch.manual_seed(seed)
     images, labels = load_digits_tensors("train")
     schedule = NoiseSchedule.from_betas("linear", 1000)
     model = build_digits_cond_unet() if conditional else build_digits_unet()
     if init is not None:
         model.load_state_dict(init)
-    ema = copy.deepcopy(model).requires_grad_(False)
+    ema = EMA(model, EMA_DECAY)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
-    losses = []
-    for step in progress(range(iterations), description="train " + ("digits-cond" if conditional else "digits")):
+
+    def loss_at(step: int) -> torch.Tensor:
         idx = torch.randint(0, len(images), (batch_size,), generator=gen)
         x0, y = images[idx], labels[idx]
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, schedule.num_train_timesteps, (batch_size,), generator=gen)
         xt = schedule.add_noise(x0, noise, t)
         if conditional:
-            drop = torch.rand(batch_size, generator=gen) < LABEL_DROPOUT
-            y = torch.where(drop, torch.full_like(y, 10), y)
-            pred = model(xt, t.float(), y)
+            pred = model(xt, t.float(), drop_conditions(y, torch.full_like(y, model.num_classes), gen))  # the null label
         else:
             pred = model(xt, t.float()).sample
-        loss = F.mse_loss(pred, noise)
-        optimizer_step(model, optimizer, loss, step, iterations, lr, ema)
-        losses.append(loss.item())
-    final_loss = sum(losses[-100:]) / len(losses[-100:])
-    return ema, {"iterations": iterations, "batch_size": batch_size, "lr": lr, "seed": seed, "final_loss": final_loss}
+        return F.mse_loss(pred, noise)
+
+    description = "train " + ("digits-cond" if conditional else "digits")
+    result = train_loop(model, optimizer, loss_at, iterations, zoo_schedule(lr), ema=ema, progress=progress, description=description)
+    ema.copy_to_module()
+    return model.requires_grad_(False), {"iterations": iterations, "batch_size": batch_size, "lr": lr, "seed": seed,
+                                         "final_loss": result.mean_loss(100)}
 
 
 def train_classifier(epochs: int = 30, seed: int = 0):
