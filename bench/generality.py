@@ -156,7 +156,8 @@ def write_markdown(results: dict, path: Path) -> None:
         f"sampler.onnx; NDTC calibration from each model's own trajectories ({results['calibration_samples']} states). PSNR against the "
         f"float32 sampler on {results['samples']} fresh noise draws, pooled over the batch (median / worst single draw in brackets); latency at batch 1 (the toolkit's `runtimes.bench.paired_benchmark`, "
         "float32 and int8 alternated in this run). Goal: >= 30 dB with the target set, <= 0.40x the float32 bytes. "
-        f"'met (search)' is the quantizer's own verdict on its {results['target_samples']} draws (seed 1234), the PSNR columns are these {results['samples']} others.",
+        f"'met (search)' is the quantizer's own verdict on its {results['target_samples']} draws (seed 1234): the pooled PSNR that 90% of "
+        f"bootstrap resamplings of those draws stay above; the PSNR columns are these {results['samples']} others.",
         "",
         "## W8A8: defaults from the graph's structure, and `target_psnr: 30`",
         "",

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 
 from calibration import CalibrationConfig, calibrate
-from compress.precision import psnr_against, quantized_layers, quantized_steps, revert_layers, structural_float_nodes
+from compress.precision import psnr_against, psnr_lower_bound, quantized_layers, quantized_steps, revert_layers, structural_float_nodes
 from compress.quantize import QuantizeConfig, missed_targets, quantize_, split_concat_convs
 from compress.solvers import SolverConfig
 from export.onnx_export import export_onnx
@@ -122,6 +122,15 @@ def test_a_step_goes_back_to_float_activations_over_the_int8_weights_every_step_
     assert sum(t.ByteSize() for t in reverted.graph.initializer) <= sum(t.ByteSize() for t in quantized.graph.initializer)
 
 
+def test_the_verdict_on_a_target_is_a_lower_bound_set_by_the_far_off_draws():
+    reference = np.zeros((256, 1, 4, 4))
+    even = reference + 0.01  # every draw off by the same amount: nothing to be unlucky about
+    assert psnr_lower_bound(reference, even, 2.0) == pytest.approx(psnr_against(reference, even, 2.0))
+    one_far = even.copy()
+    one_far[7] += 1.0  # one draw in 256 far off, as int8 first steps make them
+    assert psnr_lower_bound(reference, one_far, 2.0) < psnr_against(reference, one_far, 2.0) - 1.0
+
+
 @pytest.mark.parametrize("name", list(FAMILY))
 def test_a_quality_target_is_met_and_reported_as_measured(name, exported, tmp_path):
     _, folder, calib = exported[name]
@@ -137,8 +146,13 @@ def test_a_quality_target_is_met_and_reported_as_measured(name, exported, tmp_pa
 
     rng = np.random.default_rng(TARGET_NOISE_SEED)
     noise = np.concatenate([rng.standard_normal((1, 1, 16, 16)).astype(np.float32) for _ in range(config.target_samples)])
-    measured = psnr_against(_sample(folder / "sampler.onnx", noise), _sample(tmp_path / "sampler.onnx", noise), 2.0)
-    assert abs(measured - target["psnr"]) < 0.05 or (np.isinf(measured) and target["psnr"] is None)
+    reference, written_out = _sample(folder / "sampler.onnx", noise), _sample(tmp_path / "sampler.onnx", noise)
+    measured = psnr_against(reference, written_out, 2.0)
+    assert abs(measured - target["psnr_pooled"]) < 0.05 or (np.isinf(measured) and target["psnr_pooled"] is None)
+    # The verdict is a lower bound over resamplings of those draws: below the pooled figure, and reproducible.
+    bound = psnr_lower_bound(reference, written_out, 2.0)
+    assert abs(bound - target["psnr"]) < 0.05 or (np.isinf(bound) and target["psnr"] is None)
+    assert np.isinf(measured) or bound <= measured
     kept = {x["layer"] for x in target["float_layers"]}
     written = onnx.load(str(tmp_path / "sampler.onnx"))
     assert kept.isdisjoint(quantized_layers(written, "activation"))
