@@ -25,7 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.architectures is the family's home
@@ -36,8 +35,8 @@ from compress.metrics import DigitsJudge, psnr  # noqa: E402
 from compress.quantize import QuantizeConfig, quantize_  # noqa: E402
 from compress.solvers import SolverConfig  # noqa: E402
 from export.onnx_export import export_onnx  # noqa: E402
-from runtimes.bench import paired_benchmark, processor_name  # noqa: E402
-from runtimes.onnxruntime_runner import OnnxRuntimeRunner  # noqa: E402
+from runtimes.bench import processor_name  # noqa: E402
+from sampler_runs import paired_latency_ms, run_sampler, sampler_feeds  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 MODELS = {
@@ -52,29 +51,9 @@ GOALS = {"psnr_db": 30.0, "bytes_ratio": 0.40}
 GUIDANCE = 3.0  # zoo:digits-cond
 
 
-def feeds_for(denoiser, n: int, seed: int) -> dict:
-    feeds = {"noise": torch.randn((n, *denoiser.sample_shape), generator=torch.Generator().manual_seed(seed)).numpy()}
-    if denoiser.conditioning == "class":
-        feeds["class_labels"] = (np.arange(n) % denoiser.num_classes).astype(np.int64)
-        feeds["guidance_scale"] = np.array([GUIDANCE], dtype=np.float32)
-    return feeds
-
-
 def per_draw_psnr(samples: torch.Tensor, reference: torch.Tensor) -> dict:
     each = torch.tensor([psnr(a[None], b[None]) for a, b in zip(samples, reference)])
     return {"median_draw_db": float(each.median()), "worst_draw_db": float(each.min())}
-
-
-def run(path: Path, feeds: dict, threads: int) -> torch.Tensor:
-    runner = OnnxRuntimeRunner(threads=threads).load(path)
-    return torch.from_numpy(np.asarray(runner.run(feeds)))
-
-
-def latencies(paths: dict[str, Path], feeds: dict, threads: int, rounds: int, runs: int) -> dict[str, float]:
-    """Median batch-1 latency (ms) per graph, measured in alternation."""
-    one = {k: (v if k == "guidance_scale" else v[:1]) for k, v in feeds.items()}
-    runners = {k: OnnxRuntimeRunner(threads=threads).load(p) for k, p in paths.items()}
-    return {k: v["median_ms"] for k, v in paired_benchmark(runners, one, rounds, runs).items()}
 
 
 def float_layer_summary(record: dict) -> dict:
@@ -93,8 +72,8 @@ def quantization_rows(name: str, reference: str, work: Path, args, log) -> dict:
     folder = work / "float"
     export_onnx(denoiser, solver, folder)
     calib = calibrate(denoiser, CalibrationConfig(samples=args.calibration_samples, guidance_scale=guidance), None)
-    feeds = feeds_for(denoiser, args.samples, seed=2024)
-    float_samples = run(folder / "sampler.onnx", feeds, args.threads)
+    feeds, _ = sampler_feeds(denoiser, args.samples, seed=2024, guidance=guidance)
+    float_samples = run_sampler(folder / "sampler.onnx", feeds, args.threads)
     float_bytes = (folder / "sampler.onnx").stat().st_size
     rows, paths = {}, {"float32": folder / "sampler.onnx"}
     for label, config in (("w8a8", QuantizeConfig(targets=["sampler"])), ("w8a8 target 30", QuantizeConfig(targets=["sampler"], target_psnr=30.0))):
@@ -102,7 +81,7 @@ def quantization_rows(name: str, reference: str, work: Path, args, log) -> dict:
         out = work / label.replace(" ", "-")
         record = quantize_(folder, calib, config, out_dir=out, progress=log)[0]
         seconds = time.perf_counter() - started
-        samples = run(out / "sampler.onnx", feeds, args.threads)
+        samples = run_sampler(out / "sampler.onnx", feeds, args.threads)
         rows[label] = {
             "psnr_db": psnr(samples, float_samples),
             **per_draw_psnr(samples, float_samples),
@@ -113,7 +92,7 @@ def quantization_rows(name: str, reference: str, work: Path, args, log) -> dict:
             "quantize_seconds": round(seconds, 1),
         }
         paths[label] = out / "sampler.onnx"
-    times = latencies(paths, feeds, args.threads, args.rounds, args.runs)
+    times = {k: v["median_ms"] for k, v in paired_latency_ms(paths, feeds, args.threads, args.rounds, args.runs).items()}
     for label in rows:
         rows[label]["latency_ms"] = times[label]
         rows[label]["latency_ratio"] = times[label] / times["float32"]
@@ -133,7 +112,7 @@ def pruning_row(entry: dict, work: Path, args, log) -> dict:
     save_pruned(pruned, folder)
     reloaded = load_model(str(folder))
     export_onnx(reloaded, solver, work / "pruned-export")
-    samples = run(work / "pruned-export" / "sampler.onnx", feeds, args.threads)
+    samples = run_sampler(work / "pruned-export" / "sampler.onnx", feeds, args.threads)
     from compress.zoo.data import load_digits_tensors
 
     judge, heldout = DigitsJudge(), load_digits_tensors("heldout")[0]

@@ -19,7 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 import torch
 
@@ -31,53 +30,16 @@ from compress.solvers import SolverConfig
 from compress.zoo.models import ddpm_cifar10_architecture
 from export.onnx_export import export_onnx
 from export.openvino_export import export_openvino
-from runtimes.bench import paired_benchmark, processor_name
-from runtimes.onnxruntime_runner import OnnxRuntimeRunner
-from runtimes.openvino_runner import OpenVINORunner
+from runtimes.bench import processor_name
+from sampler_runs import paired_latency_ms, run_sampler, sampler_feeds
 
 RESULTS = Path(__file__).parent / "results"
 SOLVER = dict(name="dpmpp-2m", steps=8)
 GOALS = {"psnr_db": 30.0, "fd_relative": 0.05, "agreement_points": 1.0, "speedup": 1.8}
 
 
-def session(path, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def run_sampler(path, feeds: dict, threads: int, batch: int = 64) -> torch.Tensor:
-    s = session(path, threads)
-    n = len(feeds["noise"])
-    outs = []
-    for start in range(0, n, batch):
-        part = {k: (v if k == "guidance_scale" else v[start : start + batch]) for k, v in feeds.items()}
-        outs.append(s.run(["sample"], part)[0])
-    return torch.from_numpy(np.concatenate(outs))
-
-
 def latency_ms(path, feeds: dict, threads: int, repeats: int) -> dict:
-    return paired_latency_ms({"x": path}, feeds, threads, repeats)["x"]
-
-
-def paired_latency_ms(paths: dict, feeds: dict, threads: int, repeats: int) -> dict:
-    """Batch-1 latency of several graphs through the toolkit's own timing (`runtimes.bench`), in alternation:
-    an .onnx path on onnxruntime, an .xml path on OpenVINO (f32, as validation runs it)."""
-    one = {k: (v if k == "guidance_scale" else v[:1]) for k, v in feeds.items()}
-    runners = {k: (OpenVINORunner if Path(p).suffix == ".xml" else OnnxRuntimeRunner)(threads=threads).load(p) for k, p in paths.items()}
-    rounds = 5
-    return paired_benchmark(runners, one, rounds=rounds, runs=max(1, repeats // rounds))
-
-
-def sampler_feeds(denoiser: Denoiser, n: int, seed: int, guidance: float | None) -> tuple[dict, torch.Tensor | None]:
-    noise = torch.randn((n, *denoiser.sample_shape), generator=torch.Generator().manual_seed(seed))
-    feeds = {"noise": noise.numpy()}
-    labels = None
-    if denoiser.conditioning == "class":
-        labels = torch.arange(n) % denoiser.num_classes
-        feeds["class_labels"] = labels.numpy()
-        feeds["guidance_scale"] = np.array([guidance if guidance is not None else 1.0], dtype=np.float32)
-    return feeds, labels
+    return paired_latency_ms({"x": path}, feeds, threads, runs=max(1, repeats // 5))["x"]
 
 
 # ----------------------------------------------------------------------------- zoo quality and ablation
@@ -167,7 +129,7 @@ def speed(name: str, denoiser: Denoiser, guidance: float | None, args, work: Pat
         ir[kind] = Path(record["path"])
     feeds, _ = sampler_feeds(denoiser, 1, seed=0, guidance=guidance)
     out = {"model": name, "parameters": sum(p.numel() for p in denoiser.module.parameters()), "batch": 1, "threads": args.threads}
-    latency = paired_latency_ms({**paths, **{f"openvino {k}": v for k, v in ir.items()}}, feeds, args.threads, args.speed_repeats)
+    latency = paired_latency_ms({**paths, **{f"openvino {k}": v for k, v in ir.items()}}, feeds, args.threads, runs=max(1, args.speed_repeats // 5))
     for kind, path in paths.items():
         out[kind] = {"bytes": path.stat().st_size, **latency[kind]}
         xml = ir[kind]
