@@ -237,7 +237,7 @@ class SearchResult:
 
     def describe(self) -> dict:
         return {"target_psnr": self.target, "psnr": _finite(self.psnr), "psnr_pooled": _finite(self.psnr_pooled),
-                "verdict": f"PSNR pooled over the draws, {VERDICT_QUANTILE:.0%} quantile of {RESAMPLINGS} resamplings",
+                "verdict": _BOUND,
                 "psnr_all_quantized": _finite(self.psnr_quantized), "met": self.met,
                 "float_layers": self.float_layers, "precision": self.precision, "limiting_layers": self.limiting, "layer_budget": self.budget,
                 "evaluations": self.evaluations}
@@ -245,10 +245,10 @@ class SearchResult:
     def message(self) -> str:
         if self.met:
             kept = f"{len(self.float_layers)} layer(s) at {self.precision}" if self.float_layers else "every layer int8"
-            return (f"quality target {self.target:g} dB met: {self.psnr:.1f} dB with {kept} (pooled {self.psnr_pooled:.1f} dB, and "
-                    f"{self.psnr_quantized:.1f} dB with every layer quantized; a {VERDICT_QUANTILE:.0%} lower bound over resamplings of the draws)")
+            return (f"quality target {self.target:g} dB met: {self.psnr:.1f} dB ({_BOUND}; pooled {self.psnr_pooled:.1f} dB) with {kept}; "
+                    f"{self.psnr_quantized:.1f} dB with every layer quantized")
         names = ", ".join(f"{x['layer']} ({x['psnr_alone']:.1f} dB alone)" for x in self.limiting[:3])
-        return (f"quality target {self.target:g} dB not met: best {self.psnr:.1f} dB (a {VERDICT_QUANTILE:.0%} lower bound; pooled "
+        return (f"quality target {self.target:g} dB not met: best {self.psnr:.1f} dB ({_BOUND}; pooled "
                 f"{self.psnr_pooled:.1f} dB) with {len(self.float_layers)} layer(s) in float "
                 f"(the budget of {self.budget}); the layers that limit it: {names}")
 
@@ -275,6 +275,7 @@ def _peak(reference: np.ndarray, data_range: float | None) -> float:
 # a pooled PSNR is set by a few far-off draws, and how many of them a set of draws holds is luck.
 VERDICT_QUANTILE = 0.1
 RESAMPLINGS = 1000
+_BOUND = f"the PSNR {1 - VERDICT_QUANTILE:.0%} of {RESAMPLINGS} resamplings of the draws stay above"
 
 
 def psnr_lower_bound(reference: np.ndarray, outputs: np.ndarray, data_range: float | None, quantile: float = VERDICT_QUANTILE) -> float:
