@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +30,7 @@ from compress.zoo.models import ddpm_cifar10_architecture
 from export.onnx_export import export_onnx
 from export.openvino_export import export_openvino
 from export.sampler_graph import SamplerGraph
-from runtimes.bench import processor_name
+from runtimes.bench import paired_timing, processor_name
 from runtimes.runners import get_runner
 
 RESULTS = Path(__file__).parent / "results"
@@ -63,20 +61,6 @@ def host_loop(denoiser: Denoiser):
     return run
 
 
-def timed_side_by_side(fns: dict, runs: int, warmup: int = 2) -> dict[str, tuple[float, float]]:
-    """Median and p90 ms of each function, calls interleaved so that load from other processes hits all alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(runs):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1000)
-    return {name: (statistics.median(t), float(np.percentile(t, 90))) for name, t in times.items()}
-
-
 def bench_model(denoiser: Denoiser, device: str, runtimes: list[str], threads: int | None, batches=(1, 8), runs: int = 20) -> list[dict]:
     if threads:
         torch.set_num_threads(threads)
@@ -103,10 +87,12 @@ def bench_model(denoiser: Denoiser, device: str, runtimes: list[str], threads: i
             feed = {"noise": noise.numpy()}
             ways = {HOST: lambda: host(noise), **{way: (lambda runner=runner: runner.run(feed)) for way, runner in runners.items()}}
             outputs = {way: fn() for way, fn in ways.items()}
-            times = timed_side_by_side(ways, max(3, runs // batch))
-            for way, (median, p90) in times.items():
+            # Calls interleaved one by one (rounds of one run) after two untimed calls of each: runtimes/bench.py's timing.
+            times = paired_timing(ways, rounds=max(3, runs // batch), runs=1, warmup=0, warmup_rounds=2)
+            for way, t in times.items():
                 rows.append({"model": denoiser.name, "params_m": params_m, "threads": threads, "batch": batch, "way": way,
-                             "median_ms": median, "p90_ms": p90, "speedup_vs_host": times[HOST][0] / median,
+                             "median_ms": t["median_ms"], "p90_ms": t["p90_ms"], "calls": t["rounds"],
+                             "speedup_vs_host": times[HOST]["median_ms"] / t["median_ms"],
                              "max_abs_diff_vs_host": float(np.abs(outputs[HOST] - outputs[way]).max())})
                 print(rows[-1], flush=True)
     denoiser.to("cpu")
@@ -123,11 +109,12 @@ def main() -> None:
     args = parser.parse_args()
     runtimes = (args.runtimes or DEFAULT_RUNTIMES[args.device]).split(",")
     thread_counts = THREADS if args.device == "cpu" else [None]
+    load_before = os.getloadavg()[0]  # how busy the machine was when the run began (1-minute load average)
     rows = []
     for threads in thread_counts:
         rows += bench_model(load_model("zoo:digits"), args.device, runtimes, threads)
         rows += bench_model(ddpm_cifar10_architecture(), args.device, runtimes, threads, runs=12)
-    env = {"device": args.device, "processor": processor_name(), "cores": len(os.sched_getaffinity(0)), "threads": thread_counts,
+    env = {"device": args.device, "processor": processor_name(), "cores": len(os.sched_getaffinity(0)), "threads": thread_counts, "load_average_at_start": load_before,
            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "openvino": openvino.get_version().split("-")[0]}
     if args.device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
@@ -156,8 +143,10 @@ def markdown(rows: list[dict], env: dict) -> str:
     skipped = {(r["way"], r["skipped"]) for r in rows if "skipped" in r}
     if skipped:
         lines += [""] + [f"Not measured: {way}: {reason}" for way, reason in sorted(skipped)]
-    lines += ["", f"Measured side by side in one run, calls interleaved, on {env['processor']} ({env['cores']} cores){', ' + env['gpu'] if 'gpu' in env else ''}, "
-              f"torch {env['torch']}, onnxruntime {env['onnxruntime']}, OpenVINO {env['openvino']}; 'threads' is what each library was given. "
+    lines += ["", f"Timed by runtimes/bench.py (`paired_timing`: two untimed calls of each, then the calls interleaved one by one, "
+              f"median and p90 of each way's calls) side by side in one run, on {env['processor']} ({env['cores']} cores){', ' + env['gpu'] if 'gpu' in env else ''}, "
+              f"torch {env['torch']}, onnxruntime {env['onnxruntime']}, OpenVINO {env['openvino']}; 'threads' is what each library was given; "
+              f"1-minute load average when the run began: {env['load_average_at_start']:.2f}. "
               "Compare ratios within a row group, not absolute times across machines."]
     return "\n".join(lines) + "\n"
 

@@ -4,34 +4,40 @@ trajectory-mask search with and without time-step gradient checkpointing.
 Writes bench/results/pruning.{json,md}. Run (each phase can run on its own; results merge):
 
     nice -n 10 python bench/pruning.py --phase memory
-    nice -n 10 python bench/pruning.py --phase table [--headline-minutes 12 --short-minutes 2]
+    nice -n 10 python bench/pruning.py --phase table [--headline-minutes 12 --short-minutes 2] [--fresh]
+    nice -n 10 python bench/pruning.py --phase quantized
     nice -n 10 python bench/pruning.py --phase report
 
 Quality: 256 samples with DPM-Solver++(2M), 20 steps, from the same noise for every model; FD of
 zoo-classifier features against the held-out digits; PSNR of each model's samples against the
-original's. Latency: onnxruntime CPU, one thread, batch 1, the exported 8-step dpmpp-2m sampler.
+original's. Latency: onnxruntime CPU, one thread, batch 1, the exported 8-step dpmpp-2m sampler, timed by
+runtimes/bench.py (the toolkit's one timing path).
 Memory: peak RSS of a fresh process per point, above its own baseline after loading the model.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from runtimes.bench import Stopwatch, benchmark, paired_benchmark, processor_name
+from runtimes.onnxruntime_runner import OnnxRuntimeRunner
+
 RESULTS = Path(__file__).parent / "results"
 JSON_PATH, MD_PATH = RESULTS / "pruning.json", RESULTS / "pruning.md"
 N_SAMPLES, QUALITY_SOLVER, QUALITY_STEPS = 256, "dpmpp-2m", 20
-LATENCY_SOLVER, LATENCY_STEPS = "dpmpp-2m", 8
+LATENCY_SOLVER, LATENCY_STEPS, LATENCY_RUNS = "dpmpp-2m", 8, 30
 MEMORY_STEPS = (5, 10, 25, 50)
 MEMORY_BATCH = 16
+QUANTIZED_ROUNDS, QUANTIZED_RUNS = 5, 4  # float and int8 in alternation: 5 rounds of 4 timed runs each
 HEADLINE_FOLDER = Path(tempfile.gettempdir()) / "diffusion-compress-pruning-headline"
 
 
@@ -74,12 +80,11 @@ def memory_point(steps: int, checkpointing: bool) -> dict:
         gates.enabled = True
     baseline = _rss_mib()
     gates.resample(torch.Generator().manual_seed(1))
-    start = time.perf_counter()
-    loss = trajectory_loss_backward(table, network, noise, reference, checkpointing)
-    seconds = time.perf_counter() - start
+    with Stopwatch() as clock:
+        loss = trajectory_loss_backward(table, network, noise, reference, checkpointing)
     peak = _rss_mib()
     return {"steps": steps, "checkpointing": checkpointing, "batch": MEMORY_BATCH, "baseline_mib": round(baseline, 1),
-            "peak_mib": round(peak, 1), "search_mib": round(peak - baseline, 1), "seconds": round(seconds, 2), "loss": loss}
+            "peak_mib": round(peak, 1), "search_mib": round(peak - baseline, 1), "seconds": round(clock.seconds, 2), "loss": loss}
 
 
 def run_memory() -> list[dict]:
@@ -97,26 +102,17 @@ def run_memory() -> list[dict]:
 # ----------------------------------------------------------------------------- quality table
 
 
-def ort_latency(denoiser, repeats: int = 30) -> tuple[float, float]:
-    import onnxruntime as ort
-
+def ort_latency(denoiser, repeats: int = LATENCY_RUNS) -> tuple[float, float]:
+    """Median and p90 ms of the exported 8-step sampler on onnxruntime CPU, one thread, batch 1 (runtimes.bench.benchmark)."""
     from compress.solvers import SolverConfig
     from export.onnx_export import export_onnx
 
     with tempfile.TemporaryDirectory() as folder:
         export_onnx(denoiser, SolverConfig(LATENCY_SOLVER, LATENCY_STEPS), folder)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = options.inter_op_num_threads = 1
-        session = ort.InferenceSession(str(Path(folder) / "sampler.onnx"), options, providers=["CPUExecutionProvider"])
+        runner = OnnxRuntimeRunner(threads=1).load(Path(folder) / "sampler.onnx")
         feeds = {"noise": np.random.default_rng(0).standard_normal((1, *denoiser.sample_shape)).astype(np.float32)}
-        for _ in range(3):
-            session.run(None, feeds)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            session.run(None, feeds)
-            times.append((time.perf_counter() - start) * 1000)
-    return float(np.median(times)), float(np.percentile(times, 90))
+        latency = benchmark(runner, feeds, runs=repeats, warmup=3)["latency_ms"]
+    return latency["median"], latency["p90"]
 
 
 def evaluate(denoiser, judge, held_out, noise, reference) -> dict:
@@ -161,15 +157,14 @@ def run_table(ratios, methods, headline, headline_minutes: float, short_minutes:
         config = PruneConfig(method=method, ratio=ratio, finetune_steps=100_000 if minutes > 0 else 0,
                              finetune_seconds=minutes * 60 if minutes > 0 else None, batch_size=64, lr=1e-3, ema=0.999,
                              data_samples=1024, mask_iterations=60, mask_steps=10, mask_batch=8)
-        started = time.perf_counter()
-        pruned = prune(original, config, progress=print)
-        if label != "none" and (method, ratio) == tuple(headline):
-            save_pruned(pruned, HEADLINE_FOLDER)
-        seconds = time.perf_counter() - started
+        with Stopwatch() as clock:
+            pruned = prune(original, config, progress=print)
+            if label != "none" and (method, ratio) == tuple(headline):
+                save_pruned(pruned, HEADLINE_FOLDER)
         row = evaluate(pruned, judge, held_out, noise, reference)
         row.pop("samples")
         info = pruned.extra["pruning"]
-        row.update(method=method, ratio=ratio, finetune=label, seconds=round(seconds, 1),
+        row.update(method=method, ratio=ratio, finetune=label, seconds=round(clock.seconds, 1),
                    finetune_steps=(info["finetune"] or {}).get("steps", 0), macs_reduction=1 - row["macs"] / base["macs"],
                    fd_vs_original=row["fd"] / base["fd"] - 1)
         rows.append(row)
@@ -188,8 +183,6 @@ def run_table(ratios, methods, headline, headline_minutes: float, short_minutes:
 
 def run_quantized(data: dict, headline) -> None:
     """The headline pruned model through export, W8A8 quantization and onnxruntime."""
-    import onnxruntime as ort
-
     from calibration import CalibrationConfig, calibrate
     from compress.loading import load_model
     from compress.metrics import psnr
@@ -207,20 +200,13 @@ def run_quantized(data: dict, headline) -> None:
         export_onnx(pruned, solver, Path(tmp) / "float")
         calib = calibrate(pruned, CalibrationConfig(sampler="solver", samples=64, trajectory_steps=20), solver)
         (record,) = quantize_(Path(tmp) / "float", calib, QuantizeConfig(scheme="w8a8", targets=["sampler"], subset_size=64), out_dir=Path(tmp) / "int8")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = options.inter_op_num_threads = 1
         noise = np.random.default_rng(0).standard_normal((64, *pruned.sample_shape)).astype(np.float32)
-        out = {}
-        for kind, path in (("float", Path(tmp) / "float" / "sampler.onnx"), ("int8", Path(record["path"]))):
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            out[kind] = session.run(None, {"noise": noise})[0]
-            one = {"noise": noise[:1]}
-            times = []
-            for _ in range(20):
-                start = time.perf_counter()
-                session.run(None, one)
-                times.append((time.perf_counter() - start) * 1000)
-            out[f"{kind}_ms"] = float(np.median(times))
+        paths = {"float": Path(tmp) / "float" / "sampler.onnx", "int8": Path(record["path"])}
+        runners = {kind: OnnxRuntimeRunner(threads=1).load(path) for kind, path in paths.items()}
+        out = {kind: runner.run({"noise": noise}) for kind, runner in runners.items()}
+        latency = paired_benchmark(runners, {"noise": noise[:1]}, rounds=QUANTIZED_ROUNDS, runs=QUANTIZED_RUNS)
+        for kind, path in paths.items():
+            out[f"{kind}_ms"] = latency[kind]["median_ms"]
             out[f"{kind}_bytes"] = path.stat().st_size
     data["quantized"] = {"model": f"{headline[0]} ratio {headline[1]}", "scheme": "w8a8 per-step", "solver": f"{LATENCY_SOLVER}-{LATENCY_STEPS}",
                          "psnr_int8_vs_float": psnr(torch.from_numpy(out["int8"]), torch.from_numpy(out["float"])),
@@ -235,12 +221,15 @@ def run_quantized(data: dict, headline) -> None:
 def write_markdown(data: dict) -> None:
     lines = ["# Structured pruning of zoo:digits", ""]
     env = data.get("environment", {})
-    lines += [f"Machine: {env.get('processor', '?')}, torch {env.get('torch', '?')}, one thread per process (the CPU was shared with other jobs,",
-              "so latencies are indicative). Quality: 256 samples, DPM-Solver++(2M) 20 steps, the same noise for every model; FD of",
+    loads = ", ".join(f"{phase} {load:.2f}" for phase, load in data.get("load_average", {}).items())
+    lines += [f"Machine: {env.get('processor', '?')}, torch {env.get('torch', '?')}, one thread per process"
+              + (f" (1-minute load average when each phase began: {loads})." if loads else "."),
+              "Quality: 256 samples, DPM-Solver++(2M) 20 steps, the same noise for every model; FD of",
               "zoo-classifier features against the held-out digits (lower is better); PSNR of each model's samples against the",
               "original's from the same noise. Latency: the exported 8-step dpmpp-2m `sampler.onnx` on onnxruntime CPU, batch 1,",
-              "one thread, median of 30 runs. Fine-tune: distillation from the original (output matching, EMA 0.999, batch 64,",
-              "lr 1e-3, x0 from 1024 of the original's own samples), stopped at the wall-clock budget in the `fine-tune` column.", ""]
+              f"one thread, median of {LATENCY_RUNS} runs after 3 warm-up runs (`runtimes.bench.benchmark`). Fine-tune: distillation from the original",
+              "(output matching, EMA 0.999, batch 64, lr 1e-3, x0 from 1024 of the original's own samples), stopped at the wall-clock",
+              "budget in the `fine-tune` column.", ""]
     base = data.get("original")
     if base:
         lines += ["| method | ratio | fine-tune | params | MACs | MACs saved | FD | FD vs original | PSNR vs original | ORT latency ms |",
@@ -262,7 +251,8 @@ def write_markdown(data: dict) -> None:
         lines += ["## Pruned, then quantized", "",
                   f"The headline model ({q['model']}) exported as `sampler.onnx` ({q['solver']}), quantized {q['scheme']} with NNCF, run on onnxruntime:",
                   f"int8 vs float samples PSNR {q['psnr_int8_vs_float']:.1f} dB; file {q['float_bytes'] / 1e6:.2f} MB -> {q['int8_bytes'] / 1e6:.2f} MB; "
-                  f"batch-1 latency {q['float_ms']:.2f} -> {q['int8_ms']:.2f} ms.", ""]
+                  f"batch-1 latency {q['float_ms']:.2f} -> {q['int8_ms']:.2f} ms (`runtimes.bench.paired_benchmark`: float and int8 in alternation, "
+                  f"the median of {QUANTIZED_ROUNDS} rounds' medians of {QUANTIZED_RUNS} runs, one thread).", ""]
     if data.get("memory"):
         lines += ["## Memory of the mask search", "",
                   f"One search iteration (gated trajectory forward + backward to every gate) on zoo:digits, DDIM, batch {MEMORY_BATCH}; peak RSS",
@@ -284,8 +274,8 @@ def write_markdown(data: dict) -> None:
               "  the gates rank attention heads and resnet hidden channels, torch-pruning's magnitude ranks the rest.",
               "- `taylor` accumulates |w dL/dw| over t = 0, 10, 20, ... until the loss falls below 0.05 x its maximum (Diff-Pruning),",
               "  on 64 of the model's own samples.",
-              "- Latencies were measured while other benchmarks ran on the same 2 cores; compare them within this table",
-              "  only, and treat them as indicative.",
+              "- Latency depends on the pruned shapes only, so rows with the same ratio should agree; how far they differ is the",
+              "  measurement's noise on this machine. Compare latencies within this table, not across machines.",
               "- The 2-minute rows spend most of their budget drawing the 1024 training samples from the original, so they",
               "  show the start of recovery, not where each method ends up.",
               "- Only the headline row got the long fine-tune; the other fine-tuned rows got the short budget, and the",
@@ -323,15 +313,20 @@ def main() -> None:
     parser.add_argument("--headline", default="taylor:0.25")
     parser.add_argument("--headline-minutes", type=float, default=12.0)
     parser.add_argument("--short-minutes", type=float, default=2.0)
+    parser.add_argument("--fresh", action="store_true", help="table phase: drop the stored table (and the quantized section) and measure every row again")
     args = parser.parse_args()
     if args.memory_point is not None:
         print(json.dumps(memory_point(args.memory_point, bool(args.checkpointing))))
         return
-    from runtimes.bench import processor_name
-
     data = _load()
     data["environment"] = {"processor": processor_name(), "torch": torch.__version__, "threads": 1}
     headline = (args.headline.split(":")[0], float(args.headline.split(":")[1]))
+    if args.phase in ("memory", "table", "quantized"):
+        data.setdefault("load_average", {})[args.phase] = os.getloadavg()[0]
+    if args.phase == "table" and args.fresh:
+        for key in ("original", "rows", "quantized"):
+            data.pop(key, None)
+        data["load_average"].pop("quantized", None)
     if args.phase == "memory":
         data["memory"] = run_memory()
         _save(data)

@@ -1,7 +1,11 @@
-"""Latency and memory of one runner on one set of inputs.
+"""Latency and memory of one runner on one set of inputs; the one timing path of the toolkit.
 
 Latency: wall-clock time of each `runner.run` call (perf_counter) after `warmup` untimed calls;
-the median and the 90th percentile of `runs` calls, per call and per sample.
+the median and the 90th percentile of `runs` calls, per call and per sample. Every latency the
+project reports, in `compress run`'s report, `compress bench` and the benchmarks under bench/,
+is timed by `time_calls` here: `benchmark` for one runner, `paired_benchmark` for several runners
+in alternation, `paired_timing` for plain callables (a host loop in torch next to the artifacts).
+`Stopwatch` times a stage once (an export, a fine-tune); it is not a latency figure.
 
 Memory: resident set size (RSS) of this process, the memory the OS really holds for the
 runtime, weights and activations included (tracemalloc would miss every native allocation of
@@ -36,22 +40,45 @@ def processor_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def time_calls(call: Callable[[], object], runs: int, warmup: int = 0) -> list[float]:
+    """Milliseconds of each of ``runs`` calls of ``call()`` (perf_counter), after ``warmup`` untimed calls."""
+    if runs < 1:
+        raise ValueError(f"runs must be at least 1, got {runs}")
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+class Stopwatch:
+    """Seconds one stage took, timed once: ``with Stopwatch() as clock: export(...)``, then ``clock.seconds``
+    (while the block runs, the seconds so far)."""
+
+    def __enter__(self) -> "Stopwatch":
+        self._start, self._stop = time.perf_counter(), None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return (self._stop if self._stop is not None else time.perf_counter()) - self._start
+
+
 def benchmark(runner: Runner, feeds: dict[str, np.ndarray], runs: int = 20, warmup: int = 3, load: Callable[[], object] | None = None) -> dict:
     """Loads (``load()``, inside the memory window), warms up, then times ``runs`` calls of ``runner.run(feeds)``."""
     gc.collect()
     with PeakRSS() as memory:
-        start = time.perf_counter()
-        if load is not None:
-            load()
-        load_s = time.perf_counter() - start
+        with Stopwatch() as loading:
+            if load is not None:
+                load()
         loaded = current_rss()
-        for _ in range(warmup):
-            runner.run(feeds)
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            runner.run(feeds)
-            times.append((time.perf_counter() - start) * 1000)
+        times = time_calls(lambda: runner.run(feeds), runs, warmup)
     batch = int(next(iter(feeds.values())).shape[0])
     median = float(np.median(times))
     result = {
@@ -70,7 +97,7 @@ def benchmark(runner: Runner, feeds: dict[str, np.ndarray], runs: int = 20, warm
         },
         "ms_per_sample": median / batch,
         "samples_per_s": 1000 * batch / median,
-        "load_s": load_s,
+        "load_s": loading.seconds,
         "memory": {**memory.result(), "rss_loaded_mb": loaded / MB if loaded is not None else None},
         "device_peak_mb": runner.peak_device_memory_mb(),
         "runner": runner.describe(),
@@ -78,16 +105,33 @@ def benchmark(runner: Runner, feeds: dict[str, np.ndarray], runs: int = 20, warm
     return result
 
 
-def paired_benchmark(runners: dict[str, Runner], feeds: dict[str, np.ndarray], rounds: int = 5, runs: int = 20, warmup: int = 2) -> dict[str, dict]:
-    """`benchmark` of several loaded runners in alternation, ``rounds`` times each, so that load on a
-    shared machine hits them alike; per runner the median of the rounds' medians (and its spread).
-    Ratios of these are what the benchmarks under bench/ report."""
-    medians: dict[str, list[float]] = {k: [] for k in runners}
+def paired_timing(calls: dict[str, Callable[[], object]], rounds: int = 5, runs: int = 20, warmup: int = 2, warmup_rounds: int = 0) -> dict[str, dict]:
+    """Several callables timed in alternation, so that load on a shared machine hits them alike.
+
+    First ``warmup_rounds`` untimed calls of each in turn; then ``rounds`` rounds, in each of which every
+    callable in turn gets ``warmup`` untimed calls and ``runs`` timed ones (`time_calls`). Per callable:
+    the median of the rounds' medians (``median_ms``), their spread, and the 90th percentile of all timed
+    calls (``p90_ms``). With ``runs=1`` the calls themselves interleave and ``median_ms`` is their median.
+    """
+    for _ in range(warmup_rounds):
+        for call in calls.values():
+            call()
+    medians: dict[str, list[float]] = {k: [] for k in calls}
+    every: dict[str, list[float]] = {k: [] for k in calls}
     for _ in range(rounds):
-        for name, runner in runners.items():
-            medians[name].append(benchmark(runner, feeds, runs=runs, warmup=warmup)["latency_ms"]["median"])
+        for name, call in calls.items():
+            gc.collect()
+            times = time_calls(call, runs, warmup)
+            medians[name].append(float(np.median(times)))
+            every[name] += times
     return {k: {"median_ms": float(np.median(v)), "min_round_ms": float(np.min(v)), "max_round_ms": float(np.max(v)),
-                "rounds": rounds, "runs": runs} for k, v in medians.items()}
+                "p90_ms": float(np.percentile(every[k], 90)), "rounds": rounds, "runs": runs} for k, v in medians.items()}
+
+
+def paired_benchmark(runners: dict[str, Runner], feeds: dict[str, np.ndarray], rounds: int = 5, runs: int = 20, warmup: int = 2) -> dict[str, dict]:
+    """`paired_timing` of several loaded runners on the same inputs: per runner the median of the rounds'
+    medians (and its spread). Ratios of these are what the benchmarks under bench/ report."""
+    return paired_timing({k: (lambda runner=runner: runner.run(feeds)) for k, runner in runners.items()}, rounds, runs, warmup)
 
 
 def current_rss() -> int | None:
