@@ -45,7 +45,7 @@ def test_time_calls_counts_warmup_and_runs():
 
 def test_paired_timing_alternates_and_orders_by_cost():
     log = []
-    calls = {"slow": lambda: (log.append("slow"), time.sleep(0.004)), "fast": lambda: (log.append("fast"), time.sleep(0.001))}
+    calls = {"slow": lambda: (log.append("slow"), time.sleep(0.03)), "fast": lambda: (log.append("fast"), time.sleep(0.001))}
     result = paired_timing(calls, rounds=3, runs=1, warmup=0, warmup_rounds=2)
     assert log == ["slow", "fast"] * 5  # two untimed rounds, then three timed ones, interleaved call by call
     assert result["slow"]["median_ms"] > result["fast"]["median_ms"] >= 1.0
