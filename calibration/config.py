@@ -2,10 +2,9 @@
 ``calibration`` section is simply ``CalibrationConfig(**section)``."""
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 
-from compress.errors import UserError
+from compress.errors import UserError, unknown_choice
 from compress.section_config import SectionConfig
 
 SAMPLERS = ("ndtc", "uniform", "solver")
@@ -43,9 +42,7 @@ class CalibrationConfig(SectionConfig):
 
     def validate(self) -> "CalibrationConfig":
         if self.sampler not in SAMPLERS:
-            close = difflib.get_close_matches(str(self.sampler), SAMPLERS, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise UserError(f"unknown calibration sampler {self.sampler!r}{hint} (expected one of {', '.join(SAMPLERS)})")
+            raise unknown_choice("calibration sampler", self.sampler, SAMPLERS)
         for name in ("samples", "trajectory_steps", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

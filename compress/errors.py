@@ -14,6 +14,19 @@ class UserError(Exception):
     """Bad input from the user: a wrong reference, a missing file, an invalid setting."""
 
 
+def did_you_mean(value, choices, prefix: str = "", cutoff: float = 0.6) -> str:
+    """"; did you mean 'X'?" for the closest of ``choices`` to a mistyped ``value``, or ""."""
+    import difflib
+
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=cutoff)
+    return f"; did you mean '{prefix}{close[0]}'?" if close else ""
+
+
+def unknown_choice(what: str, value, choices) -> UserError:
+    """The error for a name that is not one of ``choices``: the closest one, and all of them."""
+    return UserError(f"unknown {what} {value!r}{did_you_mean(value, choices)} (expected one of {', '.join(map(str, choices))})")
+
+
 def register_user_code(module_name: str, reference: str) -> None:
     """Marks the package of ``module_name`` (all of it: a model is often defined beside its factory)
     as the user's code, loaded for ``reference``; `user_code_error` recognises its frames."""

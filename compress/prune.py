@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -33,7 +32,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from compress.errors import UserError
+from compress.errors import UserError, unknown_choice
 from compress.section_config import SectionConfig
 from compress.training import self_samples, training_target
 
@@ -94,9 +93,7 @@ class PruneConfig(SectionConfig):
 
     def validate(self) -> "PruneConfig":
         if self.method not in METHODS:
-            close = difflib.get_close_matches(str(self.method), METHODS, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise UserError(f"unknown pruning method {self.method!r}{hint} (expected one of {', '.join(METHODS)})")
+            raise unknown_choice("pruning method", self.method, METHODS)
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 < self.ratio < 1:
             raise UserError(f"pruning ratio must lie strictly between 0 and 1, got {self.ratio!r}")
         if self.round_to is not None and (not isinstance(self.round_to, int) or self.round_to < 1):

@@ -44,7 +44,6 @@ Each quantized artifact gets the float sidecar plus a ``quantization`` section.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import os
@@ -59,7 +58,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from compress.errors import UserError
+from compress.errors import UserError, unknown_choice
 from compress.outputs import sha256_of, staged_files
 from compress.precision import WEIGHTED_OPS, structural_float_nodes, summarize_layers
 from compress.section_config import SectionConfig
@@ -143,9 +142,7 @@ class QuantizeConfig(SectionConfig):
         for name, value, allowed in (("scheme", self.scheme, SCHEMES), ("granularity", self.granularity, GRANULARITIES),
                                      ("shared_from", self.shared_from, SHARED_FROM), ("preset", self.preset, PRESETS)):
             if value not in allowed:
-                close = difflib.get_close_matches(str(value), allowed, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise UserError(f"unknown quantize {name} {value!r}{hint} (expected one of {', '.join(allowed)})")
+                raise unknown_choice(f"quantize {name}", value, allowed)
         for component in ("decoder", "text_encoder"):
             value = getattr(self, component)
             allowed = SCHEMES if component == "decoder" else TEXT_ENCODER_SCHEMES
@@ -167,9 +164,7 @@ class QuantizeConfig(SectionConfig):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"quantize {name} must be a positive integer, got {value!r}")
         if self.target is not None and self.target not in EXPORT_TARGETS:
-            close = difflib.get_close_matches(str(self.target), EXPORT_TARGETS, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise UserError(f"unknown quantize target {self.target!r}{hint} (expected one of {', '.join(EXPORT_TARGETS)})")
+            raise unknown_choice("quantize target", self.target, EXPORT_TARGETS)
         if self.smooth_quant is not None and not 0 <= self.smooth_quant <= 1:
             raise UserError(f"quantize smooth_quant alpha must lie in [0, 1], got {self.smooth_quant!r}")
         for pattern in self.ignored:

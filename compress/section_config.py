@@ -13,12 +13,11 @@ is not a Python-friendly name), ``ge`` (the smallest valid number).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from typing import Any, ClassVar, Literal, Union
 
-from compress.errors import UserError
+from compress.errors import UserError, did_you_mean
 
 _MISSING = object()
 
@@ -43,8 +42,7 @@ class SectionConfig:
         fields = {_key(f): f for f in dataclasses.fields(cls) if f.init}
         for key in values:
             if key not in fields:
-                close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
-                hint = f"; did you mean {close[0]!r}?" if close else f" (valid: {', '.join(fields)})"
+                hint = did_you_mean(key, fields, cutoff=0.5) or f" (valid: {', '.join(fields)})"
                 raise UserError(f"{source}: unknown key '{where}{key}'{hint}")
         hints = _type_hints(cls)
         kwargs = {}
@@ -144,9 +142,7 @@ def _try(value, tp, where: str, source: str):
     if origin is Literal:
         if value in args and not isinstance(value, bool):
             return value
-        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise UserError(f"{source}: {where}: expected {_describe(tp)}, got {_shown(value)}{hint}")
+        raise UserError(f"{source}: {where}: expected {_describe(tp)}, got {_shown(value)}{did_you_mean(value, args)}")
     if origin is list:
         if not isinstance(value, (list, tuple)):
             return _MISSING

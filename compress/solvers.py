@@ -23,7 +23,6 @@ scheduler config onto a `SolverConfig`.
 """
 from __future__ import annotations
 
-import difflib
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from typing import Callable
 
 import numpy as np
 
-from compress.errors import UserError
+from compress.errors import UserError, did_you_mean, unknown_choice
 from compress.schedule import NoiseSchedule
 
 SPACINGS = ("linspace", "leading", "trailing", "karras", "logsnr")
@@ -44,9 +43,7 @@ ROUNDINGS = ("round", "floor", "none")
 
 def _choose(what: str, value, allowed) -> None:
     if value not in allowed:
-        close = difflib.get_close_matches(str(value), allowed, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise UserError(f"unknown {what} {value!r}{hint} (expected one of {', '.join(allowed)})")
+        raise unknown_choice(what, value, allowed)
 
 
 # ----------------------------------------------------------------------------- plans
@@ -641,9 +638,7 @@ SOLVERS: dict[str, SolverSpec] = {
 
 def get_solver(name: str) -> SolverSpec:
     if name not in SOLVERS:
-        close = difflib.get_close_matches(name, SOLVERS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise UserError(f"unknown solver {name!r}{hint} (available: {', '.join(SOLVERS)})")
+        raise unknown_choice("solver", name, SOLVERS)
     return SOLVERS[name]
 
 
@@ -656,10 +651,8 @@ def check_solver(name: str, steps: int, options: dict | None = None) -> SolverSp
     known = spec.option_names()
     for key in options:
         if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
             accepted = ", ".join(known) if known else "none"
-            raise UserError(f"solver {name!r} has no option {key!r}{hint} (options: {accepted})")
+            raise UserError(f"solver {name!r} has no option {key!r}{did_you_mean(key, known)} (options: {accepted})")
     order = options.get("order", spec.order)
     if order not in (1, 2, 3):
         raise UserError(f"solver {name!r}: order must be 1, 2 or 3, got {order!r}")

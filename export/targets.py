@@ -12,10 +12,9 @@ A target fixes two things that differ between a desktop runtime and an NPU:
 """
 from __future__ import annotations
 
-import difflib
 from dataclasses import asdict, dataclass, replace
 
-from compress.errors import UserError
+from compress.errors import unknown_choice
 from export.onnx_graph import input_uses
 
 DEFAULT_STATIC_BATCH = 1
@@ -254,7 +253,5 @@ TARGETS = {
 
 def get_target(name: str) -> ExportTarget:
     if name not in TARGETS:
-        close = difflib.get_close_matches(name, TARGETS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise UserError(f"unknown export target {name!r}{hint} (available: {', '.join(TARGETS)})")
+        raise unknown_choice("export target", name, TARGETS)
     return TARGETS[name]

@@ -11,14 +11,13 @@ imported only when its runner is built, so probing a missing library costs nothi
 """
 from __future__ import annotations
 
-import difflib
 import importlib
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
 
-from compress.errors import UserError
+from compress.errors import UserError, unknown_choice
 
 
 class Runner(ABC):
@@ -92,9 +91,7 @@ DEFAULT_RUNTIME = {"onnx": "onnxruntime", "openvino": "openvino", "coreml": "cor
 
 def get_runner(name: str, threads: int | None = None) -> Runner:
     if name not in RUNTIMES:
-        close = difflib.get_close_matches(name, RUNTIMES, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise UserError(f"unknown runtime {name!r}{hint} (available names: {', '.join(RUNTIMES)})")
+        raise unknown_choice("runtime", name, RUNTIMES)
     module, cls, argument, *options = RUNTIMES[name]
     runner_class = getattr(importlib.import_module(f"runtimes.{module}"), cls)
     return runner_class(argument, threads, **(options[0] if options else {}))

@@ -8,7 +8,7 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from compress.errors import UserError
+from compress.errors import UserError, did_you_mean
 
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
 # What every zoo model was trained on, in ``Denoiser.extra["data"]``: it names the judge validation
@@ -37,11 +37,7 @@ ZOO = {
 
 def _known(name: str) -> ZooEntry:
     if name not in ZOO:
-        import difflib
-
-        close = difflib.get_close_matches(name, ZOO, n=1)
-        hint = f"; did you mean 'zoo:{close[0]}'?" if close else ""
-        raise UserError(f"unknown zoo model {name!r}{hint} (available: {', '.join(ZOO)})")
+        raise UserError(f"unknown zoo model {name!r}{did_you_mean(name, ZOO, prefix='zoo:')} (available: {', '.join(ZOO)})")
     return ZOO[name]
 
 
