@@ -62,7 +62,7 @@ from compress.errors import UserError, unknown_choice
 from compress.outputs import sha256_of, staged_files
 from compress.precision import WEIGHTED_OPS, structural_float_nodes, summarize_layers
 from compress.section_config import SectionConfig
-from export.onnx_graph import (DECODER_SCOPE, STEP_PREFIX, consumers, drop_dead_nodes, drop_unused_initializers, input_uses,
+from export.onnx_graph import (DECODER_SCOPE, STEP_PREFIX, consumers, drop_dead_nodes, drop_default_attributes, drop_unused_initializers, input_uses,
                                inside_network, module_path, producers, topological)
 from export.sidecar import PIPELINE_FILE, target_section
 from export.targets import TARGETS as EXPORT_TARGETS
@@ -351,6 +351,7 @@ def _quantize_artifact(path: Path, sidecar: dict, artifacts: dict, calib, config
     # NNCF leaves the shapes its inference recorded; as in the exporter, every runtime infers them, and in an
     # unrolled int8 sampler they were 6% of the file.
     del model.graph.value_info[:]
+    drop_default_attributes(model)  # an export from before the exporter dropped them
     _compact_quantizer_names(model)
     quantization["qdq_layout"] = _emitted_layout(model, config)
     out_sidecar["target"] = target_section(config.target)

@@ -21,7 +21,7 @@ from compress.errors import UserError
 from compress.outputs import sha256_of, staged_files
 from compress.solvers import SolverConfig
 from export.component_graphs import pipeline_graphs, write_tokenizer_json
-from export.onnx_graph import share_identical_constants, short_node_name, tensor_bytes
+from export.onnx_graph import drop_default_attributes, share_identical_constants, short_node_name, tensor_bytes
 from export.sampler_graph import DenoiserGraph, SamplerGraph
 from export.sidecar import (
     BATCH,
@@ -126,6 +126,7 @@ def _write_artifact(graph: nn.Module, kind: str, sidecar: dict, stage: Path, bat
     model = _trace(graph, graph.output_names, stage / f".{kind}.traced.onnx", batch_size, opset)
     model = _simplify(model)
     share_identical_constants(model)
+    drop_default_attributes(model)
     _check_interface(model, graph.input_names, graph.output_names, kind)
     _shorten_names(model)
     weight_bytes = sum(p.numel() * p.element_size() for p in graph.parameters())

@@ -9,7 +9,8 @@ in after the steps is under ``decoder/``. Quantization reads these names back (`
 sides of the contract live here.
 
 **Passes.** Indexes of a graph (`producers`, `consumers`, `input_uses`), a stable topological sort, dead-node and
-unused-initializer removal, and the sharing of identical constants.
+unused-initializer removal, the sharing of identical constants, and the removal of attributes
+that only restate the operator's default.
 """
 from __future__ import annotations
 
@@ -177,3 +178,34 @@ def share_identical_constants(model: onnx.ModelProto) -> int:
             if name in replaced:
                 node.input[j] = replaced[name]
     return len(replaced)
+
+
+# An unrolled sampler repeats every conv once per step, and the tracer writes out each default
+# (strides 1, pads 0, ...): 100 of a Conv node's 150 bytes, 8% of a small int8 sampler's file.
+DEFAULT_ATTRIBUTES = {
+    "Conv": {"dilations": 1, "group": 1, "strides": 1, "pads": 0, "auto_pad": b"NOTSET"},
+    "ConvTranspose": {"dilations": 1, "group": 1, "strides": 1, "pads": 0, "output_padding": 0, "auto_pad": b"NOTSET"},
+    "Gemm": {"alpha": 1.0, "beta": 1.0, "transA": 0, "transB": 0},
+}
+
+
+def drop_default_attributes(model: onnx.ModelProto) -> int:
+    """Removes attributes equal to their operator's default (a list counts when every entry is the
+    default); returns the bytes saved. ``kernel_shape`` stays: it is optional but not a constant."""
+    saved = 0
+    for node in model.graph.node:
+        defaults = DEFAULT_ATTRIBUTES.get(node.op_type)
+        if not defaults or node.domain not in ("", "ai.onnx"):
+            continue
+        keep = []
+        for attribute in node.attribute:
+            value = onnx.helper.get_attribute_value(attribute)
+            values = value if isinstance(value, list) else [value]
+            if attribute.name in defaults and all(v == defaults[attribute.name] for v in values):
+                saved += attribute.ByteSize()
+            else:
+                keep.append(attribute)
+        if len(keep) != len(node.attribute):
+            del node.attribute[:]
+            node.attribute.extend(keep)
+    return saved

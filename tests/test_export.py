@@ -136,6 +136,38 @@ def test_sampler_stores_the_weights_once(unconditional):
     assert records["sampler"]["constant_bytes"] <= 1.1 * weight_bytes
 
 
+def test_no_node_restates_an_operator_default(unconditional):
+    """The tracer writes strides 1, pads 0, ... on every conv of every step; the export drops them
+    (and its outputs still match torch: the test above)."""
+    from export.onnx_graph import DEFAULT_ATTRIBUTES
+
+    _, _, out, _ = unconditional
+    model = onnx.load(str(out / "sampler.onnx"))
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert convs
+    for node in model.graph.node:
+        for attribute in node.attribute:
+            value = onnx.helper.get_attribute_value(attribute)
+            default = DEFAULT_ATTRIBUTES.get(node.op_type, {}).get(attribute.name, object())
+            assert not all(v == default for v in (value if isinstance(value, list) else [value])), (node.name, attribute.name)
+
+
+def test_drop_default_attributes_keeps_what_differs():
+    from export.onnx_graph import drop_default_attributes
+
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2, 8, 8])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    w = onnx.numpy_helper.from_array(np.random.default_rng(0).standard_normal((3, 2, 3, 3)).astype(np.float32), "w")
+    conv = onnx.helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], dilations=[1, 1], group=1)
+    model = onnx.helper.make_model(onnx.helper.make_graph([conv], "g", [x], [y], [w]), opset_imports=[onnx.helper.make_opsetid("", 17)])
+    feed = {"x": np.random.default_rng(1).standard_normal((1, 2, 8, 8)).astype(np.float32)}
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    assert drop_default_attributes(model) > 0
+    assert sorted(a.name for a in model.graph.node[0].attribute) == ["kernel_shape", "pads", "strides"]
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    assert before.shape == (1, 3, 4, 4) and np.array_equal(before, after)
+
+
 def test_artifacts_are_valid_and_recorded(unconditional):
     _, _, out, records = unconditional
     assert sorted(p.name for p in out.iterdir()) == ["denoiser.json", "denoiser.onnx", "sampler.json", "sampler.onnx"]
