@@ -10,7 +10,7 @@ import pytest
 
 from calibration import CalibrationConfig, calibrate
 from compress.precision import psnr_against, psnr_lower_bound, quantized_layers, quantized_steps, revert_layers, structural_float_nodes
-from compress.quantize import QuantizeConfig, missed_targets, quantize_, split_concat_convs
+from compress.quantize import QuantizeConfig, missed_targets, quantize_
 from compress.solvers import SolverConfig
 from export.onnx_export import export_onnx
 from export.onnx_graph import input_uses, layer_of, step_unit
@@ -87,7 +87,7 @@ def test_reverting_every_layer_restores_the_float_sampler(exported):
     with tempfile.TemporaryDirectory() as out:
         quantize_(folder, calib, QuantizeConfig(targets=["sampler"]), out_dir=out)
         quantized = onnx.load(f"{out}/sampler.onnx")
-    float_model = split_concat_convs(onnx.load(str(folder / "sampler.onnx")))  # as NNCF saw it
+    float_model = onnx.load(str(folder / "sampler.onnx"))
     noise = np.random.default_rng(0).standard_normal((8, 1, 16, 16)).astype(np.float32)
     reference = _sample(folder / "sampler.onnx", noise)
     layers = quantized_layers(quantized)
@@ -104,7 +104,7 @@ def test_a_step_goes_back_to_float_activations_over_the_int8_weights_every_step_
     quantize_(folder, calib, QuantizeConfig(targets=["sampler"]), out_dir=tmp_path)
     quantized = onnx.load(str(tmp_path / "sampler.onnx"))
     assert quantized_steps(quantized) == [f"step:{k}" for k in range(6)]
-    reverted = revert_layers(quantized, ["step:0"], split_concat_convs(onnx.load(str(folder / "sampler.onnx"))))
+    reverted = revert_layers(quantized, ["step:0"], onnx.load(str(folder / "sampler.onnx")))
 
     def steps_reading(model, kind):
         inits = {t.name for t in model.graph.initializer}
