@@ -354,7 +354,7 @@ def _quantize_artifact(path: Path, sidecar: dict, artifacts: dict, calib, config
     # NNCF leaves the shapes its inference recorded; as in the exporter, every runtime infers them, and in an
     # unrolled int8 sampler they were 6% of the file.
     del model.graph.value_info[:]
-    drop_default_attributes(model)  # an export from before the exporter dropped them
+    drop_default_attributes(model)  # a file exported by another tool, or before the exporter dropped them
     _compact_quantizer_names(model)
     quantization["qdq_layout"] = _emitted_layout(model, config)
     out_sidecar["target"] = target_section(config.target)
