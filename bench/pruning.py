@@ -4,7 +4,7 @@ trajectory-mask search with and without time-step gradient checkpointing.
 Writes bench/results/pruning.{json,md}. Run (each phase can run on its own; results merge):
 
     nice -n 10 python bench/pruning.py --phase memory
-    nice -n 10 python bench/pruning.py --phase table [--headline-minutes 12 --short-minutes 2] [--fresh]
+    nice -n 10 python bench/pruning.py --phase table [--headline-minutes 15 --short-minutes 2] [--fresh]
     nice -n 10 python bench/pruning.py --phase quantized
     nice -n 10 python bench/pruning.py --phase report
 
@@ -311,7 +311,7 @@ def main() -> None:
     parser.add_argument("--ratios", default="0.2,0.3,0.4")
     parser.add_argument("--methods", default="magnitude,taylor,mask")
     parser.add_argument("--headline", default="taylor:0.25")
-    parser.add_argument("--headline-minutes", type=float, default=12.0)
+    parser.add_argument("--headline-minutes", type=float, default=15.0)
     parser.add_argument("--short-minutes", type=float, default=2.0)
     parser.add_argument("--fresh", action="store_true", help="table phase: drop the stored table (and the quantized section) and measure every row again")
     args = parser.parse_args()
