@@ -12,15 +12,15 @@ from typing import Literal
 import torch
 from torch import nn
 
-from compress.schedule import NoiseSchedule
+from compress.schedule import Schedule
 
-PredictionType = Literal["epsilon", "v_prediction", "sample"]
+PredictionType = Literal["epsilon", "v_prediction", "sample", "flow"]
 # A condition is one batch-first tensor, or (SDXL's added conditioning) a dict of them.
 Condition = "torch.Tensor | dict[str, torch.Tensor]"
 # Parts of a dict condition that are the same for the conditional and the unconditional branch.
 SHARED_CONDITION_KEYS = ("time_ids",)
 Conditioning = Literal["none", "class", "text"]
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 
 
 def batch_timesteps(timestep, batch: int, device) -> torch.Tensor:
@@ -108,7 +108,7 @@ class ClassTokenUNet(nn.Module):
 @dataclass
 class Denoiser:
     module: nn.Module
-    schedule: NoiseSchedule
+    schedule: Schedule
     prediction_type: PredictionType = "epsilon"
     sample_shape: tuple[int, int, int] = (1, 16, 16)
     conditioning: Conditioning = "none"

@@ -234,7 +234,8 @@ class Predictor:
 
 
 # The conversions between parametrizations, for x = alpha * x0 + sigma * eps. alpha and sigma are floats
-# (a solver step) or tensors that broadcast per sample (training batches).
+# (a solver step) or tensors that broadcast per sample (training batches). 'flow' is rectified flow's
+# velocity v = eps - x0, defined where alpha + sigma = 1 (a FlowSchedule).
 
 
 def split_prediction(prediction_type: str, out, x, alpha, sigma):
@@ -245,6 +246,8 @@ def split_prediction(prediction_type: str, out, x, alpha, sigma):
         return alpha * x - sigma * out, sigma * x + alpha * out
     if prediction_type == "sample":
         return out, (x - alpha * out) / sigma
+    if prediction_type == "flow":
+        return x - sigma * out, x + alpha * out
     raise UserError(f"unknown prediction type {prediction_type!r}")
 
 
@@ -256,6 +259,8 @@ def prediction_target(prediction_type: str, x0, eps, alpha, sigma):
         return alpha * eps - sigma * x0
     if prediction_type == "sample":
         return x0
+    if prediction_type == "flow":
+        return eps - x0
     raise UserError(f"unknown prediction type {prediction_type!r}")
 
 
