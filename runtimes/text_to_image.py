@@ -119,6 +119,22 @@ class ImageBaseline:
                    tensors.get("labels"), info, **kwargs)
 
 
+def join_text(info: dict, hidden: dict, pooled: list) -> dict:
+    """The encoders' outputs -> the sampler's text inputs, as pipeline.json's text_layout says (SD3 pads and stacks on the sequence)."""
+    names = [e["name"] for e in info["text_encoders"]]
+    layout = info.get("text_layout") or {"channels": names, "pad_channels_to": None, "sequence": [], "zero_tokens": 0}
+    states = np.concatenate([hidden[n] for n in layout["channels"]], axis=-1)
+    if layout["pad_channels_to"]:
+        states = np.pad(states, ((0, 0), (0, 0), (0, layout["pad_channels_to"] - states.shape[-1])))
+    parts = [states] + [hidden[n] for n in layout["sequence"]]
+    if layout["zero_tokens"]:
+        parts.append(np.zeros((states.shape[0], layout["zero_tokens"], states.shape[-1]), np.float32))
+    feeds = {"encoder_hidden_states": np.concatenate(parts, axis=1)}
+    if pooled:
+        feeds[info.get("pooled_input") or "text_embeds"] = np.concatenate(pooled, axis=-1)
+    return feeds
+
+
 class PipelineRunner:
     """An exported text-to-image folder on one runtime: prompts -> images, as an app chains the files."""
 
@@ -145,14 +161,13 @@ class PipelineRunner:
     def encode(self, prompts: list[str]) -> dict[str, np.ndarray]:
         """Prompts -> the sampler's condition inputs."""
         ids = self.token_ids(prompts)
-        hidden, feeds = [], {}
+        hidden, pooled = {}, []
         for e in self.encoders:
             outputs = self.runners[e["name"]].run_outputs({"input_ids": ids[e["tokenizer"]]})
-            hidden.append(outputs[0])
+            hidden[e["name"]] = outputs[0]
             if e["pooled"]:
-                feeds["text_embeds"] = outputs[1]
-        feeds["encoder_hidden_states"] = np.concatenate(hidden, axis=-1)
-        return feeds
+                pooled.append(outputs[1])
+        return join_text(self.info, hidden, pooled)
 
     def feeds(self, prompts: list[str], noise: np.ndarray, negative_prompt: str | None = None, guidance_scale: float | None = None) -> dict:
         feeds = {"noise": np.asarray(noise, np.float32), **self.encode(prompts)}
