@@ -40,7 +40,10 @@ def diffusers_pipeline(folder: str | Path, scheduler: str | None = None):
     """The folder's diffusers pipeline in float32, quiet, with ``scheduler`` (one of ours) built from its own config."""
     import diffusers
 
-    pipe = diffusers.DiffusionPipeline.from_pretrained(str(folder))  # float32, as saved
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    # Components the folder leaves out ([null, null], as SD3 without its T5) load only when passed as None.
+    absent = {k: None for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[:1] == [None]}
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(folder), **absent)  # float32, as saved
     pipe.set_progress_bar_config(disable=True)
     if scheduler is not None:
         if scheduler not in DIFFUSERS_SCHEDULERS:
