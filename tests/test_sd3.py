@@ -156,8 +156,8 @@ def _flow_solvers_landed() -> bool:
 needs_flow_solvers = pytest.mark.skipif(not _flow_solvers_landed(), reason="needs the flow-matching solvers (FlowMatchEuler read by --solver model)")
 
 
-def _app():
-    spec = importlib.util.spec_from_file_location("text_to_image_onnx", ROOT / "examples" / "text_to_image_onnx.py")
+def _app(name: str = "text_to_image_onnx"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -171,9 +171,10 @@ def test_exported_sd3_pipeline_matches_diffusers_from_prompt_to_image(folders, n
     pipeline = load_pipeline(f"diffusers:{folders[name]}")
     guidance = pipeline_guidance(pipeline, None)
     solver = resolve_solver(pipeline.denoiser, "model", STEPS, guidance=guidance)
-    records = export_artifacts(pipeline, solver, tmp_path, ["onnx"])
+    formats = ["onnx", "openvino"] if name == "t5" else ["onnx"]
+    records = export_artifacts(pipeline, solver, tmp_path, formats)
     encoders = {"text_encoder", "text_encoder_2"} | ({"text_encoder_3"} if name == "t5" else set())
-    assert {r["kind"] for r in records} == encoders | {"sampler", "denoiser", "vae_decoder", "vae_encoder"}
+    assert {(r["kind"], r["format"]) for r in records} == {(k, f) for k in encoders | {"sampler", "denoiser", "vae_decoder", "vae_encoder"} for f in formats}
     sidecar = json.loads((tmp_path / "sampler.json").read_text())
     assert [i["name"] for i in sidecar["inputs"]] == ["noise", "encoder_hidden_states", "pooled_projections", "negative_encoder_hidden_states",
                                                      "negative_pooled_projections", "guidance_scale"]
@@ -189,6 +190,10 @@ def test_exported_sd3_pipeline_matches_diffusers_from_prompt_to_image(folders, n
     assert ours.shape == reference.shape == (2, 16, 16, 3)
     assert reference.std() > 0.02  # a real picture, not a constant
     assert np.abs(ours - reference).max() < 1e-3  # the image range is [0, 1]
+    if "openvino" in formats:  # the OpenVINO app chains the same files in IR, T5 included
+        seeded = _app().generate(tmp_path, prompts, NEGATIVE, seed=3)
+        openvino = _app("text_to_image_openvino").generate(tmp_path, prompts, NEGATIVE, seed=3, config={"INFERENCE_PRECISION_HINT": "f32"})
+        assert np.abs(openvino - seeded).max() < 1e-3
 
     # The bare denoiser graph on diffusers' own embeddings, at a float timestep.
     with torch.no_grad():
