@@ -181,6 +181,11 @@ def is_flow_scheduler_config(config: dict) -> bool:
     return config.get("_class_name") in FLOW_SCHEDULERS or bool(config.get("use_flow_sigmas")) or config.get("prediction_type") == "flow_prediction"
 
 
+def prediction_type_of(config: dict, default: str = "epsilon") -> str:
+    """The denoiser's parametrization a scheduler config implies: a flow's velocity, else its prediction_type."""
+    return "flow" if is_flow_scheduler_config(config) else config.get("prediction_type", default)
+
+
 def schedule_from_scheduler_config(config: dict) -> Schedule:
     """The schedule a diffusers scheduler config describes: rectified flow for the flow-matching ones, else VP."""
     return FlowSchedule.from_scheduler_config(config) if is_flow_scheduler_config(config) else NoiseSchedule.from_scheduler_config(config)

@@ -138,6 +138,8 @@ def sampler_sidecar(graph: SamplerGraph, fmt: str, file: str, batch_size: int | 
             "steps": solver.steps,
             "spacing": solver.spacing,
             "options": dict(solver.options),
+            # The rest of the plan's settings, so a runtime can rebuild the same solver (see runtimes/torch_runner.py).
+            "plan": {k: getattr(solver, k) for k in PLAN_SETTINGS},
             "timesteps": [float(t) for t in table.timesteps],
             "sigmas": _finite(graph.plan.sigma),
             "nfe": table.evaluations,
@@ -158,7 +160,7 @@ def denoiser_sidecar(graph: DenoiserGraph, fmt: str, file: str, batch_size: int 
     shape = [batch, *denoiser.sample_shape]
     inputs = [
         {"name": "sample", "shape": shape, "dtype": "float32", "description": "noisy sample x_t = alpha_t * x_0 + sigma_t * noise"},
-        {"name": "timestep", "shape": [batch], "dtype": "float32", "range": [0, denoiser.schedule.num_train_timesteps - 1],
+        {"name": "timestep", "shape": [batch], "dtype": "float32", "range": _timestep_range(denoiser.schedule),
          "description": "training timestep of each sample (fractional values allowed)"},
     ]
     inputs += _condition_specs(denoiser, batch)
@@ -173,17 +175,31 @@ def denoiser_sidecar(graph: DenoiserGraph, fmt: str, file: str, batch_size: int 
         "batch": {"dynamic": batch_size is None, "size": batch_size},
         "data_range": list(denoiser.data_range) if denoiser.space == "pixels" else None,
         "prediction_type": denoiser.prediction_type,
-        "schedule": {
-            "num_train_timesteps": denoiser.schedule.num_train_timesteps,
-            "scheduler_config": denoiser.scheduler_config,
-            "fingerprint": denoiser.schedule.fingerprint(),
-            # x_t = sqrt(alphas_cumprod[t]) * x_0 + sqrt(1 - alphas_cumprod[t]) * noise, for a host-side scheduler.
-            "alphas_cumprod": [float(a) for a in denoiser.schedule.alphas_cumprod],
-        },
+        "schedule": _schedule_section(denoiser),
         "conditioning": _conditioning(denoiser, guidance=False),
         "model": denoiser.describe(),
         **(extra or {}),
     }
+
+
+PLAN_SETTINGS = ("final", "convention", "steps_offset", "timestep_rounding", "lambda_min_clipped")
+
+
+def _timestep_range(schedule) -> list[int]:
+    # A flow's timestep is sigma * T, so pure noise is T itself; VP timesteps index alphas_cumprod.
+    return [0, schedule.num_train_timesteps - (0 if schedule.kind == "flow" else 1)]
+
+
+def _schedule_section(denoiser) -> dict:
+    """What a host-side scheduler needs: x_t = alpha_t x_0 + sigma_t noise, spelled out per family."""
+    schedule = denoiser.schedule
+    section = {**schedule.describe(), "scheduler_config": denoiser.scheduler_config, "fingerprint": schedule.fingerprint()}
+    if schedule.kind == "flow":
+        section["levels"] = "alpha_t = 1 - t / num_train_timesteps, sigma_t = t / num_train_timesteps"
+    else:
+        section["levels"] = "alpha_t = sqrt(alphas_cumprod[t]), sigma_t = sqrt(1 - alphas_cumprod[t])"
+        section["alphas_cumprod"] = [float(a) for a in schedule.alphas_cumprod]
+    return section
 
 
 def target_section(name: str) -> dict:
