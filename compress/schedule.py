@@ -141,6 +141,12 @@ class FlowSchedule:
         shift = config.get("shift", config.get("flow_shift", 1.0))
         return cls(int(config.get("num_train_timesteps", 1000)), float(shift), dynamic)
 
+    @classmethod
+    def from_description(cls, d: dict) -> "FlowSchedule":
+        """The inverse of `describe`."""
+        dynamic = d.get("dynamic_shifting")
+        return cls(int(d["num_train_timesteps"]), float(d["shift"]), tuple(dynamic.items()) if dynamic else None)
+
     def at_sequence_length(self, tokens: int) -> "FlowSchedule":
         """The static shift a dynamically shifted model samples with at ``tokens`` image tokens."""
         if self.dynamic is None:

@@ -82,3 +82,12 @@ def test_variance_preserving_settings_are_refused_on_a_flow(flow_folder, tmp_pat
     result = cli("export", f"diffusers:{flow_folder}", "--solver", "dpmpp-2m", "--spacing", "leading", "--steps", "4", "--out", tmp_path / "a")
     assert_one_line_error(result, "'leading' is for variance-preserving schedules")
     assert not (tmp_path / "a").exists()
+
+
+def test_timestep_search_on_a_flow(flow_folder):
+    from compress.schedule_search import search_timesteps
+
+    denoiser = load_model(f"diffusers:{flow_folder}")
+    found = search_timesteps(denoiser, SolverConfig("dpmpp-2m", 3), noises=4, teacher=SolverConfig("euler", 40))
+    assert found.error_found <= found.error_start
+    assert all(0 <= t < 1000 for t in found.timesteps) and found.timesteps == sorted(found.timesteps, reverse=True)
