@@ -20,7 +20,7 @@ from torch import nn
 from compress.components import Pipeline
 from compress.denoiser import PREDICTION_TYPES, Denoiser, DiffusersTransformer, DiffusersUNet
 from compress.errors import UserError, first_line, register_user_code
-from compress.schedule import NoiseSchedule
+from compress.schedule import NoiseSchedule, prediction_type_of, schedule_from_scheduler_config
 
 SCHEMES = ("zoo", "diffusers", "python")
 TRANSFORMER_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
@@ -57,6 +57,9 @@ def load_pipeline(reference: str, flags: ScheduleFlags | None = None) -> Pipelin
 def _load(reference: str, flags: ScheduleFlags) -> Denoiser | Pipeline:
     if flags.prediction_type not in PREDICTION_TYPES:
         raise UserError(f"unknown prediction type {flags.prediction_type!r}; expected one of {', '.join(PREDICTION_TYPES)}")
+    if flags.prediction_type == "flow":
+        raise UserError("prediction type 'flow' needs a flow-matching schedule: load the model from a diffusers folder whose scheduler is "
+                        "FlowMatchEulerDiscreteScheduler (or a python factory returning a Denoiser with a FlowSchedule)")
     from compress.model_folder import is_model_folder, load_model_folder
 
     if is_model_folder(reference):
@@ -137,8 +140,8 @@ def _load_diffusers_hub(repo_id: str, flags: ScheduleFlags) -> Denoiser:
 
 def _describe_diffusers(model: nn.Module, scheduler_config: dict | None, flags: ScheduleFlags, source: str, name: str) -> Denoiser:
     config = model.config
-    schedule = NoiseSchedule.from_scheduler_config(scheduler_config) if scheduler_config else flags.schedule()
-    prediction_type = (scheduler_config or {}).get("prediction_type", flags.prediction_type)
+    schedule = schedule_from_scheduler_config(scheduler_config) if scheduler_config else flags.schedule()
+    prediction_type = prediction_type_of(scheduler_config, flags.prediction_type) if scheduler_config else flags.prediction_type
     size = config.get("sample_size", 32)
     size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
     in_channels = config.get("in_channels", 4)

@@ -63,7 +63,10 @@ def save_model_folder(denoiser, folder: str | Path, builder: str, builder_args: 
     }
     config = {"format": FORMAT, "version": VERSION, "builder": builder, "builder_args": builder_args, "denoiser": description}
     tensors = {k: v.detach().contiguous().cpu() for k, v in denoiser.module.state_dict().items()}
-    tensors[SCHEDULE_KEY] = torch.from_numpy(denoiser.schedule.alphas_cumprod.copy())
+    if denoiser.schedule.kind == "flow":
+        description["flow_schedule"] = denoiser.schedule.describe()
+    else:
+        tensors[SCHEDULE_KEY] = torch.from_numpy(denoiser.schedule.alphas_cumprod.copy())
     save_file(tensors, str(folder / WEIGHTS_FILE))
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return folder
@@ -74,7 +77,7 @@ def load_model_folder(path: str | Path):
     from safetensors.torch import load_file
 
     from compress.denoiser import Denoiser
-    from compress.schedule import NoiseSchedule
+    from compress.schedule import FlowSchedule, NoiseSchedule
 
     folder = Path(path)
     try:
@@ -97,17 +100,21 @@ def load_model_folder(path: str | Path):
     module_name, _, function = BUILDERS[builder].partition(":")
     build = getattr(importlib.import_module(module_name), function)
     module: nn.Module = build(config.get("builder_args") or {})
-    schedule = tensors.pop(SCHEDULE_KEY, None)
-    if schedule is None:
+    d = config["denoiser"]
+    levels = tensors.pop(SCHEDULE_KEY, None)
+    if d.get("flow_schedule"):
+        schedule = FlowSchedule.from_description(d["flow_schedule"])
+    elif levels is not None:
+        schedule = NoiseSchedule(levels.double().numpy())
+    else:
         raise UserError(f"{folder / WEIGHTS_FILE} holds no noise schedule")
     try:
         module.load_state_dict(tensors)
     except RuntimeError as e:
         raise UserError(f"{folder / WEIGHTS_FILE} does not match the architecture in {CONFIG_FILE}: {str(e).splitlines()[0]}") from None
-    d = config["denoiser"]
     return Denoiser(
         module.eval(),
-        NoiseSchedule(schedule.double().numpy()),
+        schedule,
         d["prediction_type"],
         tuple(d["sample_shape"]),
         conditioning=d["conditioning"],

@@ -141,6 +141,12 @@ class FlowSchedule:
         shift = config.get("shift", config.get("flow_shift", 1.0))
         return cls(int(config.get("num_train_timesteps", 1000)), float(shift), dynamic)
 
+    @classmethod
+    def from_description(cls, d: dict) -> "FlowSchedule":
+        """The inverse of `describe`."""
+        dynamic = d.get("dynamic_shifting")
+        return cls(int(d["num_train_timesteps"]), float(d["shift"]), tuple(dynamic.items()) if dynamic else None)
+
     def at_sequence_length(self, tokens: int) -> "FlowSchedule":
         """The static shift a dynamically shifted model samples with at ``tokens`` image tokens."""
         if self.dynamic is None:
@@ -179,6 +185,11 @@ FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteSche
 
 def is_flow_scheduler_config(config: dict) -> bool:
     return config.get("_class_name") in FLOW_SCHEDULERS or bool(config.get("use_flow_sigmas")) or config.get("prediction_type") == "flow_prediction"
+
+
+def prediction_type_of(config: dict, default: str = "epsilon") -> str:
+    """The denoiser's parametrization a scheduler config implies: a flow's velocity, else its prediction_type."""
+    return "flow" if is_flow_scheduler_config(config) else config.get("prediction_type", default)
 
 
 def schedule_from_scheduler_config(config: dict) -> Schedule:

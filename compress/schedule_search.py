@@ -67,7 +67,8 @@ def search_timesteps(
         table = dataclasses.replace(solver, timesteps=tuple(timesteps)).table(denoiser.schedule, denoiser.prediction_type)
         return float(torch.mean((run_table(table, network, noise) - target) ** 2))
 
-    start = [int(t) for t in np.round(solver.plan(denoiser.schedule).timesteps)]
+    # A flow plan starts at t = T (pure noise); explicit timesteps stay on the grid below it.
+    start = [min(int(t), T - 1) for t in np.round(solver.plan(denoiser.schedule).timesteps)]
     # A quarter of an even spacing: the first move, and the narrowest gap a move may leave.
     step = min_gap = max(1, T // (4 * len(start)))
     best, best_error = list(start), error(start)

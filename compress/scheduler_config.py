@@ -1,5 +1,6 @@
 """The model's own scheduler: a diffusers scheduler config read into the `SolverConfig` that
-reproduces its sampling loop step for step.
+reproduces its sampling loop step for step (on the model's schedule: VP, or a `FlowSchedule` for
+the FlowMatch schedulers and the multistep ones with ``use_flow_sigmas``).
 
 Missing keys take the defaults of the diffusers class (written out below, so reading a config
 needs no diffusers import; the tests check them against diffusers). Keys of other scheduler
@@ -55,6 +56,7 @@ DEFAULTS = {
         "rescale_betas_zero_snr": False,
         "final_sigmas_type": "zero",
     },
+    "HeunDiscreteScheduler": {**_BETAS, **_SPACING, **_SIGMAS, "clip_sample": False},
     "DPMSolverMultistepScheduler": {
         **_MULTISTEP,
         **_SPACING,
@@ -87,6 +89,23 @@ DEFAULTS = {
         "rescale_betas_zero_snr": False,
     },
     "DEISMultistepScheduler": {**_MULTISTEP, **_SPACING, "algorithm_type": "deis", "solver_type": "logrho"},
+    "FlowMatchEulerDiscreteScheduler": {
+        "num_train_timesteps": 1000,
+        "shift": 1.0,
+        "use_dynamic_shifting": False,
+        "invert_sigmas": False,
+        "shift_terminal": None,
+        **_SIGMAS,
+        "time_shift_type": "exponential",
+        "stochastic_sampling": False,
+    },
+    "FlowMatchHeunDiscreteScheduler": {"num_train_timesteps": 1000, "shift": 1.0},
+}
+_FLOW_UNSUPPORTED = {
+    "invert_sigmas": "inverted sigmas (noise at sigma = 0) are not reproduced",
+    "shift_terminal": "a stretched terminal sigma is not reproduced",
+    "use_karras_sigmas": "Karras sigmas on a flow are not implemented",
+    "stochastic_sampling": "stochastic sampling cannot be baked into a graph",
 }
 SUPPORTED = tuple(DEFAULTS)
 
@@ -97,8 +116,6 @@ _UNSUPPORTED = {
     "rescale_betas_zero_snr": "zero-terminal-SNR schedules are not reproduced",
     "use_exponential_sigmas": "exponential sigmas are not implemented",
     "use_beta_sigmas": "beta sigmas are not implemented",
-    "use_flow_sigmas": "flow-matching sigmas are not implemented",
-    "use_dynamic_shifting": "dynamic shifting is not implemented",
     "sigma_min": "custom sigma bounds are not reproduced",
     "sigma_max": "custom sigma bounds are not reproduced",
     "solver_p": "a custom predictor scheduler is not reproduced",
@@ -127,6 +144,8 @@ def solver_from_scheduler_config(config: dict, steps: int, guidance_scale: float
     if steps < 1:
         raise UserError(f"steps must be at least 1, got {steps}")
     c = {**DEFAULTS[cls], **{k: v for k, v in config.items() if not k.startswith("_")}}
+    if cls.startswith("FlowMatch") or c.get("use_flow_sigmas"):
+        return _flow(cls, c, steps, guidance_scale)
     _check_common(cls, c)
     base = dict(
         steps=steps,
@@ -216,6 +235,12 @@ def _euler(cls, c, base):
     return SolverConfig("euler", **_sigmas(cls, c, base), convention="euler")
 
 
+def _heun(cls, c, base):
+    if c["use_karras_sigmas"]:
+        _fail(cls, "use_karras_sigmas", True, "Heun on Karras sigmas is not reproduced")
+    return SolverConfig("heun", **base, convention="euler")
+
+
 def _dpm_multistep(cls, c, base):
     _dpm_algorithm(cls, c)
     if c["euler_at_final"] and c["final_sigmas_type"] != "zero":  # onto sigma = 0 the last step is Euler anyway
@@ -267,10 +292,41 @@ def _deis(cls, c, base):
     return SolverConfig(f"deis-{order}", **base, options={"lower_order_final": bool(c["lower_order_final"])})
 
 
+def _flow(cls: str, c: dict, steps: int, guidance_scale) -> SolverConfig:
+    """Flow schedulers: the shift is the schedule's (`FlowSchedule`); here only the method and its levels."""
+    for key, why in {**_UNSUPPORTED, **_FLOW_UNSUPPORTED}.items():
+        if key in DEFAULTS[cls] and c.get(key):
+            _fail(cls, key, c[key], why)
+    if c.get("use_dynamic_shifting") and c.get("time_shift_type", "exponential") != "exponential":
+        _fail(cls, "time_shift_type", c["time_shift_type"], "only the exponential dynamic shift is reproduced")
+    if c.get("final_sigmas_type", "zero") != "zero":
+        _fail(cls, "final_sigmas_type", c["final_sigmas_type"], "flow sigmas are reproduced ending on a clean sample only")
+    if "prediction_type" in DEFAULTS[cls] and c["prediction_type"] != "flow_prediction":
+        _fail(cls, "prediction_type", c["prediction_type"], "use_flow_sigmas needs prediction_type='flow_prediction'")
+    base = dict(steps=steps, guidance_scale=guidance_scale)
+    if cls == "FlowMatchEulerDiscreteScheduler":
+        return SolverConfig("euler", spacing="linspace", timestep_rounding="none", **base)
+    if cls == "FlowMatchHeunDiscreteScheduler":
+        return SolverConfig("heun", spacing="linspace", timestep_rounding="none", **base)
+    if cls == "DPMSolverMultistepScheduler":
+        _dpm_algorithm(cls, c)
+        order = _order(c, steps)
+        if order == 3:
+            _fail(cls, "solver_order", 3, "third order on flow sigmas is not reproduced")
+        base.update(spacing="dpmsolver", timestep_rounding="floor")
+        if order == 1:
+            return SolverConfig("ddim", **base)
+        return SolverConfig("dpmpp-2m", **base, options={"lower_order_final": bool(c["lower_order_final"]), "solver_type": c["solver_type"]})
+    if cls == "UniPCMultistepScheduler":
+        return _unipc(cls, c, {**base, "spacing": "unipc", "timestep_rounding": "floor"})
+    _fail(cls, "use_flow_sigmas", True, "flow sigmas are reproduced for DPMSolverMultistepScheduler and UniPCMultistepScheduler")
+
+
 _READERS = {
     "DDIMScheduler": _ddim,
     "PNDMScheduler": _pndm,
     "EulerDiscreteScheduler": _euler,
+    "HeunDiscreteScheduler": _heun,
     "DPMSolverMultistepScheduler": _dpm_multistep,
     "DPMSolverSinglestepScheduler": _dpm_singlestep,
     "UniPCMultistepScheduler": _unipc,

@@ -341,7 +341,7 @@ def _distil(student: Denoiser, teacher: Denoiser, config: SlimConfig, images, la
 
     gen = torch.Generator().manual_seed(config.seed)
     T = teacher.schedule.num_train_timesteps
-    t_weights = noise_level_weights(teacher.schedule.alphas_cumprod, config.high_noise_weight)
+    t_weights = noise_level_weights(teacher.schedule, config.high_noise_weight)
     want_features = config.lambda_feature > 0
     curve, window = [], {}
 

@@ -7,7 +7,8 @@ combination of the initial noise and the network's inputs and outputs so far, so
 (computed once, in float64) is all the baked sampler graph needs. Nothing about a solver is
 written twice.
 
-Conventions: x_t = alpha * x0 + sigma * eps (variance preserving); the plan lists the K
+Conventions: x_t = alpha * x0 + sigma * eps (variance preserving, or rectified flow with
+alpha = 1 - sigma: a plan with ``flow``); the plan lists the K
 levels the network is evaluated at plus the final level (sigma = 0: a clean sample);
 lambda = log(alpha / sigma) is the half log-SNR and rho = sigma / alpha the "VE sigma"
 that diffusers' schedulers call ``sigmas``. Step i moves x from level i to ``plan.end(i)``,
@@ -17,9 +18,10 @@ scalar multiplication on tensors.
 
 Each solver reproduces the diffusers scheduler of the same method (DDIMScheduler,
 DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, UniPCMultistepScheduler,
-DEISMultistepScheduler, PNDMScheduler with skip_prk_steps, EulerDiscreteScheduler) step for
-step, including when each one lowers its order; `compress.scheduler_config` maps a
-scheduler config onto a `SolverConfig`.
+DEISMultistepScheduler, PNDMScheduler with skip_prk_steps, EulerDiscreteScheduler, and on flows
+FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler and the multistep ones with
+``use_flow_sigmas``) step for step, including when each one lowers its order;
+`compress.scheduler_config` maps a scheduler config onto a `SolverConfig`.
 """
 from __future__ import annotations
 
@@ -31,9 +33,15 @@ from typing import Callable
 import numpy as np
 
 from compress.errors import UserError, did_you_mean, unknown_choice
-from compress.schedule import NoiseSchedule
+from compress.schedule import NoiseSchedule, Schedule, shift_sigmas
 
 SPACINGS = ("linspace", "leading", "trailing", "karras", "logsnr")
+# Flow plans: 'trailing' = K levels 1, (K-1)/K, ..., 1/K before the shift (what FLUX's and SD3.5's pipelines
+# pass as sigmas); 'linspace' = FlowMatch*DiscreteScheduler's own set_timesteps; 'dpmsolver' and 'unipc' =
+# the use_flow_sigmas levels of DPMSolverMultistepScheduler and UniPCMultistepScheduler.
+FLOW_SPACINGS = ("trailing", "linspace", "dpmsolver", "unipc")
+# Below sigma = 1 by this much a flow plan's first level keeps lambda = log(alpha / sigma) finite (diffusers' UniPC does the same).
+FLOW_SIGMA_CAP = 1e-6
 # Which diffusers family's timestep rules a plan follows (they differ for linspace and leading):
 # multistep = DPMSolver*/UniPC/DEIS, ddim = DDIMScheduler/PNDMScheduler, euler = EulerDiscreteScheduler.
 CONVENTIONS = ("multistep", "ddim", "euler")
@@ -56,6 +64,7 @@ class SamplingPlan:
     sigma: np.ndarray  # [K + 1]; sigma[K] is where sampling ends
     ends: np.ndarray | None = None  # [K, 2] (alpha, sigma) step i lands on, where that is not level i + 1
     noise_scale: float = 1.0  # x at level 0 = noise_scale * standard normal noise
+    flow: bool = False  # rectified flow: alpha = 1 - sigma, and the ODE's natural frame is (x, sigma)
 
     @property
     def steps(self) -> int:
@@ -129,7 +138,7 @@ def build_plan(
     convention: str = "multistep",
     final: str = "zero",
     steps_offset: int = 0,
-    timestep_rounding: str = "round",
+    timestep_rounding: str | None = None,
     lambda_min_clipped: float | None = None,
 ) -> SamplingPlan:
     """The K network levels and the final level, following diffusers' timestep rules.
@@ -144,8 +153,13 @@ def build_plan(
     spacing, then the network is evaluated at the next listed timestep, as DDIMScheduler and
     PNDMScheduler do; those landings go into `SamplingPlan.ends` where they differ from the next level.
     `lambda_min_clipped` drops the noisiest timesteps (lambda below it) from multistep spacings.
+    A `FlowSchedule` gets a flow plan (`build_flow_plan`); rounding then defaults to 'none'.
     """
-    _choose("timestep spacing", spacing, SPACINGS)
+    if schedule.kind == "flow":
+        _check_flow_settings(spacing, convention, final, steps_offset, lambda_min_clipped)
+        return build_flow_plan(schedule, steps, spacing, timestep_rounding or "none")
+    timestep_rounding = timestep_rounding or "round"
+    _check_vp_settings(spacing)
     _choose("timestep convention", convention, CONVENTIONS)
     _choose("final level", final, FINALS)
     _choose("timestep rounding", timestep_rounding, ROUNDINGS)
@@ -201,18 +215,71 @@ def build_plan(
     return SamplingPlan(np.asarray(t, dtype=np.float64), alpha, sigma, ends, noise_scale)
 
 
+def _check_vp_settings(spacing: str) -> None:
+    if spacing in FLOW_SPACINGS and spacing not in SPACINGS:
+        raise UserError(f"timestep spacing {spacing!r} is for flow-matching models; this model's schedule is variance preserving "
+                        f"(spacings: {', '.join(SPACINGS)})")
+    _choose("timestep spacing", spacing, SPACINGS)
+
+
+def _check_flow_settings(spacing: str, convention: str, final: str, steps_offset: int, lambda_min_clipped) -> None:
+    """Settings of variance-preserving plans are refused by name on a flow, never silently ignored."""
+    if spacing in SPACINGS and spacing not in FLOW_SPACINGS:
+        raise UserError(f"timestep spacing {spacing!r} is for variance-preserving schedules; this is a flow-matching model "
+                        f"(spacings: {', '.join(FLOW_SPACINGS)})")
+    _choose("timestep spacing", spacing, FLOW_SPACINGS)
+    for name, value, default in (("timestep convention", convention, "multistep"), ("final level", final, "zero"),
+                                 ("steps_offset", steps_offset, 0), ("lambda_min_clipped", lambda_min_clipped, None)):
+        if value != default:
+            raise UserError(f"{name} {value!r} applies to variance-preserving schedules only; a flow plan ends on a clean sample")
+
+
+def build_flow_plan(schedule, steps: int, spacing: str = "trailing", timestep_rounding: str = "none") -> SamplingPlan:
+    """K flow levels sigma (shifted by the schedule's shift) and the clean end, with network timesteps sigma * T.
+
+    Levels are float32 as diffusers keeps them; 'floor' timesteps are the int64 casts of
+    DPMSolverMultistep and UniPC, 'none' the float timesteps of the FlowMatch schedulers.
+    """
+    _choose("timestep rounding", timestep_rounding, ROUNDINGS)
+    if steps < 1:
+        raise UserError(f"steps must be at least 1, got {steps}")
+    T, shift = schedule.num_train_timesteps, schedule.shift
+    if spacing == "trailing":
+        sigmas = np.linspace(1.0, 1.0 / steps, steps)
+    elif spacing == "linspace":
+        # The scheduler's sigma_min is its smallest training level, which a static shift has already moved
+        # once at construction (in float32); set_timesteps then shifts the whole linspace again.
+        sigma_min = 1.0 / T if schedule.dynamic else float(shift_sigmas(np.float32(1.0 / T), np.float32(shift)))
+        sigmas = np.linspace(T, sigma_min * T, steps) / T
+    elif spacing == "dpmsolver":
+        sigmas = (1.0 - np.linspace(1, 1 / T, steps + 1))[::-1][:-1]
+    else:
+        sigmas = np.linspace(1, 1 / T, steps + 1)[:-1]
+    sigmas = shift_sigmas(sigmas, shift)
+    sigmas = np.where(sigmas > 1 - FLOW_SIGMA_CAP, 1 - FLOW_SIGMA_CAP, sigmas) if spacing == "unipc" else sigmas
+    if spacing in ("trailing", "linspace"):  # torch float32, timesteps = sigmas * T in float32
+        sigmas = sigmas.astype(np.float32)
+        t = (sigmas * np.float32(T)).astype(np.float64)
+    else:
+        t = sigmas * T
+        sigmas = sigmas.astype(np.float32)
+    t = {"round": np.round, "floor": np.floor, "none": np.asarray}[timestep_rounding](t)
+    sigma = np.minimum(np.append(sigmas.astype(np.float64), 0.0), 1 - FLOW_SIGMA_CAP)
+    return SamplingPlan(np.asarray(t, dtype=np.float64), 1.0 - sigma, sigma, flow=True)
+
+
 def spaced_timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "trailing", steps_offset: int = 0, convention: str = "multistep") -> np.ndarray:
     """Descending timesteps fed to the network, following diffusers' schedulers (see `build_plan`)."""
     t = build_plan(schedule, steps, spacing, convention=convention, steps_offset=steps_offset).timesteps
     return t.astype(np.int64) if np.all(t == np.round(t)) else t
 
 
-def make_plan(schedule: NoiseSchedule, timesteps, final: str = "zero") -> SamplingPlan:
+def make_plan(schedule: Schedule, timesteps, final: str = "zero") -> SamplingPlan:
     """A plan over given integer timesteps. final='zero' ends on a clean sample; 'sigma_min' on the schedule's first level."""
     t = np.asarray(timesteps, dtype=np.int64)
     alpha, sigma = schedule.alpha(t), schedule.sigma(t)
     end = (1.0, 0.0) if final == "zero" else (float(schedule.alpha(0)), float(schedule.sigma(0)))
-    return SamplingPlan(t.astype(np.float64), np.append(alpha, end[0]), np.append(sigma, end[1]))
+    return SamplingPlan(t.astype(np.float64), np.append(alpha, end[0]), np.append(sigma, end[1]), flow=schedule.kind == "flow")
 
 
 # ----------------------------------------------------------------------------- model predictions
@@ -365,18 +432,52 @@ def ddim(model, x, plan: SamplingPlan):
     return x
 
 
-def euler(model, x, plan: SamplingPlan):
-    """Euler's method on the probability-flow ODE in rho = sigma/alpha (Karras et al. 2022, arXiv:2206.00364).
+def _frame(plan: SamplingPlan, level: tuple[float, float]) -> tuple[float, float]:
+    """(c, tau): the probability-flow ODE as dy/dtau with y = x / c.
 
-    In y = x / alpha, dy/drho = eps. Like diffusers' EulerDiscreteScheduler it returns the final
-    y, which is x itself when the plan ends on a clean sample.
+    Variance preserving: y = x / alpha over tau = sigma / alpha (Karras et al. 2022), slope eps.
+    Rectified flow: x itself over sigma, slope the velocity eps - x0 (the frame its Euler sampler uses).
+    """
+    alpha, sigma = level
+    return (1.0, sigma) if plan.flow else (alpha, sigma / alpha)
+
+
+def _slope(plan: SamplingPlan, x0, eps):
+    return eps - x0 if plan.flow else eps
+
+
+def euler(model, x, plan: SamplingPlan):
+    """Euler's method on the probability-flow ODE in the plan's frame (see `_frame`).
+
+    Like diffusers' EulerDiscreteScheduler it returns the final y, which is x itself when the plan
+    ends on a clean sample; on a flow it is FlowMatchEulerDiscreteScheduler's x + (sigma' - sigma) v.
     """
     x = plan.start(x)
     for i in range(plan.steps):
-        _, eps = model(x, i)
-        (a, s), (a_next, s_next) = plan.level(i), plan.end(i)
-        x = a_next * (x / a + (s_next / a_next - s / a) * eps)
-    return x / plan.end(plan.steps - 1)[0]
+        x0, eps = model(x, i)
+        (c, tau), (c_next, tau_next) = _frame(plan, plan.level(i)), _frame(plan, plan.end(i))
+        x = c_next * (x / c + (tau_next - tau) * _slope(plan, x0, eps))
+    return x / _frame(plan, plan.end(plan.steps - 1))[0]
+
+
+def heun(model, x, plan: SamplingPlan):
+    """Heun's method (Karras et al. 2022, Alg. 1) in the plan's frame: an Euler step, the slope where it
+    lands, then the step again with the mean of both slopes. The step onto sigma = 0 stays Euler, so K
+    steps take 2K - 1 evaluations (diffusers' HeunDiscreteScheduler and FlowMatchHeunDiscreteScheduler)."""
+    if plan.ends is not None or plan.sigma[-1] != 0:
+        raise UserError("solver 'heun' needs a plan that ends on a clean sample (final level 'zero') and lands on its own levels")
+    x = plan.start(x)
+    for i in range(plan.steps):
+        x0, eps = model(x, i)
+        (c, tau), (c_next, tau_next) = _frame(plan, plan.level(i)), _frame(plan, plan.end(i))
+        slope = _slope(plan, x0, eps)
+        x_euler = c_next * (x / c + (tau_next - tau) * slope)
+        if i == plan.steps - 1:
+            x = x_euler
+            continue
+        slope_end = _slope(plan, *model(x_euler, i + 1))
+        x = c_next * (x / c + (tau_next - tau) * 0.5 * (slope + slope_end))
+    return x / _frame(plan, plan.end(plan.steps - 1))[0]
 
 
 def ddpm(model, x, plan: SamplingPlan, noise: Callable):
@@ -623,7 +724,8 @@ _UNIPC = {
 
 SOLVERS: dict[str, SolverSpec] = {
     "ddim": SolverSpec(ddim, summary="DDIM, deterministic (eta=0)"),
-    "euler": SolverSpec(euler, summary="Euler on the probability-flow ODE"),
+    "euler": SolverSpec(euler, summary="Euler on the probability-flow ODE (on flows: FlowMatchEuler)"),
+    "heun": SolverSpec(heun, summary="Heun, second order (on flows: FlowMatchHeun)", evaluations="2K - 1"),
     "ddpm": SolverSpec(ddpm, stochastic=True, summary="DDPM ancestral sampling (stochastic, host loop only)"),
     "dpmpp-2m": SolverSpec(dpmpp_2m, order=2, summary="DPM-Solver++(2M), multistep", options={**_LOWER, **_MIDPOINT}),
     "dpmpp-3m": SolverSpec(dpmpp_3m, order=3, summary="DPM-Solver++(3M), multistep", options=dict(_LOWER)),
@@ -682,7 +784,7 @@ class SolverConfig:
     final: str = "zero"  # 'zero' (clean sample) or 'sigma_min' (the schedule's first level)
     convention: str = "multistep"  # timestep rules: 'multistep', 'ddim' (DDIM/PNDM) or 'euler'
     steps_offset: int = 0  # added to 'leading' timesteps
-    timestep_rounding: str = "round"  # karras/logsnr network timesteps: 'round', 'floor' or 'none'
+    timestep_rounding: str | None = None  # off-grid network timesteps: 'round', 'floor' or 'none'; None: VP rounds, flows keep floats
     lambda_min_clipped: float | None = None  # multistep spacings skip timesteps with lambda below this
     timesteps: tuple[int, ...] | None = None  # explicit (e.g. searched) timesteps; they set `steps`
 
@@ -697,13 +799,14 @@ class SolverConfig:
             if not all(a > b for a, b in zip(t, t[1:])) or (t and t[-1] < 0):
                 raise UserError(f"timesteps must be distinct, descending and non-negative, got {list(t)}")
         spec = check_solver(self.name, self.steps, self.options)
-        _choose("timestep spacing", self.spacing, SPACINGS)
+        _choose("timestep spacing", self.spacing, SPACINGS + tuple(s for s in FLOW_SPACINGS if s not in SPACINGS))
         _choose("timestep convention", self.convention, CONVENTIONS)
         _choose("final level", self.final, FINALS)
-        _choose("timestep rounding", self.timestep_rounding, ROUNDINGS)
+        if self.timestep_rounding is not None:
+            _choose("timestep rounding", self.timestep_rounding, ROUNDINGS)
         return spec
 
-    def plan(self, schedule: NoiseSchedule) -> SamplingPlan:
+    def plan(self, schedule: Schedule) -> SamplingPlan:
         self.validate()
         if self.timesteps is not None:
             if self.timesteps[0] >= schedule.num_train_timesteps:
@@ -720,7 +823,7 @@ class SolverConfig:
             lambda_min_clipped=self.lambda_min_clipped,
         )
 
-    def table(self, schedule: NoiseSchedule, prediction_type: str) -> "SolverTable":
+    def table(self, schedule: Schedule, prediction_type: str) -> "SolverTable":
         """The coefficient table of this solver on this schedule."""
         return compile_solver(self.name, self.plan(schedule), prediction_type, **self.options)
 

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -67,16 +68,16 @@ def high_frequency_share(images: torch.Tensor) -> torch.Tensor:
     return (power * high).sum(dim=(-3, -2, -1)) / total
 
 
-def noise_level_weights(alphas_cumprod, cap: float) -> torch.Tensor:
-    """Per-timestep loss weights clamp(sigma_t / alpha_t, 1, cap), normalised to mean 1 over the timesteps.
+def noise_level_weights(schedule, cap: float) -> torch.Tensor:
+    """Per-timestep loss weights clamp(sigma_t / alpha_t, 1, cap), normalised to mean 1 over the training timesteps.
 
     Why: a deterministic sampler integrates the predicted noise against d(sigma/alpha), which is
     huge at high noise, so an epsilon error there grows into a large sample error (slim students
     trained with uniform weights for a few hundred steps diverged under DDIM-100 from t ~ 900 on,
     while their uniform-t loss looked fine). cap = 1 gives the plain DDPM weighting.
     """
-    acp = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
-    w = torch.sqrt((1 - acp) / acp).clamp(1.0, max(1.0, cap))
+    t = np.arange(schedule.num_train_timesteps)
+    w = torch.as_tensor(schedule.sigma(t) / schedule.alpha(t), dtype=torch.float64).clamp(1.0, max(1.0, cap))
     return (w / w.mean()).float()
 
 

@@ -139,6 +139,8 @@ def sampler_sidecar(graph: SamplerGraph, fmt: str, file: str, batch_size: int | 
             "steps": solver.steps,
             "spacing": solver.spacing,
             "options": dict(solver.options),
+            # The rest of the plan's settings, so a runtime can rebuild the same solver (see runtimes/torch_runner.py).
+            "plan": {k: getattr(solver, k) for k in PLAN_SETTINGS},
             "timesteps": [float(t) for t in table.timesteps],
             "sigmas": _finite(graph.plan.sigma),
             "nfe": table.evaluations,
@@ -157,12 +159,9 @@ def denoiser_sidecar(graph: DenoiserGraph, fmt: str, file: str, batch_size: int 
     denoiser = graph.denoiser
     batch = _batch_dim(batch_size)
     shape = [batch, *denoiser.sample_shape]
-    schedule = denoiser.schedule
-    flow = schedule.kind == "flow"
     inputs = [
         {"name": "sample", "shape": shape, "dtype": "float32", "description": "noisy sample x_t = alpha_t * x_0 + sigma_t * noise"},
-        # A flow model's timestep is sigma * T, and sigma = 1 (pure noise) is a valid level.
-        {"name": "timestep", "shape": [batch], "dtype": "float32", "range": [0, schedule.num_train_timesteps - (0 if flow else 1)],
+        {"name": "timestep", "shape": [batch], "dtype": "float32", "range": _timestep_range(denoiser.schedule),
          "description": "training timestep of each sample (fractional values allowed)"},
     ]
     inputs += _condition_specs(denoiser, batch)
@@ -177,19 +176,31 @@ def denoiser_sidecar(graph: DenoiserGraph, fmt: str, file: str, batch_size: int 
         "batch": {"dynamic": batch_size is None, "size": batch_size},
         "data_range": list(denoiser.data_range) if denoiser.space == "pixels" else None,
         "prediction_type": denoiser.prediction_type,
-        "schedule": {
-            **schedule.describe(),
-            "scheduler_config": denoiser.scheduler_config,
-            "fingerprint": schedule.fingerprint(),
-            **({"mixing": "x_t = (1 - t / num_train_timesteps) * x_0 + (t / num_train_timesteps) * noise; the shift moves the sampling levels only"}
-               if flow else
-               # x_t = sqrt(alphas_cumprod[t]) * x_0 + sqrt(1 - alphas_cumprod[t]) * noise, for a host-side scheduler.
-               {"alphas_cumprod": [float(a) for a in schedule.alphas_cumprod]}),
-        },
+        "schedule": _schedule_section(denoiser),
         "conditioning": _conditioning(denoiser, guidance=False),
         "model": denoiser.describe(),
         **(extra or {}),
     }
+
+
+PLAN_SETTINGS = ("final", "convention", "steps_offset", "timestep_rounding", "lambda_min_clipped")
+
+
+def _timestep_range(schedule) -> list[int]:
+    # A flow's timestep is sigma * T, so pure noise is T itself; VP timesteps index alphas_cumprod.
+    return [0, schedule.num_train_timesteps - (0 if schedule.kind == "flow" else 1)]
+
+
+def _schedule_section(denoiser) -> dict:
+    """What a host-side scheduler needs: x_t = alpha_t x_0 + sigma_t noise, spelled out per family."""
+    schedule = denoiser.schedule
+    section = {**schedule.describe(), "scheduler_config": denoiser.scheduler_config, "fingerprint": schedule.fingerprint()}
+    if schedule.kind == "flow":
+        section["levels"] = "alpha_t = 1 - t / num_train_timesteps, sigma_t = t / num_train_timesteps"
+    else:
+        section["levels"] = "alpha_t = sqrt(alphas_cumprod[t]), sigma_t = sqrt(1 - alphas_cumprod[t])"
+        section["alphas_cumprod"] = [float(a) for a in schedule.alphas_cumprod]
+    return section
 
 
 def target_section(name: str) -> dict:

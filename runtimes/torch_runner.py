@@ -138,7 +138,7 @@ def _solver(sidecar: dict, denoiser):
     baked = sidecar["solver"]
     guidance = sidecar.get("guidance") or {}
     scale = guidance.get("default_scale") if guidance.get("enabled") else None
-    candidates = [SolverConfig(baked["name"], baked["steps"], baked["spacing"], scale, dict(baked.get("options") or {}))]
+    candidates = [SolverConfig(baked["name"], baked["steps"], baked["spacing"], scale, dict(baked.get("options") or {}), **(baked.get("plan") or {}))]
     if all(float(t).is_integer() for t in baked["timesteps"]):
         candidates.append(SolverConfig(baked["name"], baked["steps"], baked["spacing"], scale, dict(baked.get("options") or {}),
                                        timesteps=tuple(int(t) for t in baked["timesteps"])))

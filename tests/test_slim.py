@@ -15,7 +15,7 @@ import torch
 
 from compress.denoiser import ClassTokenUNet, Denoiser, DiffusersTransformer, DiffusersUNet
 from compress.errors import UserError
-from compress.schedule import NoiseSchedule
+from compress.schedule import FlowSchedule, NoiseSchedule
 from compress.slim import SlimConfig, build_student, network_cost, save_student, slim, slim_unet_config
 from compress.spectral_loss import (
     SpectralDistillationLoss,
@@ -245,11 +245,11 @@ def test_parametrizations_convert_into_each_other():
 
 
 def test_noise_level_weights_favour_high_noise():
-    acp = NoiseSchedule.from_betas().alphas_cumprod
-    w = noise_level_weights(acp, cap=20.0)
-    assert math.isclose(w.mean().item(), 1.0, rel_tol=1e-5)
-    assert w[999] > 10 * w[0] and torch.all(w[1:] >= w[:-1])
-    assert torch.allclose(noise_level_weights(acp, cap=1.0), torch.ones(len(acp)))
+    for schedule in (NoiseSchedule.from_betas(), FlowSchedule()):
+        w = noise_level_weights(schedule, cap=20.0)
+        assert math.isclose(w.mean().item(), 1.0, rel_tol=1e-5)
+        assert w[999] > 10 * w[0] and torch.all(w[1:] >= w[:-1])
+        assert torch.allclose(noise_level_weights(schedule, cap=1.0), torch.ones(1000))
     # Per-sample weights scale the denoising term sample by sample.
     loss = SpectralDistillationLoss([4], [4], lambda_feature=0.0, lambda_freq=0.0)
     pred, noise = torch.zeros(2, 1, 4, 4), torch.stack([torch.ones(1, 4, 4), torch.zeros(1, 4, 4)])

@@ -19,6 +19,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     DPMSolverSinglestepScheduler,
     EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
     PNDMScheduler,
     UNet2DConditionModel,
     UNet2DModel,
@@ -29,7 +30,7 @@ from torch import nn
 from compress.denoiser import ClassTokenUNet, Denoiser, DiffusersUNet, guided
 from compress.errors import UserError
 from compress.sampling import sample
-from compress.schedule import NoiseSchedule
+from compress.schedule import FlowSchedule, NoiseSchedule
 from compress.scheduler_config import solver_from_scheduler_config
 from compress.solvers import SOLVERS, SolverConfig, compile_solver, get_solver, run_table
 
@@ -225,6 +226,12 @@ CASES = {
         dict(timestep_spacing="trailing", final_sigmas_type="sigma_min"),
         lambda K: SolverConfig("euler", K, "trailing", convention="euler", final="sigma_min"),
     ),
+    "heun": (HeunDiscreteScheduler, {}, lambda K: SolverConfig("heun", K, "linspace", convention="euler")),
+    "heun-leading": (
+        HeunDiscreteScheduler,
+        dict(timestep_spacing="leading", steps_offset=1, **SD_BETAS),
+        lambda K: SolverConfig("heun", K, "leading", convention="euler", steps_offset=1),
+    ),
     # Karras and log-SNR spacings: levels off the integer grid.
     "dpmpp-2m-karras": (DPMSolverMultistepScheduler, dict(use_karras_sigmas=True), lambda K: SolverConfig("dpmpp-2m", K, "karras")),
     "dpmpp-3m-karras": (
@@ -358,6 +365,7 @@ MINIMAL_CONFIGS = [
     {"_class_name": "DDIMScheduler", "clip_sample": False},
     {"_class_name": "PNDMScheduler", "skip_prk_steps": True},
     {"_class_name": "EulerDiscreteScheduler"},
+    {"_class_name": "HeunDiscreteScheduler"},
     {"_class_name": "DPMSolverMultistepScheduler"},
     {"_class_name": "DPMSolverSinglestepScheduler"},
     {"_class_name": "UniPCMultistepScheduler"},
@@ -410,7 +418,7 @@ def test_tables_are_linear_and_evaluate_as_documented(name, prediction_type):
     schedule = NoiseSchedule.from_betas()
     plan = SolverConfig(name, 6, "trailing").plan(schedule)
     table = compile_solver(name, plan, prediction_type)
-    assert table.evaluations == (7 if name == "pndm" else 6)
+    assert table.evaluations == {"pndm": 7, "heun": 11}.get(name, 6)
     assert table.calls.sum() == table.evaluations and not table.calls[-1]
     assert table.weights.dtype == np.float64 and np.all(np.isfinite(table.weights))
     made = 1  # the noise
@@ -420,7 +428,7 @@ def test_tables_are_linear_and_evaluate_as_documented(name, prediction_type):
     assert made == table.weights.shape[1] + 1
 
 
-@pytest.mark.parametrize("spacing,convention", [("linspace", "ddim"), ("karras", "multistep"), ("trailing", "euler")])
+@pytest.mark.parametrize("spacing,convention", [("linspace", "ddim"), ("karras", "multistep"), ("trailing", "euler"), ("unipc", "flow")])
 def test_coefficients_are_python_floats(spacing, convention, monkeypatch):
     """A numpy scalar times a tensor is not a plain scalar product, so every coefficient must be a float."""
     from compress import solvers
@@ -437,10 +445,13 @@ def test_coefficients_are_python_floats(spacing, convention, monkeypatch):
     monkeypatch.setattr(solvers.Linear, "__mul__", strict(multiply))
     monkeypatch.setattr(solvers.Linear, "__rmul__", strict(multiply))
     monkeypatch.setattr(solvers.Linear, "__truediv__", strict(divide))
-    for name in [n for n in SOLVERS if not SOLVERS[n].stochastic]:
-        for prediction_type in ("epsilon", "v_prediction", "sample"):
+    flow = convention == "flow"
+    schedule = FlowSchedule(shift=3.0) if flow else NoiseSchedule.from_betas()
+    for name in [n for n in SOLVERS if not SOLVERS[n].stochastic and not (n == "heun" and convention == "ddim")]:
+        for prediction_type in ("flow",) if flow else ("epsilon", "v_prediction", "sample"):
             options = {"combine": "output"} if name == "pndm" else {}
-            SolverConfig(name, 7, spacing, convention=convention, options=options).table(NoiseSchedule.from_betas(), prediction_type)
+            config = SolverConfig(name, 7, spacing, options=options, **({} if flow else {"convention": convention}))
+            config.table(schedule, prediction_type)
 
 
 def test_the_noise_is_the_only_input_of_the_first_evaluation():
