@@ -207,3 +207,23 @@ def test_exported_sd3_pipeline_matches_diffusers_from_prompt_to_image(folders, n
     layout = json.loads((tmp_path / "pipeline.json").read_text())["text_layout"]
     assert layout == {"channels": ["text_encoder", "text_encoder_2"], "pad_channels_to": 32,
                       "sequence": ["text_encoder_3"] if name == "t5" else [], "zero_tokens": 0 if name == "t5" else 256}
+
+
+@pytest.mark.slow
+@needs_flow_solvers
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.export on its own treespec API
+def test_sd3_core_ml_packages_match_their_sidecars(folders, tmp_path):
+    """Every SD3 component converts (T5's where.ScalarOther included); Core ML predicts only on macOS, so checked structurally."""
+    from tests.test_coreml_pipeline import _check_against_sidecars
+
+    pipeline = load_pipeline(f"diffusers:{folders['t5']}")
+    solver = resolve_solver(pipeline.denoiser, "model", 2, guidance=pipeline_guidance(pipeline, None))
+    records = export_artifacts(pipeline, solver, tmp_path, ["onnx", "coreml"])
+    kinds = {"text_encoder", "text_encoder_2", "text_encoder_3", "sampler", "denoiser", "vae_decoder", "vae_encoder"}
+    assert {r["kind"] for r in records if r["format"] == "coreml"} == kinds
+    files = json.loads((tmp_path / "pipeline.json").read_text())["components"]
+    structures = _check_against_sidecars(tmp_path, files)
+    assert structures["text_encoder_3"]["inputs"] == [{"name": "input_ids", "shape": [1, 256], "dtype": "int32"}]
+    assert [f["name"] for f in structures["sampler"]["inputs"]] == [
+        "noise", "encoder_hidden_states", "pooled_projections", "negative_encoder_hidden_states", "negative_pooled_projections", "guidance_scale"]
+    assert structures["sampler"]["inputs"][1]["shape"] == [1, TOKENS, 32]
