@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from compress.errors import UserError
+from compress.schedule import FLOW_SCHEDULERS, is_flow_scheduler_config
 from compress.metrics import psnr, ssim
 from runtimes.bench import benchmark
 from runtimes.runners import first_line, get_runner
@@ -28,6 +29,15 @@ DIFFUSERS_SCHEDULERS = {
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
     "dpmpp-2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "dpmpp-3m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 3}),
+    "unipc-bh1": ("UniPCMultistepScheduler", {"solver_type": "bh1"}),
+    "unipc-bh2": ("UniPCMultistepScheduler", {"solver_type": "bh2"}),
+}
+# On a flow-matching pipeline (SD3) the same names are diffusers' flow schedulers: a VP scheduler built from a
+# FlowMatch config would sample a different model.
+FLOW_DIFFUSERS_SCHEDULERS = {
+    "euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "heun": ("FlowMatchHeunDiscreteScheduler", {}),
+    "dpmpp-2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "unipc-bh1": ("UniPCMultistepScheduler", {"solver_type": "bh1"}),
     "unipc-bh2": ("UniPCMultistepScheduler", {"solver_type": "bh2"}),
 }
@@ -46,10 +56,16 @@ def diffusers_pipeline(folder: str | Path, scheduler: str | None = None):
     pipe = diffusers.DiffusionPipeline.from_pretrained(str(folder), **absent)  # float32, as saved
     pipe.set_progress_bar_config(disable=True)
     if scheduler is not None:
-        if scheduler not in DIFFUSERS_SCHEDULERS:
-            raise UserError(f"reference solver {scheduler!r} has no diffusers scheduler here (available: {', '.join(DIFFUSERS_SCHEDULERS)})")
-        cls, options = DIFFUSERS_SCHEDULERS[scheduler]
-        pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **options)
+        config = pipe.scheduler.config
+        flow = is_flow_scheduler_config(dict(config))
+        table = FLOW_DIFFUSERS_SCHEDULERS if flow else DIFFUSERS_SCHEDULERS
+        if scheduler not in table:
+            kind = "flow-matching " if flow else ""
+            raise UserError(f"reference solver {scheduler!r} has no diffusers scheduler here for this {kind}pipeline (available: {', '.join(table)})")
+        cls, options = table[scheduler]
+        if flow and cls not in FLOW_SCHEDULERS:  # a multistep solver on the flow's own shifted sigmas
+            options = {**options, "use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": float(config.get("shift", 1.0))}
+        pipe.scheduler = getattr(diffusers, cls).from_config(config, **options)
     return pipe
 
 

@@ -209,6 +209,23 @@ def test_exported_sd3_pipeline_matches_diffusers_from_prompt_to_image(folders, n
                       "sequence": ["text_encoder_3"] if name == "t5" else [], "zero_tokens": 0 if name == "t5" else 256}
 
 
+@needs_flow_solvers
+def test_compress_run_validates_sd3_against_its_own_flow_scheduler(folders, tmp_path):
+    """The baseline is diffusers' StableDiffusion3Pipeline with FlowMatchEuler (not a VP Euler built from its config)."""
+    from compress.pipeline import run
+    from compress.recipe import parse_recipe
+
+    recipe = parse_recipe({"name": "tiny-sd3", "model": f"diffusers:{folders['clip-only']}",
+                           "solver": {"name": "euler", "steps": STEPS, "spacing": "linspace", "guidance_scale": 7.0},
+                           "export": {"formats": ["onnx"]}, "bench": {"runs": 1},
+                           "validate": {"reference": {"name": "euler", "steps": STEPS}, "samples": 2, "prompts": PROMPTS[:2], "negative_prompt": NEGATIVE}})
+    report = run(recipe, tmp_path / "out", log=lambda m: None)
+    rows = {(r["artifact"], r["runtime"]): r for r in report["rows"]}
+    assert rows[("float32/modules", "torch")]["psnr"] > 60
+    assert rows[("float32/pipeline", "onnxruntime")]["psnr"] > 60
+    assert rows[("baseline", "diffusers")]["macs"] > 0
+
+
 @pytest.mark.slow
 @needs_flow_solvers
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.export on its own treespec API
