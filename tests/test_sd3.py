@@ -168,7 +168,8 @@ def _app(name: str = "text_to_image_onnx"):
 def test_exported_sd3_pipeline_matches_diffusers_from_prompt_to_image(folders, name, tmp_path):
     import onnxruntime as ort
 
-    pipeline = load_pipeline(f"diffusers:{folders[name]}")
+    size = (16, 16) if name == "t5" else (24, 32)  # the folder's own size, and a wider one (the positional grid cropped to it)
+    pipeline = load_pipeline(f"diffusers:{folders[name]}").at_resolution(*size)
     guidance = pipeline_guidance(pipeline, None)
     solver = resolve_solver(pipeline.denoiser, "model", STEPS, guidance=guidance)
     formats = ["onnx", "openvino"] if name == "t5" else ["onnx"]
@@ -182,12 +183,12 @@ def test_exported_sd3_pipeline_matches_diffusers_from_prompt_to_image(folders, n
 
     # An app's path: tokenizer.json files, every text encoder, the layout of pipeline.json, the sampler with the decoder baked in.
     prompts = PROMPTS[:2]
-    noise = torch.randn(len(prompts), 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(len(prompts), 4, size[0] // 2, size[1] // 2, generator=torch.Generator().manual_seed(0))
     ours = _app().generate(tmp_path, prompts, NEGATIVE, noise=noise.numpy())
     pipe = _diffusers_pipeline(folders[name])
     reference = pipe(prompts, negative_prompt=[NEGATIVE] * len(prompts), num_inference_steps=STEPS, guidance_scale=guidance,
-                     latents=noise.clone(), output_type="np", height=16, width=16).images
-    assert ours.shape == reference.shape == (2, 16, 16, 3)
+                     latents=noise.clone(), output_type="np", height=size[0], width=size[1]).images
+    assert ours.shape == reference.shape == (2, *size, 3)
     assert reference.std() > 0.02  # a real picture, not a constant
     assert np.abs(ours - reference).max() < 1e-3  # the image range is [0, 1]
     if "openvino" in formats:  # the OpenVINO app chains the same files in IR, T5 included
