@@ -75,7 +75,7 @@ def _text_encoder(folder: Path, index: dict, name: str, classes: tuple[str, ...]
     if vocab > table:
         raise UserError(f"{folder}: {tokenizer_name} has {vocab} tokens but {name} embeds only {table}: the tokenizer does not belong to this text encoder")
     encoder = TextEncoder(name, model.eval(), tokenizer, tokenizer_name, hidden_layer=hidden_layer, pooled=pooled, length=length)
-    positions = model.config.get("max_position_embeddings") if hasattr(model.config, "get") else getattr(model.config, "max_position_embeddings", None)
+    positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None and encoder.max_length > positions:  # T5's relative positions have no such limit
         raise UserError(f"{folder}: {tokenizer_name} pads to {encoder.max_length} tokens but {name} has {positions} positions")
     return encoder
@@ -173,7 +173,9 @@ def _load_sd3_folder(folder: Path, index: dict, source: str, name: str) -> Pipel
     for required in ("text_encoder", "text_encoder_2"):
         if not _present(index, required):
             raise UserError(f"pipeline folder {folder} has no {required} (model_index.json does not name one); SD3 needs both CLIP encoders")
-    clips = tuple(_text_encoder(folder, index, n, SD3_CLIP_CLASSES, hidden_layer=-2, pooled=True) for n in ("text_encoder", "text_encoder_2"))
+    first = _text_encoder(folder, index, "text_encoder", SD3_CLIP_CLASSES, hidden_layer=-2, pooled=True)
+    # StableDiffusion3Pipeline pads both CLIP prompts to the first tokenizer's length (their states are joined on channels).
+    clips = (first, _text_encoder(folder, index, "text_encoder_2", SD3_CLIP_CLASSES, hidden_layer=-2, pooled=True, length=first.max_length))
     t5 = _text_encoder(folder, index, "text_encoder_3", SD3_T5_CLASSES, hidden_layer=-1, pooled=False, length=SD3_T5_TOKENS) \
         if _present(index, "text_encoder_3") else None
     transformer = _from_pretrained(diffusers.SD3Transformer2DModel, _component_dir(folder, index, "transformer", (SD3_TRANSFORMER_CLASS,)))
