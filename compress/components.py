@@ -10,6 +10,10 @@ The conventions follow diffusers' pipelines, which are the reference the tests c
 - SD 1.x/2.x: the condition is the text encoder's last hidden state (after its final norm);
 - SDXL: both encoders' penultimate hidden states, concatenated, plus the second encoder's
   projected pooled output (`text_embeds`) and `time_ids` (original size, crop, target size);
+- SD3: both CLIP encoders' penultimate hidden states, concatenated on channels and zero-padded
+  to the transformer's joint width, followed along the sequence by the T5 encoder's last hidden
+  state (zeros of 256 tokens when the folder has no T5); `pooled_projections` is the concatenation
+  of both CLIP encoders' projected pooled outputs;
 - the unconditional branch is the encoded negative prompt, "" by default, except that SDXL
   with ``force_zeros_for_empty_prompt`` uses zeros when no negative prompt is given;
 - latents are decoded as ``vae.decode(latents / scaling_factor + shift_factor)`` (SDXL:
@@ -32,16 +36,18 @@ from compress.errors import UserError
 class TextEncoder:
     """One tokenizer + text encoder pair of a pipeline."""
 
-    name: str  # the pipeline's component name: text_encoder, text_encoder_2
-    module: nn.Module  # transformers CLIPTextModel / CLIPTextModelWithProjection
+    name: str  # the pipeline's component name: text_encoder, text_encoder_2, text_encoder_3
+    module: nn.Module  # transformers CLIPTextModel / CLIPTextModelWithProjection / T5EncoderModel
     tokenizer: Any  # a transformers tokenizer
-    tokenizer_name: str  # tokenizer, tokenizer_2
-    hidden_layer: int = -1  # -1: the last hidden state after the final norm; -2: the penultimate (SDXL)
-    pooled: bool = False  # also returns the projected pooled output (SDXL's text_encoder_2)
+    tokenizer_name: str  # tokenizer, tokenizer_2, tokenizer_3
+    hidden_layer: int = -1  # -1: the last hidden state after the final norm; -2: the penultimate (SDXL, SD3's CLIPs)
+    pooled: bool = False  # also returns the projected pooled output (SDXL's text_encoder_2, both of SD3's CLIPs)
+    # Tokens the prompt is padded to when the pipeline sets it rather than the tokenizer (SD3's max_sequence_length for T5).
+    length: int | None = None
 
     @property
     def max_length(self) -> int:
-        return int(self.tokenizer.model_max_length)
+        return int(self.length or self.tokenizer.model_max_length)
 
     @property
     def hidden_size(self) -> int:
@@ -92,6 +98,34 @@ class TextEncoderGraph(nn.Module):
             return hidden
         pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
         return hidden, pooled
+
+
+@dataclass(frozen=True)
+class TextLayout:
+    """How the text encoders' hidden states make the denoiser's encoder_hidden_states.
+
+    The states of ``channels`` are concatenated on channels and zero-padded to ``width``; the
+    states of ``sequence`` follow along the sequence, then ``zero_tokens`` of zeros (SD3 without
+    its T5 encoder stands in zeros for the T5 tokens). A pipeline without a layout concatenates
+    every encoder on channels (SD, SDXL).
+    """
+
+    channels: tuple[str, ...]
+    width: int | None = None
+    sequence: tuple[str, ...] = ()
+    zero_tokens: int = 0
+
+    def join(self, states: dict[str, torch.Tensor]) -> torch.Tensor:
+        joined = torch.cat([states[n] for n in self.channels], dim=-1)
+        if self.width is not None:
+            joined = torch.nn.functional.pad(joined, (0, self.width - joined.shape[-1]))
+        parts = [joined, *(states[n] for n in self.sequence)]
+        if self.zero_tokens:
+            parts.append(joined.new_zeros(joined.shape[0], self.zero_tokens, joined.shape[-1]))
+        return torch.cat(parts, dim=-2)
+
+    def describe(self) -> dict:
+        return {"channels": list(self.channels), "pad_channels_to": self.width, "sequence": list(self.sequence), "zero_tokens": self.zero_tokens}
 
 
 @dataclass
@@ -198,6 +232,7 @@ class Pipeline:
     class_name: str = ""  # the diffusers pipeline class, or "" for a bare denoiser
     force_zeros_for_empty_prompt: bool = False
     default_guidance_scale: float | None = None  # what the pipeline's __call__ uses
+    text_layout: TextLayout | None = None  # None: every encoder's states concatenated on channels
     extra: dict = field(default_factory=dict)
 
     @property
@@ -222,19 +257,34 @@ class Pipeline:
         if self.vae is None:
             raise UserError(f"{self.name!r} samples pixels directly: its resolution is its sample shape {tuple(self.denoiser.sample_shape)}")
         unet = getattr(self.denoiser.module, "unet", None)
-        levels = len(unet.config.block_out_channels) - 1 if unet is not None else 0
-        step = self.vae.downscale * 2**levels
+        transformer = getattr(self.denoiser.module, "transformer", None)
+        if unet is not None:
+            multiple, what = 2 ** (len(unet.config.block_out_channels) - 1), "the UNet's"
+        elif transformer is not None and transformer.config.get("patch_size"):
+            multiple, what = int(transformer.config.patch_size), "the transformer's patch size"
+        else:
+            multiple, what = 1, "the denoiser's"
+        step = self.vae.downscale * multiple
         if height <= 0 or width <= 0 or height % step or width % step:
             raise UserError(f"resolution {height}x{width}: height and width must be positive multiples of {step} for {self.name!r} "
-                            f"(VAE downscale {self.vae.downscale} x the UNet's {2**levels})")
-        channels = self.denoiser.sample_shape[0]
-        denoiser = dataclasses.replace(self.denoiser, sample_shape=(channels, height // self.vae.downscale, width // self.vae.downscale))
+                            f"(VAE downscale {self.vae.downscale} x {what} {multiple})")
+        # SD3's positional embedding is a learned grid cropped to the image: larger images have no positions.
+        grid = transformer.config.get("pos_embed_max_size") if transformer is not None else None
+        if grid and max(height, width) > grid * step:
+            raise UserError(f"resolution {height}x{width}: {self.name!r} has positions for at most {grid * step} pixels per side "
+                            f"(pos_embed_max_size {grid} x {step})")
+        channels, h, w = self.denoiser.sample_shape[0], height // self.vae.downscale, width // self.vae.downscale
+        schedule = self.denoiser.schedule
+        if hasattr(schedule, "at_sequence_length") and transformer is not None:  # a dynamic flow shift follows the image's token count
+            schedule = schedule.at_sequence_length((h // multiple) * (w // multiple))
+        denoiser = dataclasses.replace(self.denoiser, sample_shape=(channels, h, w), schedule=schedule)
         return dataclasses.replace(self, denoiser=denoiser)
 
     def draw_from_prompts(self, prompts: list[str]) -> None:
         """Calibration, pruning and distillation draw the denoiser's conditions from these prompts, encoded here."""
         if self.denoiser.added_cond_shapes:
-            raise UserError("calibration, pruning and slim students of SDXL-style pipelines (added text_embeds/time_ids) are not available yet")
+            raise UserError("calibration, pruning and slim students of pipelines with added conditioning (SDXL's text_embeds/time_ids, "
+                            "SD3's pooled_projections) are not available yet")
         self.denoiser.condition_pool = self.encode_prompts(list(dict.fromkeys(prompts)))
 
     def with_denoiser(self, denoiser: Denoiser) -> "Pipeline":
@@ -268,21 +318,28 @@ class Pipeline:
         _, h, w = self.image_shape
         return torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32).expand(batch, 6).contiguous()
 
+    @property
+    def layout(self) -> TextLayout:
+        return self.text_layout or TextLayout(tuple(e.name for e in self.text_encoders))
+
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]):
-        """Prompts -> the denoiser's condition: hidden states [B, L, D], or SDXL's dict."""
+        """Prompts -> the denoiser's condition: hidden states [B, L, D], or a dict with the added parts (SDXL, SD3)."""
         if not self.text_encoders:
             raise UserError(f"model {self.name!r} takes no text prompts")
-        hidden, pooled = [], None
+        states, pooled = {}, []
         for encoder in self.text_encoders:
             out = encoder.encode(encoder.tokenize(prompts))
             if encoder.pooled:
-                out, pooled = out
-            hidden.append(out.float().cpu())
-        states = torch.cat(hidden, dim=-1)
+                out, projected = out
+                pooled.append(projected.float().cpu())
+            states[encoder.name] = out.float().cpu()
+        hidden = self.layout.join(states)
         if self.denoiser.added_cond_shapes is None:
-            return states
-        return {"encoder_hidden_states": states, "text_embeds": pooled.float().cpu(), "time_ids": self.time_ids(len(prompts))}
+            return hidden
+        # The one added part that is not time_ids is the pooled prompt: SDXL's text_embeds, SD3's pooled_projections.
+        added = {k: self.time_ids(len(prompts)) if k == "time_ids" else torch.cat(pooled, dim=-1) for k in self.denoiser.added_cond_shapes}
+        return {"encoder_hidden_states": hidden, **added}
 
     def negative_condition(self, batch: int, negative_prompt: str | list[str] | None = None):
         """The unconditional branch's condition, as the diffusers pipeline builds it."""
@@ -291,7 +348,7 @@ class Pipeline:
             zeros = {k: torch.zeros((batch, *shape)) for k, shape in shapes.items() if k not in SHARED_CONDITION_KEYS}
             if self.denoiser.added_cond_shapes is None:
                 return zeros["encoder_hidden_states"]
-            return {**zeros, "time_ids": self.time_ids(batch)}
+            return {**zeros, **({"time_ids": self.time_ids(batch)} if "time_ids" in shapes else {})}
         prompts = [negative_prompt or ""] * batch if not isinstance(negative_prompt, list) else negative_prompt
         return self.encode_prompts(prompts)
 

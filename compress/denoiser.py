@@ -15,7 +15,7 @@ from torch import nn
 from compress.schedule import Schedule
 
 PredictionType = Literal["epsilon", "v_prediction", "sample", "flow"]
-# A condition is one batch-first tensor, or (SDXL's added conditioning) a dict of them.
+# A condition is one batch-first tensor, or a dict of them (SDXL's added conditioning, SD3's pooled projections).
 Condition = "torch.Tensor | dict[str, torch.Tensor]"
 # Parts of a dict condition that are the same for the conditional and the unconditional branch.
 SHARED_CONDITION_KEYS = ("time_ids",)
@@ -85,6 +85,24 @@ class DiffusersTransformer(nn.Module):
         return out[:, : self.in_channels]
 
 
+class SD3Transformer(nn.Module):
+    """SD3Transformer2DModel (MMDiT): the condition is a dict of the joint text sequence and the pooled prompt.
+
+    It takes the timestep as StableDiffusion3Pipeline passes it, the flow time scaled to
+    [0, num_train_timesteps] as a float, not rounded to an integer step.
+    """
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+        self.out_channels = transformer.config.out_channels
+
+    def forward(self, sample, timestep, cond=None):
+        t = batch_timesteps(timestep, sample.shape[0], sample.device)
+        return self.transformer(hidden_states=sample, timestep=t, encoder_hidden_states=cond["encoder_hidden_states"],
+                                pooled_projections=cond["pooled_projections"]).sample
+
+
 class ClassTokenUNet(nn.Module):
     """A cross-attention UNet conditioned on a class label turned into one token.
 
@@ -123,7 +141,8 @@ class Denoiser:
     # Text: the condition of the unconditional branch (batch 1), as the pipeline encodes the empty
     # negative prompt; None means zeros. Added conditioning (SDXL) is a dict of the same keys.
     null_text: Condition | None = None
-    added_cond_shapes: dict[str, tuple[int, ...]] | None = None  # SDXL: {"text_embeds": (P,), "time_ids": (6,)}
+    # Parts of a text condition beside encoder_hidden_states. SDXL: {"text_embeds": (P,), "time_ids": (6,)}; SD3: {"pooled_projections": (P,)}
+    added_cond_shapes: dict[str, tuple[int, ...]] | None = None
     # Text: real conditions (a pipeline's encoded prompts) that calibration, pruning and distillation draw
     # from; without a pool they draw random states.
     condition_pool: torch.Tensor | None = None

@@ -75,7 +75,7 @@ TARGETS = ("sampler", "denoiser")
 # A text encoder has no calibration inputs here (token ids are recorded for nothing else): weights only.
 TEXT_ENCODER_SCHEMES = ("int8-weights", "int4-weights", "fp16")
 # Besides sampler and denoiser, the graphs of a text-to-image export (see pipeline.json).
-PIPELINE_KINDS = ("text_encoder", "text_encoder_2", "vae_decoder", "vae_encoder")
+PIPELINE_KINDS = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae_decoder", "vae_encoder")
 CALIBRATED = ("w8a8", "w8a16")
 # Float constants of at least this many elements outside conv/linear weights are stored int8.
 CONSTANT_MIN_ELEMENTS = 1024

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from compress.denoiser import map_condition
+
 
 def example_inputs(denoiser, batch: int = 1) -> tuple:
     """(sample, timestep, cond) for one evaluation of ``denoiser.module``; cond is the null condition."""
@@ -17,7 +19,8 @@ def count_macs(denoiser) -> dict:
 
     module = denoiser.module
     device = next(module.parameters()).device
-    inputs = tuple(None if v is None else v.to(device) for v in example_inputs(denoiser))
+    x, t, cond = example_inputs(denoiser)
+    inputs = (x.to(device), t.to(device), map_condition(lambda c: c.to(device), cond))  # cond: a tensor, a dict (SDXL, SD3) or None
     with torch.no_grad():
         macs, params = tp.utils.count_ops_and_params(module, example_inputs=inputs)
     return {"macs": int(macs), "parameters": int(params)}

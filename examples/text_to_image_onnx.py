@@ -17,18 +17,33 @@ def session(folder: Path, kind: str) -> ort.InferenceSession:
     return ort.InferenceSession(str(folder / f"{kind}.onnx"), providers=["CPUExecutionProvider"])
 
 
+def join_text(info: dict, hidden: dict, pooled: list) -> dict:
+    """The encoders' outputs -> the sampler's text inputs, as pipeline.json's text_layout says (SD3 pads and stacks on the sequence)."""
+    names = [e["name"] for e in info["text_encoders"]]
+    layout = info.get("text_layout") or {"channels": names, "pad_channels_to": None, "sequence": [], "zero_tokens": 0}
+    states = np.concatenate([hidden[n] for n in layout["channels"]], axis=-1)
+    if layout["pad_channels_to"]:
+        states = np.pad(states, ((0, 0), (0, 0), (0, layout["pad_channels_to"] - states.shape[-1])))
+    parts = [states] + [hidden[n] for n in layout["sequence"]]
+    if layout["zero_tokens"]:
+        parts.append(np.zeros((states.shape[0], layout["zero_tokens"], states.shape[-1]), np.float32))
+    feeds = {"encoder_hidden_states": np.concatenate(parts, axis=1)}
+    if pooled:
+        feeds[info.get("pooled_input") or "text_embeds"] = np.concatenate(pooled, axis=-1)
+    return feeds
+
+
 def encode(folder: Path, info: dict, prompts: list[str]) -> dict:
-    """Prompts -> the sampler's condition inputs (hidden states of every encoder, concatenated; SDXL's pooled)."""
-    hidden, feeds = [], {}
+    """Prompts -> the sampler's condition inputs (every encoder's hidden states joined; the pooled outputs of SDXL and SD3)."""
+    hidden, pooled = {}, []
     for encoder in info["text_encoders"]:
         tokenizer = Tokenizer.from_file(str(folder / info["tokenizers"][encoder["tokenizer"]]["file"]))
         ids = np.array([t.ids for t in tokenizer.encode_batch(prompts)], np.int64)
         outputs = session(folder, encoder["name"]).run(None, {"input_ids": ids})
-        hidden.append(outputs[0])
+        hidden[encoder["name"]] = outputs[0]
         if encoder["pooled"]:
-            feeds["text_embeds"] = outputs[1]
-    feeds["encoder_hidden_states"] = np.concatenate(hidden, axis=-1)
-    return feeds
+            pooled.append(outputs[1])
+    return join_text(info, hidden, pooled)
 
 
 def generate(folder: Path, prompts: list[str], negative: str | None = None, seed: int = 0, guidance: float | None = None,

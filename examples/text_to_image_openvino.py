@@ -25,6 +25,22 @@ def infer(folder: Path, kind: str, feeds: dict, device: str, config: dict) -> li
     return [result[o] for o in compiled.outputs]
 
 
+def join_text(info: dict, hidden: dict, pooled: list) -> dict:
+    """The encoders' outputs -> the sampler's text inputs, as pipeline.json's text_layout says (SD3 pads and stacks on the sequence)."""
+    names = [e["name"] for e in info["text_encoders"]]
+    layout = info.get("text_layout") or {"channels": names, "pad_channels_to": None, "sequence": [], "zero_tokens": 0}
+    states = np.concatenate([hidden[n] for n in layout["channels"]], axis=-1)
+    if layout["pad_channels_to"]:
+        states = np.pad(states, ((0, 0), (0, 0), (0, layout["pad_channels_to"] - states.shape[-1])))
+    parts = [states] + [hidden[n] for n in layout["sequence"]]
+    if layout["zero_tokens"]:
+        parts.append(np.zeros((states.shape[0], layout["zero_tokens"], states.shape[-1]), np.float32))
+    feeds = {"encoder_hidden_states": np.concatenate(parts, axis=1)}
+    if pooled:
+        feeds[info.get("pooled_input") or "text_embeds"] = np.concatenate(pooled, axis=-1)
+    return feeds
+
+
 def generate(folder: Path, prompts: list[str], negative: str | None = None, seed: int = 0, guidance: float | None = None,
              device: str = "CPU", config: dict | None = None) -> np.ndarray:
     """Images [N, H, W, 3] in [0, 1]; the same seed gives the same images."""
@@ -34,15 +50,15 @@ def generate(folder: Path, prompts: list[str], negative: str | None = None, seed
     wanted = [p.get_any_name() for p in ov.Core().read_model(str(folder / "sampler.xml")).inputs]
 
     def encode(texts: list[str]) -> dict:
-        hidden, out = [], {}
+        hidden, pooled = {}, []
         for encoder in info["text_encoders"]:
             tokenizer = Tokenizer.from_file(str(folder / info["tokenizers"][encoder["tokenizer"]]["file"]))
             ids = np.array([t.ids for t in tokenizer.encode_batch(texts)], np.int64)
             outputs = infer(folder, encoder["name"], {"input_ids": ids}, device, config)
-            hidden.append(outputs[0])
+            hidden[encoder["name"]] = outputs[0]
             if encoder["pooled"]:
-                out["text_embeds"] = outputs[1]
-        return {**out, "encoder_hidden_states": np.concatenate(hidden, axis=-1)}
+                pooled.append(outputs[1])
+        return join_text(info, hidden, pooled)
 
     feeds = encode(prompts)
     if "negative_encoder_hidden_states" in wanted:

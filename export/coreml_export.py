@@ -13,6 +13,8 @@ torch.export of a CLIP text encoder slices its position-id buffer to the sequenc
 the static length that slice covers the whole buffer, and `run_decompositions` turns it into
 `aten.alias`, which coremltools 9.0 has no conversion for ("Unsupported fx node alias"). A
 functional graph's alias is its input, so `_drop_aliases` rewires its users before conversion.
+SD3's T5 encoder needs `aten.where.ScalarOther`, which coremltools 9.0 lacks; it is registered here
+as the mirror of the `where.ScalarSelf` it has.
 
 Prediction needs macOS, so every package is checked structurally after it is written (the spec
 loads, names, shapes and dtypes match the sidecar, the weights are stored once) on any OS.
@@ -61,7 +63,19 @@ def import_coremltools():
     logging.getLogger("coremltools").setLevel(logging.ERROR)
     import coremltools
 
+    _register_where_scalar_other()
     return coremltools
+
+
+def _register_where_scalar_other() -> None:
+    """T5's attention masks its scores with ``where(mask, scores, <float min>)``, which torch.export records as
+    `aten.where.ScalarOther`; coremltools 9.0 converts only the mirrored `where.ScalarSelf`. Both are one
+    `select` whose scalar side is a constant, so the existing translation serves for both."""
+    from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY
+
+    registry = _TORCH_OPS_REGISTRY.name_to_func_mapping
+    if "where.scalarother" not in registry and "where.scalarself" in registry:
+        _TORCH_OPS_REGISTRY.set_func_by_name(registry["where.scalarself"], "where.scalarother")
 
 
 def export_coreml(
@@ -174,7 +188,10 @@ def _write_package(graph: nn.Module, kind: str, sidecar: dict, stage: Path, sett
     weight_bytes = sum(p.numel() * p.element_size() for p in graph.parameters())
     structure = inspect_package(path)
     check_package(structure, sidecar)
-    _check_weights_stored_once(structure["weight_file_bytes"], weight_bytes, kind)
+    # A text encoder has no unrolled steps to duplicate weights over, and T5's relative position bias folds into a
+    # constant of heads x tokens x tokens that outweighs a tiny encoder's parameters.
+    if not kind.startswith("text_encoder"):
+        _check_weights_stored_once(structure["weight_file_bytes"], weight_bytes, kind)
     sidecar_path = write_sidecar(stage / f"{kind}{SIDECAR_SUFFIX}", sidecar)
     return {
         "path": path.name,

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 from compress.components import TextEncoder
-from compress.denoiser import Denoiser
+from compress.denoiser import SHARED_CONDITION_KEYS, Denoiser
 from export.sampler_graph import NEGATIVE, DenoiserGraph, SamplerGraph, condition_input, condition_names
 
 SCHEMA = "diffusion-compress/artifact-sidecar/1"
@@ -25,6 +25,7 @@ _TEXT_PARTS = {
     "encoder_hidden_states": "text-encoder hidden states of the prompt",
     "text_embeds": "pooled, projected prompt embedding of the last text encoder (SDXL's added conditioning)",
     "time_ids": "SDXL's added time ids: original height, width, crop top, left, target height, width",
+    "pooled_projections": "pooled, projected prompt embeddings of both CLIP encoders, concatenated (SD3)",
 }
 
 
@@ -38,7 +39,7 @@ def _condition_specs(denoiser: Denoiser, batch, negative: bool = False) -> list[
         if negative and name == "time_ids":
             continue
         spec = {"name": NEGATIVE + name if negative else name, "shape": [batch, *shapes[name]], "dtype": "float32",
-                "description": _TEXT_PARTS[name] + (" for the negative prompt (unconditional branch)" if negative else "")}
+                "description": _TEXT_PARTS.get(name, name) + (" for the negative prompt (unconditional branch)" if negative else "")}
         if name == "time_ids":
             spec["default"] = "[H, W, 0, 0, H, W] of the output image"
         elif denoiser.null_text is None:
@@ -286,18 +287,31 @@ def drop_component_format(pipeline_json: Path, fmt: str) -> None:
     write_sidecar(pipeline_json, data)
 
 
+def _pooled_input(denoiser: Denoiser) -> str | None:
+    """The sampler input that takes the encoders' pooled outputs (SDXL's text_embeds, SD3's pooled_projections)."""
+    return next((k for k in (denoiser.added_cond_shapes or {}) if k not in SHARED_CONDITION_KEYS), None)
+
+
 def pipeline_sidecar(pipeline, sampler: SamplerGraph, batch_size: int | None) -> dict:
     """How the files of a text-to-image export chain from a prompt to an image."""
     denoiser, batch = pipeline.denoiser, _batch_dim(batch_size)
-    encoders = pipeline.text_encoders
-    joined = [f"{e.name}.hidden_states" for e in encoders]
-    concat = "concat(axis=-1)" if len(joined) > 1 else "identity"
+    encoders, layout = pipeline.text_encoders, pipeline.layout
     chain = [{"from": "prompt", "through": e.tokenizer_name, "to": f"{e.name}.input_ids"} for e in encoders]
-    chain.append({"from": joined, "op": concat, "to": "sampler.encoder_hidden_states"})
+    channels, sequence = [f"{n}.hidden_states" for n in layout.channels], [f"{n}.hidden_states" for n in layout.sequence]
+    op = f"concat(axis=-1) of {', '.join(channels)}" if len(channels) > 1 else "identity"
+    if layout.width is not None:
+        op += f", zero-padded on the last axis to {layout.width}"
+    if sequence:
+        op += f", then concat(axis=1) with {', '.join(sequence)}"
+    if layout.zero_tokens:
+        op += f", then concat(axis=1) with zeros [{batch}, {layout.zero_tokens}, {layout.width or denoiser.cond_shape[1]}]"
+    chain.append({"from": channels + sequence, "op": op, "to": "sampler.encoder_hidden_states"})
     pooled = [f"{e.name}.pooled" for e in encoders if e.pooled]
-    if denoiser.added_cond_shapes:
-        chain += [{"from": pooled, "op": "identity", "to": "sampler.text_embeds"},
-                  {"value": [float(v) for v in pipeline.time_ids(1)[0]], "to": "sampler.time_ids", "op": "repeat per sample"}]
+    pooled_input = _pooled_input(denoiser)
+    if pooled_input:
+        chain.append({"from": pooled, "op": "concat(axis=-1)" if len(pooled) > 1 else "identity", "to": f"sampler.{pooled_input}"})
+    if "time_ids" in (denoiser.added_cond_shapes or {}):
+        chain.append({"value": [float(v) for v in pipeline.time_ids(1)[0]], "to": "sampler.time_ids", "op": "repeat per sample"})
     if sampler.negative_names:
         how = "zeros_like(the prompt's)" if pipeline.force_zeros_for_empty_prompt else "the same chain for the negative prompt"
         chain.append({"from": "negative prompt", "op": f"the chain above; with no negative prompt: {how}",
@@ -316,6 +330,9 @@ def pipeline_sidecar(pipeline, sampler: SamplerGraph, batch_size: int | None) ->
         "tokenizers": {e.tokenizer_name: _tokenizer_info(e) for e in encoders},
         # In this order: each prompt is tokenized and encoded by every encoder, hidden states concatenated.
         "text_encoders": [{"name": e.name, "tokenizer": e.tokenizer_name, "pooled": e.pooled} for e in encoders],
+        # How the encoders' hidden_states make sampler.encoder_hidden_states, and which input takes the pooled outputs (concatenated).
+        "text_layout": layout.describe(),
+        "pooled_input": pooled_input,
         "guidance": {"enabled": sampler.guidance, "default_scale": sampler.default_guidance_scale, "default_negative_prompt": "",
                      "zeros_for_empty_negative_prompt": pipeline.force_zeros_for_empty_prompt},
         "solver": {"name": sampler.solver.name, "steps": sampler.solver.steps, "nfe": sampler.table.evaluations},

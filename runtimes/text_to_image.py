@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from compress.errors import UserError
+from compress.schedule import FLOW_SCHEDULERS, is_flow_scheduler_config
 from compress.metrics import psnr, ssim
 from runtimes.bench import benchmark
 from runtimes.runners import first_line, get_runner
@@ -31,6 +32,15 @@ DIFFUSERS_SCHEDULERS = {
     "unipc-bh1": ("UniPCMultistepScheduler", {"solver_type": "bh1"}),
     "unipc-bh2": ("UniPCMultistepScheduler", {"solver_type": "bh2"}),
 }
+# On a flow-matching pipeline (SD3) the same names are diffusers' flow schedulers: a VP scheduler built from a
+# FlowMatch config would sample a different model.
+FLOW_DIFFUSERS_SCHEDULERS = {
+    "euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "heun": ("FlowMatchHeunDiscreteScheduler", {}),
+    "dpmpp-2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "unipc-bh1": ("UniPCMultistepScheduler", {"solver_type": "bh1"}),
+    "unipc-bh2": ("UniPCMultistepScheduler", {"solver_type": "bh2"}),
+}
 IMAGES_FILE, INFO_FILE = "images.safetensors", "baseline.json"
 FORMAT_OF_RUNTIME = {"onnxruntime": "onnx", "onnxruntime-cuda": "onnx", "onnxruntime-tensorrt": "onnx", "openvino": "openvino",
                      "openvino-gpu": "openvino", "openvino-npu": "openvino", "coreml": "coreml"}
@@ -40,13 +50,22 @@ def diffusers_pipeline(folder: str | Path, scheduler: str | None = None):
     """The folder's diffusers pipeline in float32, quiet, with ``scheduler`` (one of ours) built from its own config."""
     import diffusers
 
-    pipe = diffusers.DiffusionPipeline.from_pretrained(str(folder))  # float32, as saved
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    # Components the folder leaves out ([null, null], as SD3 without its T5) load only when passed as None.
+    absent = {k: None for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[:1] == [None]}
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(folder), **absent)  # float32, as saved
     pipe.set_progress_bar_config(disable=True)
     if scheduler is not None:
-        if scheduler not in DIFFUSERS_SCHEDULERS:
-            raise UserError(f"reference solver {scheduler!r} has no diffusers scheduler here (available: {', '.join(DIFFUSERS_SCHEDULERS)})")
-        cls, options = DIFFUSERS_SCHEDULERS[scheduler]
-        pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **options)
+        config = pipe.scheduler.config
+        flow = is_flow_scheduler_config(dict(config))
+        table = FLOW_DIFFUSERS_SCHEDULERS if flow else DIFFUSERS_SCHEDULERS
+        if scheduler not in table:
+            kind = "flow-matching " if flow else ""
+            raise UserError(f"reference solver {scheduler!r} has no diffusers scheduler here for this {kind}pipeline (available: {', '.join(table)})")
+        cls, options = table[scheduler]
+        if flow and cls not in FLOW_SCHEDULERS:  # a multistep solver on the flow's own shifted sigmas
+            options = {**options, "use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": float(config.get("shift", 1.0))}
+        pipe.scheduler = getattr(diffusers, cls).from_config(config, **options)
     return pipe
 
 
@@ -119,6 +138,22 @@ class ImageBaseline:
                    tensors.get("labels"), info, **kwargs)
 
 
+def join_text(info: dict, hidden: dict, pooled: list) -> dict:
+    """The encoders' outputs -> the sampler's text inputs, as pipeline.json's text_layout says (SD3 pads and stacks on the sequence)."""
+    names = [e["name"] for e in info["text_encoders"]]
+    layout = info.get("text_layout") or {"channels": names, "pad_channels_to": None, "sequence": [], "zero_tokens": 0}
+    states = np.concatenate([hidden[n] for n in layout["channels"]], axis=-1)
+    if layout["pad_channels_to"]:
+        states = np.pad(states, ((0, 0), (0, 0), (0, layout["pad_channels_to"] - states.shape[-1])))
+    parts = [states] + [hidden[n] for n in layout["sequence"]]
+    if layout["zero_tokens"]:
+        parts.append(np.zeros((states.shape[0], layout["zero_tokens"], states.shape[-1]), np.float32))
+    feeds = {"encoder_hidden_states": np.concatenate(parts, axis=1)}
+    if pooled:
+        feeds[info.get("pooled_input") or "text_embeds"] = np.concatenate(pooled, axis=-1)
+    return feeds
+
+
 class PipelineRunner:
     """An exported text-to-image folder on one runtime: prompts -> images, as an app chains the files."""
 
@@ -145,14 +180,13 @@ class PipelineRunner:
     def encode(self, prompts: list[str]) -> dict[str, np.ndarray]:
         """Prompts -> the sampler's condition inputs."""
         ids = self.token_ids(prompts)
-        hidden, feeds = [], {}
+        hidden, pooled = {}, []
         for e in self.encoders:
             outputs = self.runners[e["name"]].run_outputs({"input_ids": ids[e["tokenizer"]]})
-            hidden.append(outputs[0])
+            hidden[e["name"]] = outputs[0]
             if e["pooled"]:
-                feeds["text_embeds"] = outputs[1]
-        feeds["encoder_hidden_states"] = np.concatenate(hidden, axis=-1)
-        return feeds
+                pooled.append(outputs[1])
+        return join_text(self.info, hidden, pooled)
 
     def feeds(self, prompts: list[str], noise: np.ndarray, negative_prompt: str | None = None, guidance_scale: float | None = None) -> dict:
         feeds = {"noise": np.asarray(noise, np.float32), **self.encode(prompts)}

@@ -1,4 +1,4 @@
-"""Tiny random text-to-image pipeline folders built in place: SD 1.x (AutoencoderKL or AutoencoderTiny) and SDXL.
+"""Tiny random text-to-image pipeline folders built in place: SD 1.x (AutoencoderKL or AutoencoderTiny), SDXL and SD3.
 
 Saved with diffusers' own `save_pretrained`, so the folders are what users have on disk, and
 diffusers' pipelines loaded from them are the reference every export is compared with.
@@ -113,3 +113,55 @@ def _tokenizer(folder: Path, name: str = "tokenizer", pad_token: str = "<|endoft
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer.from_pretrained(str(write_char_tokenizer(folder / f".{name}", pad_token)))
+
+
+T5_CHARACTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'-"
+
+
+def write_t5_tokenizer(folder: Path) -> Path:
+    """A T5 tokenizer (Unigram) whose pieces are single characters after the word marker, as SentencePiece writes them."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)] + [(c, -3.0) for c in T5_CHARACTERS]
+    tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0)
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def _t5_encoder(width: int, vocab: int, seed: int):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=vocab, d_model=width, d_kv=8, d_ff=2 * width, num_layers=2, num_heads=4,
+                      relative_attention_num_buckets=8, relative_attention_max_distance=32, decoder_start_token_id=0)
+    return T5EncoderModel(config).eval()
+
+
+def _sd3_transformer(joint: int, pooled: int, seed: int, sample_size: int = 8):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(sample_size=sample_size, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+                                 joint_attention_dim=joint, caption_projection_dim=16, pooled_projection_dim=pooled, out_channels=4,
+                                 pos_embed_max_size=16).eval()
+
+
+def build_sd3_folder(folder: Path, with_t5: bool = True, seed: int = 0) -> Path:
+    """A StableDiffusion3Pipeline folder: CLIPs 8 and 16 wide (pooled 8 + 16), an optional 32-wide T5, a 32-wide joint
+    attention (so the CLIP states are zero-padded), 4x8x8 latents from a VAE with a shift factor, 16x16 images."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import T5Tokenizer
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        block_out_channels=(16, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8, scaling_factor=1.5,
+                        shift_factor=0.1).eval()
+    t5_tokenizer = T5Tokenizer.from_pretrained(str(write_t5_tokenizer(folder / ".tokenizer_3"))) if with_t5 else None
+    pipe = StableDiffusion3Pipeline(
+        transformer=_sd3_transformer(32, 24, seed + 2), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=_text_encoder(8, 8, seed + 1), tokenizer=_tokenizer(folder),
+        text_encoder_2=_text_encoder(16, 16, seed + 3), tokenizer_2=_tokenizer(folder, "tokenizer_2", pad_token="!"),
+        text_encoder_3=_t5_encoder(32, len(t5_tokenizer), seed + 4) if with_t5 else None, tokenizer_3=t5_tokenizer,
+    )
+    pipe.save_pretrained(str(folder))
+    return folder
