@@ -17,7 +17,7 @@ from compress.quantize import QuantizeConfig, quantize_
 from compress.sampling import make_noise
 from compress.stats import count_macs
 from compress.solvers import SolverConfig
-from tests.tiny_pipelines import build_sd3_folder
+from tests.tiny_pipelines import build_sd3_folder, build_sdxl_folder
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
 PROMPTS = ["a cat", "a red dog", "two birds", "the sea"]
@@ -31,16 +31,21 @@ def pipeline(tmp_path_factory):
     return pipeline
 
 
-def test_calibration_records_dict_conditions_and_round_trips(pipeline, tmp_path):
+@pytest.mark.parametrize("kind", ["sd3", "sdxl"])
+def test_calibration_records_dict_conditions_and_round_trips(kind, pipeline, tmp_path):
+    if kind == "sdxl":
+        pipeline = load_pipeline(f"diffusers:{build_sdxl_folder(tmp_path / 'sdxl')}")
+        pipeline.draw_from_prompts(PROMPTS)
     calib = calibrate(pipeline.denoiser, CalibrationConfig(sampler="ndtc", samples=12, trajectory_steps=4, guidance_scale=3.0))
-    assert set(calib.condition) == {"encoder_hidden_states", "pooled_projections"}
+    parts = {"sd3": {"pooled_projections"}, "sdxl": {"text_embeds", "time_ids"}}[kind]
+    assert set(calib.condition) == {"encoder_hidden_states"} | parts
     assert len(calib.sample) == 24 and all(len(v) == 24 for v in calib.condition.values())  # both guidance halves
     loaded = load_calibration(save_calibration(calib, tmp_path / "calib.safetensors"))
     for key, value in calib.condition.items():
         assert torch.equal(loaded.condition[key], value)
     feed = loaded.sampler_inputs("encoder_hidden_states", 3.0, limit=1, negative_name="negative_encoder_hidden_states")[0]
-    assert {"noise", "encoder_hidden_states", "pooled_projections", "negative_encoder_hidden_states", "negative_pooled_projections",
-            "guidance_scale"} <= set(feed)
+    negatives = {"negative_" + p for p in parts if p != "time_ids"}
+    assert {"noise", "encoder_hidden_states", "negative_encoder_hidden_states", "guidance_scale"} | parts | negatives == set(feed)
 
 
 def test_w8a8_of_the_sd3_sampler(pipeline, tmp_path):
