@@ -16,7 +16,7 @@ import torch
 from calibration.config import CalibrationConfig
 from calibration.storage import CalibrationSet, build_header
 from calibration.timesteps import Requests, sample_requests
-from compress.denoiser import Denoiser, draw_conditions, guided
+from compress.denoiser import Denoiser, condition_to, draw_conditions, guided, map_condition, select_condition
 from compress.errors import UserError
 from compress.solvers import Predictor, SolverConfig
 
@@ -34,7 +34,7 @@ def record_states(denoiser: Denoiser, requests: Requests, noise: torch.Tensor, c
         rows = np.arange(start, min(start + config.batch_size, len(noise)))
         wanted = np.flatnonzero((requests.trajectory >= rows[0]) & (requests.trajectory <= rows[-1]))
         x = plan.start(noise[rows].to(device))
-        c = None if cond is None else cond[rows].to(device)
+        c = condition_to(select_condition(cond, rows), device)
         null = denoiser.null_condition(len(rows), device) if guidance is not None else None
 
         def network(xt, t):
@@ -73,12 +73,12 @@ def calibrate(denoiser: Denoiser, config: CalibrationConfig, solver: SolverConfi
     cond = draw_conditions(denoiser, requests.trajectories, generator)
     x = record_states(denoiser, requests, noise, cond, config, device)
     t = torch.from_numpy(requests.t.astype(np.float32))
-    state_cond = None if cond is None else cond[torch.from_numpy(requests.trajectory)]
+    state_cond = select_condition(cond, torch.from_numpy(requests.trajectory))
     if state_cond is not None and config.guidance_scale is not None:
         # Both halves of every guided evaluation, interleaved so that any prefix holds both kinds.
         null = denoiser.null_condition(len(x))
         x, t = x.repeat_interleave(2, 0), t.repeat_interleave(2, 0)
-        state_cond = torch.stack([state_cond, null], 1).flatten(0, 1)
+        state_cond = map_condition(lambda c, n: torch.stack([c, n], 1).flatten(0, 1), state_cond, null)
     header = build_header(denoiser, config, solver, requests, inputs=len(x))
     negative = denoiser.null_condition(1) if denoiser.null_text is not None else None
     latents = None

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from compress.denoiser import NEGATIVE_PREFIX, SHARED_CONDITION_KEYS, condition_batch
 from compress.errors import UserError
 from compress.outputs import staged_file
 
@@ -77,9 +78,11 @@ class CalibrationSet:
 
     sample: torch.Tensor  # [N, C, H, W] float32: x_t
     timestep: torch.Tensor  # [N] float32
-    condition: torch.Tensor | None  # [N] int64 labels or [N, S, D] float32 states; None for unconditional models
+    # [N] int64 labels or [N, S, D] float32 states, or a dict of such parts named as the graphs' inputs
+    # (SDXL's text_embeds/time_ids, SD3's pooled_projections); None for unconditional models
+    condition: "torch.Tensor | dict[str, torch.Tensor] | None"
     noise: torch.Tensor  # [M, C, H, W] float32: x_T of each trajectory
-    noise_condition: torch.Tensor | None  # [M, ...]: the condition of each trajectory
+    noise_condition: "torch.Tensor | dict[str, torch.Tensor] | None"  # [M, ...]: the condition of each trajectory
     header: dict
     # Text-to-image pipelines: the unconditional branch's condition (the encoded negative prompt, [1, S, D])
     # and the final latents the baked solver reaches from each trajectory start (what the VAE decoder sees).
@@ -99,7 +102,7 @@ class CalibrationSet:
         for k in range(len(self) if limit is None else min(limit, len(self))):
             item = {"sample": self.sample[k : k + 1].numpy(), "timestep": self.timestep[k : k + 1].numpy()}
             if condition_name and self.condition is not None:
-                item[condition_name] = self.condition[k : k + 1].numpy()
+                item.update(_feed(self.condition, k, condition_name))
             items.append(item)
         return items
 
@@ -111,8 +114,10 @@ class CalibrationSet:
         for k in range(len(self.noise) if limit is None else min(limit, len(self.noise))):
             item = {"noise": self.noise[k : k + 1].numpy()}
             if condition_name and self.noise_condition is not None:
-                item[condition_name] = self.noise_condition[k : k + 1].numpy()
-            if negative_name:
+                item.update(_feed(self.noise_condition, k, condition_name))
+            if isinstance(self.negative_condition, dict) and negative_name:
+                item.update({NEGATIVE_PREFIX + key: v.numpy() for key, v in self.negative_condition.items() if key not in SHARED_CONDITION_KEYS})
+            elif negative_name:
                 item[negative_name] = self.negative_condition.numpy()
             if guidance_scale is not None:
                 item["guidance_scale"] = np.array([guidance_scale], dtype=np.float32)
@@ -135,12 +140,8 @@ def save_calibration(calib: CalibrationSet, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"sample": calib.sample, "timestep": calib.timestep, "noise": calib.noise}
-    if calib.condition is not None:
-        tensors["condition"] = calib.condition
-        tensors["noise_condition"] = calib.noise_condition
-    for name in ("negative_condition", "latents"):
-        if getattr(calib, name) is not None:
-            tensors[name] = getattr(calib, name)
+    for name in ("condition", "noise_condition", "negative_condition", "latents"):
+        tensors.update(_flatten(name, getattr(calib, name)))
     with staged_file(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={HEADER_KEY: json.dumps(calib.header)})
     return path
@@ -168,10 +169,30 @@ def load_calibration(path: str | Path) -> CalibrationSet:
     if missing:
         raise UserError(f"calibration file {path} is corrupt: missing tensor {missing[0]!r}")
     n = len(tensors["sample"])
-    if len(tensors["timestep"]) != n or ("condition" in tensors and len(tensors["condition"]) != n):
+    condition = _gather(tensors, "condition")
+    if len(tensors["timestep"]) != n or (condition is not None and condition_batch(condition) != n):
         raise UserError(f"calibration file {path} is corrupt: its tensors disagree in length")
-    return CalibrationSet(tensors["sample"], tensors["timestep"], tensors.get("condition"), tensors["noise"], tensors.get("noise_condition"), header,
-                          tensors.get("negative_condition"), tensors.get("latents"))
+    return CalibrationSet(tensors["sample"], tensors["timestep"], condition, tensors["noise"], _gather(tensors, "noise_condition"), header,
+                          _gather(tensors, "negative_condition"), tensors.get("latents"))
+
+
+def _feed(cond, k: int, name: str) -> dict:
+    """Row k of a condition as feed-dict entries: the tensor under ``name``, or each part of a dict under its own."""
+    if isinstance(cond, dict):
+        return {key: value[k : k + 1].numpy() for key, value in cond.items()}
+    return {name: cond[k : k + 1].numpy()}
+
+
+def _flatten(name: str, value) -> dict:
+    """safetensors holds flat names: a dict condition is stored as name/part."""
+    if value is None:
+        return {}
+    return {f"{name}/{key}": v for key, v in value.items()} if isinstance(value, dict) else {name: value}
+
+
+def _gather(tensors: dict, name: str):
+    parts = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(name + "/")}
+    return parts or tensors.get(name)
 
 
 def check_calibration_matches(calib: CalibrationSet, model: dict, where: str = "the model") -> None:

@@ -282,9 +282,6 @@ class Pipeline:
 
     def draw_from_prompts(self, prompts: list[str]) -> None:
         """Calibration, pruning and distillation draw the denoiser's conditions from these prompts, encoded here."""
-        if self.denoiser.added_cond_shapes:
-            raise UserError("calibration, pruning and slim students of pipelines with added conditioning (SDXL's text_embeds/time_ids, "
-                            "SD3's pooled_projections) are not available yet")
         self.denoiser.condition_pool = self.encode_prompts(list(dict.fromkeys(prompts)))
 
     def with_denoiser(self, denoiser: Denoiser) -> "Pipeline":

@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from compress.errors import UserError
 from compress.schedule import Schedule
 
 PredictionType = Literal["epsilon", "v_prediction", "sample", "flow"]
@@ -19,6 +20,7 @@ PredictionType = Literal["epsilon", "v_prediction", "sample", "flow"]
 Condition = "torch.Tensor | dict[str, torch.Tensor]"
 # Parts of a dict condition that are the same for the conditional and the unconditional branch.
 SHARED_CONDITION_KEYS = ("time_ids",)
+NEGATIVE_PREFIX = "negative_"  # graph inputs of the unconditional branch: negative_<part> for each part but the shared ones
 Conditioning = Literal["none", "class", "text"]
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 
@@ -39,6 +41,15 @@ def map_condition(fn, *conds):
 
 def cat_conditions(*conds):
     return map_condition(lambda *ts: torch.cat(ts), *conds)
+
+
+def select_condition(cond, index):
+    """Rows ``index`` of a condition (a tensor, or each tensor of a dict condition)."""
+    return map_condition(lambda t: t[index], cond)
+
+
+def condition_to(cond, device):
+    return map_condition(lambda t: t.to(device), cond)
 
 
 def condition_batch(cond) -> int:
@@ -196,9 +207,13 @@ def draw_conditions(denoiser: Denoiser, count: int, generator: torch.Generator):
         return torch.randint(0, denoiser.num_classes, (count,), generator=generator)
     if denoiser.conditioning != "text":
         return None
-    if denoiser.condition_pool is None:
+    pool = denoiser.condition_pool
+    if pool is None:
+        if denoiser.added_cond_shapes:
+            raise UserError(f"model {denoiser.name!r} takes added conditioning ({', '.join(denoiser.added_cond_shapes)}): draw its conditions "
+                            "from encoded prompts (calibration and validation prompts of its pipeline)")
         return torch.randn((count, *denoiser.cond_shape), generator=generator)
-    return denoiser.condition_pool[torch.randint(0, len(denoiser.condition_pool), (count,), generator=generator)]
+    return select_condition(pool, torch.randint(0, condition_batch(pool), (count,), generator=generator))
 
 
 def guided(module: nn.Module, x: torch.Tensor, t, cond, null_cond, guidance_scale) -> torch.Tensor:

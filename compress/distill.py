@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from compress.denoiser import condition_batch, condition_to, select_condition
 from compress.training import EMA, FeatureRecorder, LRSchedule, TimeBudget, drop_conditions, self_samples, train_loop, training_target
 
 
@@ -97,10 +98,10 @@ def distill(student, teacher, config: DistillConfig, data: torch.Tensor | None =
     def loss_at(step: int) -> torch.Tensor:
         idx = torch.randint(0, data.shape[0], (config.batch_size,), generator=generator)
         x0 = data[idx]
-        c = None if cond is None else cond[idx].to(device)
+        c = condition_to(select_condition(cond, idx), device)
         if c is not None and teacher.supports_guidance:
             # Teach the null condition too, so classifier-free guidance keeps working after pruning.
-            c = drop_conditions(c, teacher.null_condition(c.shape[0], c.device), generator)
+            c = drop_conditions(c, teacher.null_condition(condition_batch(c), device), generator)
         t = torch.randint(0, T, (config.batch_size,), generator=generator)
         eps = torch.randn(x0.shape, generator=generator)
         xt, _ = training_target(teacher, x0, eps, t)
@@ -154,7 +155,7 @@ def _adapters(module, teacher_module, teacher_recorder, data, cond, num_train_ti
     probe = FeatureRecorder(feature_layers(module))
     x = data[:2].to(device)
     t = torch.full((2,), num_train_timesteps // 2, dtype=torch.float32, device=device)
-    c = None if cond is None else cond[:2].to(device)
+    c = condition_to(select_condition(cond, slice(0, 2)), device)
     with torch.no_grad():
         module(x, t, c)
         teacher_module(x, t, c)

@@ -272,7 +272,10 @@ def _grid_range(pipeline: Pipeline) -> tuple[float, float]:
 def _conditions_key(denoiser: Denoiser) -> dict:
     """A stage that draws from the encoded prompts depends on them (the recipe may leave them to the validation prompts)."""
     pool = denoiser.condition_pool
-    return {} if pool is None else {"conditions": hashlib.sha256(pool.contiguous().numpy().tobytes()).hexdigest()[:16]}
+    if pool is None:
+        return {}
+    parts = [pool[k] for k in sorted(pool)] if isinstance(pool, dict) else [pool]
+    return {"conditions": hashlib.sha256(b"".join(p.contiguous().numpy().tobytes() for p in parts)).hexdigest()[:16]}
 
 
 def _variant_name(stage: str) -> str:

@@ -32,12 +32,17 @@ from typing import Callable
 import torch
 from torch import nn
 
+from compress.denoiser import condition_to
 from compress.errors import UserError, unknown_choice
 from compress.section_config import SectionConfig
 from compress.training import self_samples, training_target
 
 METHODS = ("magnitude", "taylor", "mask")
-WRAPPERS = ("diffusers-unet", "class-token-unet", "diffusers-transformer")
+WRAPPERS = ("diffusers-unet", "class-token-unet", "diffusers-transformer", "sd3-transformer")
+# Transformers keep their residual stream whole: only attention heads and feed-forward hidden channels go.
+TRANSFORMER_WRAPPERS = ("diffusers-transformer", "sd3-transformer")
+# The projections that make an attention's heads (MMDiT's joint attention adds the text stream's own).
+HEAD_PROJECTIONS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
 PYTHON_FACTORY = "compress_python_factory"  # the attribute a module rebuilt from a python: factory keeps it in
 # Widths that no tensor of a norm records when it has neither affine weights nor running statistics.
 TENSORLESS_WIDTHS = ((nn.LayerNorm, "normalized_shape"), (nn.GroupNorm, "num_channels"), (nn.modules.batchnorm._NormBase, "num_features"))
@@ -211,7 +216,7 @@ def _output_shape(denoiser) -> tuple:
     from compress.stats import example_inputs
 
     with torch.no_grad():
-        return tuple(denoiser.module(*[None if v is None else v.to(denoiser.device) for v in example_inputs(denoiser, 2)]).shape)
+        return tuple(denoiser.module(*[condition_to(v, denoiser.device) for v in example_inputs(denoiser, 2)]).shape)
 
 
 def _check_runs(denoiser, expected: tuple) -> None:
@@ -248,7 +253,7 @@ def _kept_layers(module: nn.Module) -> list[nn.Module]:
         leaf = name.rsplit(".", 1)[-1]
         if leaf in ("conv_out", "proj_out_2"):
             kept.append(m)
-    if _find_inner(module)[0] == "diffusers-transformer":
+    if _find_inner(module)[0] in TRANSFORMER_WRAPPERS:
         for name, m in module.named_modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)) and not _is_transformer_prunable(name):
                 kept.append(m)
@@ -257,7 +262,7 @@ def _kept_layers(module: nn.Module) -> list[nn.Module]:
 
 def _is_transformer_prunable(name: str) -> bool:
     leaf = name.rsplit(".", 1)[-1]
-    return leaf in ("to_q", "to_k", "to_v") or name.endswith("ff.net.0.proj")
+    return leaf in HEAD_PROJECTIONS or name.endswith(("ff.net.0.proj", "ff_context.net.0.proj"))
 
 
 def _make_pruner(denoiser, config: PruneConfig, importance, log):
@@ -268,11 +273,12 @@ def _make_pruner(denoiser, config: PruneConfig, importance, log):
     from compress.stats import example_inputs
 
     module = denoiser.module
-    inputs = tuple(None if v is None else v.to(denoiser.device) for v in example_inputs(denoiser))
+    inputs = tuple(condition_to(v, denoiser.device) for v in example_inputs(denoiser))
     num_heads = {}
     for _, a in _attention_modules(module):
-        for layer in (a.to_q, a.to_k, a.to_v):
-            num_heads[layer] = a.heads
+        for projection in HEAD_PROJECTIONS:
+            if getattr(a, projection, None) is not None:
+                num_heads[getattr(a, projection)] = a.heads
     # torch-pruning follows the autograd graph from the output back to the weights: without one there is nothing to follow.
     for p in module.parameters():  # our own copy: a frozen source model must still be traceable
         p.requires_grad_(True)
@@ -432,7 +438,7 @@ def accumulate_taylor_gradients(denoiser, config: PruneConfig, log=lambda m: Non
         ts = torch.full((x0.shape[0],), t, dtype=torch.long)
         xt, target = training_target(denoiser, x0, eps, ts)
         with torch.enable_grad():
-            out = module(xt.to(device), ts.float().to(device), None if cond is None else cond.to(device))
+            out = module(xt.to(device), ts.float().to(device), condition_to(cond, device))
             loss = torch.nn.functional.mse_loss(out, target.to(device))
             loss.backward()
         return loss.item()
@@ -502,10 +508,12 @@ def _sync_standard(name: str, m: nn.Module) -> None:
 
 
 def _find_inner(module: nn.Module):
-    from compress.denoiser import ClassTokenUNet, DiffusersTransformer, DiffusersUNet
+    from compress.denoiser import ClassTokenUNet, DiffusersTransformer, DiffusersUNet, SD3Transformer
 
     if isinstance(module, ClassTokenUNet):
         return "class-token-unet", module.unet
+    if isinstance(module, SD3Transformer):
+        return "sd3-transformer", module.transformer
     if isinstance(module, DiffusersUNet):
         return "diffusers-unet", module.unet
     if isinstance(module, DiffusersTransformer):
@@ -547,9 +555,9 @@ def builder_args(pruned_module: nn.Module, source: str | None = None, sample_sha
 def _build(wrapper: str, class_name: str, config: dict, num_classes) -> nn.Module:
     import diffusers
 
-    from compress.denoiser import ClassTokenUNet, DiffusersTransformer, DiffusersUNet
+    from compress.denoiser import ClassTokenUNet, DiffusersTransformer, DiffusersUNet, SD3Transformer
 
-    supported = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "Transformer2DModel")
+    supported = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "Transformer2DModel", "SD3Transformer2DModel")
     if class_name not in supported or wrapper not in WRAPPERS:
         raise UserError(f"pruned model folder names an unsupported architecture {wrapper}/{class_name!r}")
     inner = getattr(diffusers, class_name).from_config(config)
@@ -557,6 +565,8 @@ def _build(wrapper: str, class_name: str, config: dict, num_classes) -> nn.Modul
         return ClassTokenUNet(inner, int(num_classes))
     if wrapper == "diffusers-unet":
         return DiffusersUNet(inner)
+    if wrapper == "sd3-transformer":
+        return SD3Transformer(inner)
     return DiffusersTransformer(inner)
 
 

@@ -21,7 +21,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from compress.denoiser import ClassTokenUNet, Denoiser, DiffusersUNet, draw_conditions
+from compress.denoiser import ClassTokenUNet, Denoiser, DiffusersUNet, condition_to, draw_conditions
 from compress.errors import UserError
 from compress.section_config import SectionConfig
 from compress.solvers import convert_prediction
@@ -354,7 +354,7 @@ def _distil(student: Denoiser, teacher: Denoiser, config: SlimConfig, images, la
         xt, target = training_target(student, x0, noise, t)
         alpha, sigma = (v.to(device) for v in teacher.schedule.alpha_sigma(t))
         x0, xt, target, tf = x0.to(device), xt.to(device), target.to(device), t.float().to(device)
-        cond = cond.to(device) if cond is not None else None
+        cond = condition_to(cond, device)
         with torch.no_grad():
             t_tap.take()
             teacher_pred = convert_prediction(teacher_module(xt, tf, cond), teacher.prediction_type, student.prediction_type, xt, alpha, sigma)

@@ -36,8 +36,8 @@ from compress.errors import UserError, did_you_mean, unknown_choice
 from compress.schedule import NoiseSchedule, Schedule, shift_sigmas
 
 SPACINGS = ("linspace", "leading", "trailing", "karras", "logsnr")
-# Flow plans: 'trailing' = K levels 1, (K-1)/K, ..., 1/K before the shift (what FLUX's and SD3.5's pipelines
-# pass as sigmas); 'linspace' = FlowMatch*DiscreteScheduler's own set_timesteps; 'dpmsolver' and 'unipc' =
+# Flow plans: 'trailing' = K levels 1, (K-1)/K, ..., 1/K before the shift (what FluxPipeline
+# passes as sigmas); 'linspace' = FlowMatch*DiscreteScheduler's own set_timesteps; 'dpmsolver' and 'unipc' =
 # the use_flow_sigmas levels of DPMSolverMultistepScheduler and UniPCMultistepScheduler.
 FLOW_SPACINGS = ("trailing", "linspace", "dpmsolver", "unipc")
 # Below sigma = 1 by this much a flow plan's first level keeps lambda = log(alpha / sigma) finite (diffusers' UniPC does the same).
@@ -256,13 +256,13 @@ def build_flow_plan(schedule, steps: int, spacing: str = "trailing", timestep_ro
     else:
         sigmas = np.linspace(1, 1 / T, steps + 1)[:-1]
     sigmas = shift_sigmas(sigmas, shift)
-    sigmas = np.where(sigmas > 1 - FLOW_SIGMA_CAP, 1 - FLOW_SIGMA_CAP, sigmas) if spacing == "unipc" else sigmas
-    if spacing in ("trailing", "linspace"):  # torch float32, timesteps = sigmas * T in float32
+    if spacing == "unipc":  # UniPC caps its first level before it takes the timesteps
+        sigmas = np.minimum(sigmas, 1 - FLOW_SIGMA_CAP)
+    if spacing in ("trailing", "linspace"):  # the FlowMatch schedulers: torch float32 throughout
         sigmas = sigmas.astype(np.float32)
         t = (sigmas * np.float32(T)).astype(np.float64)
-    else:
-        t = sigmas * T
-        sigmas = sigmas.astype(np.float32)
+    else:  # the multistep ones: timesteps from float64 levels, then float32 levels
+        t, sigmas = sigmas * T, sigmas.astype(np.float32)
     t = {"round": np.round, "floor": np.floor, "none": np.asarray}[timestep_rounding](t)
     sigma = np.minimum(np.append(sigmas.astype(np.float64), 0.0), 1 - FLOW_SIGMA_CAP)
     return SamplingPlan(np.asarray(t, dtype=np.float64), 1.0 - sigma, sigma, flow=True)

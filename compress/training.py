@@ -23,7 +23,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from compress.denoiser import draw_conditions
+from compress.denoiser import condition_batch, draw_conditions, map_condition
 from compress.sampling import make_noise, sample
 from compress.solvers import SolverConfig, prediction_target
 
@@ -196,10 +196,11 @@ def training_target(denoiser, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tens
     return alpha * x0 + sigma * eps, prediction_target(denoiser.prediction_type, x0, eps, alpha, sigma)
 
 
-def drop_conditions(cond: torch.Tensor, null: torch.Tensor, generator: torch.Generator, rate: float = LABEL_DROPOUT) -> torch.Tensor:
-    """``cond`` with a random ``rate`` of its rows replaced by ``null`` (one draw per row from ``generator``)."""
-    drop = torch.rand(len(cond), generator=generator) < rate
-    return torch.where(drop.view(-1, *[1] * (cond.dim() - 1)).to(cond.device), null, cond)
+def drop_conditions(cond, null, generator: torch.Generator, rate: float = LABEL_DROPOUT):
+    """``cond`` with a random ``rate`` of its rows replaced by ``null`` (one draw per row from ``generator``; a dict
+    condition drops all its parts of a row together)."""
+    drop = torch.rand(condition_batch(cond), generator=generator) < rate
+    return map_condition(lambda c, n: torch.where(drop.view(-1, *[1] * (c.dim() - 1)).to(c.device), n, c), cond, null)
 
 
 def seeded_conditions(denoiser, count: int, seed: int):

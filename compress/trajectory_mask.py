@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from compress.denoiser import guided
+from compress.denoiser import condition_to, guided
 from compress.solvers import SolverConfig, SolverTable, combine_values, run_table
 from compress.training import seeded_conditions
 
@@ -216,7 +216,7 @@ def search_mask(denoiser, config, log=lambda m: None) -> HardConcreteGates:
         for it in range(config.mask_iterations):
             noise = torch.randn((config.mask_batch, *denoiser.sample_shape), generator=generator).to(device)
             cond = seeded_conditions(denoiser, config.mask_batch, config.seed + 1000 + it)
-            cond = None if cond is None else cond.to(device)
+            cond = condition_to(cond, device)
             network = make_network(denoiser, cond, None)
             gates.enabled = False
             with torch.no_grad():

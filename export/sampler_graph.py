@@ -13,13 +13,13 @@ import contextlib
 import torch
 from torch import nn
 
-from compress.denoiser import SHARED_CONDITION_KEYS, Denoiser, condition_batch, guided, map_condition
+from compress.denoiser import NEGATIVE_PREFIX, SHARED_CONDITION_KEYS, Denoiser, condition_batch, guided, map_condition
 from compress.errors import UserError
 from compress.solvers import SolverConfig, SolverTable, compile_solver, run_table
 
 # Name of the condition input per conditioning kind (the artifact contract).
 CONDITION_INPUTS = {"class": "class_labels", "text": "encoder_hidden_states"}
-NEGATIVE = "negative_"  # prefix of the unconditional branch's inputs
+NEGATIVE = NEGATIVE_PREFIX
 
 
 def condition_input(denoiser: Denoiser) -> str | None:

@@ -27,7 +27,7 @@ def test_checkpoints_are_safetensors_of_a_few_mb():
             files = [p for p in pipeline_folder(name).rglob("*") if p.is_file()]
             assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
             weights = [p for p in files if p.suffix == ".safetensors"]
-            assert len(weights) == 3 and sum(p.stat().st_size for p in weights) < 24e6
+            assert len(weights) >= 3 and sum(p.stat().st_size for p in weights) < 24e6
             continue
         path = checkpoint_path(name)
         assert path.suffix == ".safetensors" and path.stat().st_size < 8e6

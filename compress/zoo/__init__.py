@@ -31,6 +31,7 @@ ZOO = {
         ZooEntry("digits-cond", "denoiser", "class-conditional UNet2DConditionModel (class token via cross-attention, CFG)"),
         ZooEntry("digits-classifier", "classifier", "small CNN; penultimate features define FD, its labels check samples"),
         ZooEntry("digits-t2i", "pipeline", "latent text-to-image StableDiffusionPipeline: VAE to 4x8x8, tiny CLIP text encoder, UNet2DConditionModel"),
+        ZooEntry("digits-flow", "pipeline", "rectified-flow StableDiffusion3Pipeline: digits-t2i's VAE, two tiny CLIPs, no T5, SD3Transformer2DModel"),
     )
 }
 

@@ -160,20 +160,20 @@ def build_vocabulary(words: tuple[str, ...] = VOCABULARY_WORDS) -> tuple[dict[st
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
-def write_tokenizer(folder: Path):
+def write_tokenizer(folder: Path, max_length: int = MAX_LENGTH):
     """Writes vocab.json + merges.txt (CLIP's slow format) and tokenizer.json (the `tokenizers` format,
-    padded to 77 with EOS and truncated, as SD's text encoder wants); returns the loaded CLIPTokenizer."""
+    padded to ``max_length`` with EOS and truncated, as SD's text encoder wants); returns the loaded CLIPTokenizer."""
     from tokenizers import Tokenizer
     from transformers import CLIPTokenizer
 
     vocab, merges = build_vocabulary()
     folder.mkdir(parents=True, exist_ok=True)
-    CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_LENGTH).save_pretrained(str(folder))
+    CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length).save_pretrained(str(folder))
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
     fast = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    fast.enable_truncation(MAX_LENGTH)
-    fast.enable_padding(length=MAX_LENGTH, pad_id=vocab[EOS], pad_token=EOS)
+    fast.enable_truncation(max_length)
+    fast.enable_padding(length=max_length, pad_id=vocab[EOS], pad_token=EOS)
     fast.save(str(folder / "tokenizer.json"))
     return CLIPTokenizer.from_pretrained(str(folder))
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from compress.errors import UserError
 from compress.progress import progress
 from compress.schedule import NoiseSchedule
 from compress.training import EMA, LRSchedule, drop_conditions, train_loop
@@ -99,6 +100,12 @@ def train_zoo_model(name: str, out_dir: Path, iterations: int | None = None, res
         from compress.zoo.t2i import train_digits_t2i
 
         return train_digits_t2i(out_dir, iterations, resume, lr)
+    if name == "digits-flow":
+        if resume or lr:
+            raise UserError("zoo:digits-flow trains in one phase: --resume and --lr do not apply")
+        from compress.zoo.flow import train_digits_flow
+
+        return train_digits_flow(out_dir, iterations)
     start = time.time()
     path = out_dir / f"{name}.safetensors"
     phases = []
