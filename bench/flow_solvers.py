@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from compress.denoiser import condition_batch, select_condition
 from compress.loading import load_pipeline
 from compress.metrics import DigitsJudge
 from compress.sampling import make_noise, sample
@@ -69,16 +70,18 @@ def main() -> None:
     for name in SOLVERS:
         for nfe in NFES:
             steps = steps_for(name, nfe)
-            if name == "dpmpp-2m" and steps < 2:
-                config = SolverConfig("ddim", steps, guidance_scale=args.guidance)  # one step: DPM-Solver++ is its first-order step
-            else:
-                config = SolverConfig(name, steps, guidance_scale=args.guidance)
+            config = SolverConfig(name, steps, guidance_scale=args.guidance)
+            if steps == 1 and name == "dpmpp-2m":  # one step: a multistep method is its first-order step, as diffusers runs it
+                config = SolverConfig("ddim", 1, guidance_scale=args.guidance)
+            elif steps == 1 and name == "unipc-bh2":
+                config = SolverConfig(name, 1, guidance_scale=args.guidance, options={"order": 1})
             row = {"solver": name, "nfe": 2 * steps - 1 if name == "heun" else steps, "column": nfe, "steps": steps, **measure(config)}
             results["rows"].append(row)
             print(row, flush=True)
     for nfe in NFES[1:]:
         config = SolverConfig(SEARCHED, nfe, guidance_scale=args.guidance)
-        found = search_timesteps(denoiser, config, cond=cond[:16] if not isinstance(cond, dict) else {k: v[:16] for k, v in cond.items()})
+        search_cond = select_condition(cond, slice(0, 16))
+        found = search_timesteps(denoiser, config, cond=search_cond, noises=condition_batch(search_cond))
         row = {"solver": f"{SEARCHED} searched", "nfe": nfe, "column": nfe, "steps": nfe, **measure(dataclasses.replace(config, timesteps=tuple(found.timesteps))),
                "timesteps": found.timesteps, "teacher_mse": [found.error_start, found.error_found]}
         results["rows"].append(row)
