@@ -6,10 +6,14 @@ the zoo classifier's features against the held-out digits, class agreement (cond
 Ablation: calibration sampler (ndtc, uniform, solver) x granularity (per-step, shared) x scheme.
 Speed: float32 vs W8A8 per-step sampler at batch 1, on zoo:digits and on the DDPM CIFAR-10
 architecture (random weights), both on onnxruntime's CPU provider in this same run.
+Flow transformer (zoo:digits-flow, guidance 3, the VAE decoder baked in and kept float): image PSNR of
+the W8A8 denoiser against the float32 sampler, prompted-digit share, and the ablation per-step vs
+shared scales and SmoothQuant (alpha 0.8) on vs off.
 
 Writes bench/results/quantization.{json,md}. Run:
     python bench/quantization.py                       # everything that can run here
     python bench/quantization.py --models cifar        # speed on the CIFAR-10 architecture only
+    python bench/quantization.py --models digits-flow --samples 256   # the flow transformer's section only
 """
 from __future__ import annotations
 
@@ -105,6 +109,59 @@ def zoo_quality(name: str, guidance: float | None, args, work: Path, log) -> dic
             "calibration_samples": args.calib_samples, "headline": headline, "goals_met": goals, "rows": rows}
 
 
+# ----------------------------------------------------------------------------- the flow transformer
+
+
+FLOW_GUIDANCE = 3.0
+
+
+def flow_quality(args, work: Path, log) -> dict:
+    from compress.denoiser import NEGATIVE_PREFIX, SHARED_CONDITION_KEYS
+    from compress.export_chain import export_artifacts
+    from compress.loading import load_pipeline
+    from compress.zoo.data import load_digits_tensors
+    from compress.zoo.t2i import all_prompts, digit_prompts
+    from runtimes.text_to_image import digit_view
+
+    pipeline = load_pipeline("zoo:digits-flow")
+    solver = SolverConfig(SOLVER["name"], SOLVER["steps"], guidance_scale=FLOW_GUIDANCE)
+    folder = work / "digits-flow" / "float"
+    export_artifacts(pipeline, solver, folder, ["onnx"])
+    prompts, labels = digit_prompts(args.samples)
+    noise = torch.randn((args.samples, *pipeline.denoiser.sample_shape), generator=torch.Generator().manual_seed(1234))
+    negative = pipeline.negative_condition(args.samples)
+    feeds = {"noise": noise.numpy(), **{k: v.numpy() for k, v in pipeline.encode_prompts(prompts).items()},
+             **{NEGATIVE_PREFIX + k: v.numpy() for k, v in negative.items() if k not in SHARED_CONDITION_KEYS},
+             "guidance_scale": __import__("numpy").array([FLOW_GUIDANCE], dtype="float32")}
+    judge, heldout = DigitsJudge(), load_digits_tensors("heldout")[0]
+    reference = run_sampler(folder / "sampler.onnx", feeds, args.threads)
+
+    def metrics(images: torch.Tensor) -> dict:
+        view = digit_view(images)
+        return {"psnr_db": psnr(images, reference, 1.0), "fd": judge.fd(view, heldout), "prompted_digit_share": judge.agreement(view, labels)}
+
+    pipeline.draw_from_prompts(all_prompts()[1:])
+    start = time.perf_counter()
+    calib = calibrate(pipeline.denoiser, CalibrationConfig(sampler="ndtc", samples=args.calib_samples, guidance_scale=FLOW_GUIDANCE,
+                                                           trajectory_steps=args.trajectory_steps), solver)
+    log(f"digits-flow: calibration {len(calib)} inputs ({time.perf_counter() - start:.0f} s)")
+    rows = [{"artifact": "float32", "granularity": "-", "smooth_quant": "-", **metrics(reference), "bytes": (folder / "sampler.onnx").stat().st_size}]
+    for granularity, alpha in (("per-step", None), ("shared", None), ("per-step", 0.0)):
+        config = QuantizeConfig(granularity=granularity, smooth_quant=alpha, subset_size=args.calib_samples, targets=["sampler"])
+        out = work / "digits-flow" / f"{granularity}-{alpha}"
+        (record,) = quantize_(folder, calib, config, out_dir=out)
+        row = {"artifact": f"w8a8 {granularity}", "granularity": granularity, "smooth_quant": "off" if alpha == 0 else 0.8,
+               **metrics(run_sampler(record["path"], feeds, args.threads)), "bytes": record["bytes"]}
+        rows.append(row)
+        log(f"digits-flow: w8a8 {granularity} smooth_quant {row['smooth_quant']}: PSNR {row['psnr_db']:.2f} dB, share {row['prompted_digit_share']:.3f}")
+    for row in rows:
+        row["share_points"] = 100 * (row["prompted_digit_share"] - rows[0]["prompted_digit_share"])
+    headline = rows[1]
+    goals = {"psnr": headline["psnr_db"] >= GOALS["psnr_db"], "share_within_3_points": abs(headline["share_points"]) <= 3.0}
+    return {"model": "zoo:digits-flow", "guidance_scale": FLOW_GUIDANCE, "solver": SOLVER, "samples": args.samples,
+            "calibration_samples": args.calib_samples, "headline": headline, "goals_met": goals, "rows": rows, "kind": "flow"}
+
+
 # ----------------------------------------------------------------------------- speed
 
 
@@ -157,6 +214,9 @@ def markdown(results: dict) -> str:
         if "skipped" in q:
             lines += [f"## {q['model']}: skipped ({q['skipped']})", ""]
             continue
+        if q.get("kind") == "flow":
+            lines += flow_markdown(q)
+            continue
         h = q["headline"]
         lines += [f"## {q['model']}" + (f", guidance {q['guidance_scale']:g}" if q["guidance_scale"] else ""), "",
                   f"Headline W8A8 per-step ({h['calibration']} calibration): PSNR {h['psnr_db']:.2f} dB, FD {h['fd']:.3f} "
@@ -187,6 +247,19 @@ def markdown(results: dict) -> str:
               "that step's own states whatever the timestep sampler. Shared: the denoiser is calibrated once on the set's recorded "
               "(x_t, t, cond) and its scales are written into every step, so there the timestep sampler decides the ranges.", ""]
     return "\n".join(lines)
+
+
+def flow_markdown(q: dict) -> list[str]:
+    h = q["headline"]
+    lines = [f"## {q['model']} (SD3-style rectified-flow transformer), guidance {q['guidance_scale']:g}", "",
+             f"Images from the whole sampler (VAE decoder baked in, kept float); PSNR over [0, 1] against the float32 sampler's images. "
+             f"Headline W8A8 per-step with SmoothQuant: PSNR {h['psnr_db']:.2f} dB, prompted digit {100 * h['prompted_digit_share']:.1f}% "
+             f"({h['share_points']:+.1f} points). Goals met: {json.dumps({k: bool(v) for k, v in q['goals_met'].items()})}.", "",
+             "| artifact | granularity | SmoothQuant | PSNR dB | FD | prompted digit | size MB |", "|---|---|---|---|---|---|---|"]
+    for r in q["rows"]:
+        lines.append(f"| {r['artifact']} | {r['granularity']} | {r['smooth_quant']} | {r['psnr_db']:.2f} | {r['fd']:.2f} "
+                     f"| {100 * r['prompted_digit_share']:.1f}% | {r['bytes'] / 1e6:.2f} |")
+    return lines + [""]
 
 
 def main() -> None:
@@ -247,6 +320,9 @@ def main() -> None:
 
                 results["speed"].append(speed("zoo:digits", load_model("zoo:digits"), None, args, work, log))
                 save()
+        if "digits-flow" in models and not args.speed_only:
+            results["quality"].append(flow_quality(args, work, log))
+            save()
         if "cifar" in models:
             results["speed"].append(speed("ddpm-cifar10-arch", ddpm_cifar10_architecture(), None, args, work, log))
         save()

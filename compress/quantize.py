@@ -101,7 +101,8 @@ class QuantizeConfig(SectionConfig):
                  cost more than one scale over both inputs does (dpmpp-2m 8 steps, 1024 draws: zoo:digits
                  28.4 dB without against 25.3 with, zoo:digits-cond 29.0 against 24.1, and a smaller file)
     elementwise  let NNCF quantize residual adds too; onnxruntime's CPU int8 kernels need it for speed
-    smooth_quant SmoothQuant alpha for transformer denoisers (DiT); None: 0.8 for transformers, off for UNets
+    smooth_quant SmoothQuant alpha for transformer denoisers (DiT, MMDiT); None: 0.8 for transformers, off for UNets;
+                 0 turns it off (an alpha of 0 would move all of every weight's range onto the activations)
     fuse_outputs give int8 convs that feed only float ops an output quantizer (min-max), so that
                  onnxruntime fuses every conv into QLinearConv (without it such convs run slower than float)
     preset       NNCF preset: mixed (asymmetric activations) or performance (symmetric)
@@ -469,12 +470,9 @@ def _nncf_quantize(model: onnx.ModelProto, items: list[dict], config: QuantizeCo
     _quiet_nncf()
     if config.split_concat:
         model = split_concat_convs(model)
-    alpha = config.smooth_quant if config.smooth_quant is not None else (0.8 if transformer else None)
+    alpha = config.smooth_quant if config.smooth_quant is not None else (0.8 if transformer else 0)
     advanced = AdvancedQuantizationParameters(disable_bias_correction=not bias_correction)
-    if alpha is not None:
-        advanced.smooth_quant_alphas = AdvancedSmoothQuantParameters(matmul=alpha)
-    elif not transformer:
-        advanced.smooth_quant_alphas = AdvancedSmoothQuantParameters(matmul=-1)
+    advanced.smooth_quant_alphas = AdvancedSmoothQuantParameters(matmul=alpha if alpha > 0 else -1)  # NNCF's -1: off
     preset = nncf.QuantizationPreset.MIXED if config.preset == "mixed" else nncf.QuantizationPreset.PERFORMANCE
     reasons = float_nodes(model, config)
     quantized = nncf.quantize(
