@@ -7,7 +7,7 @@ the digit the prompt asked for. The reference is 50 steps of the model's own sch
 (FlowMatchEulerDiscreteScheduler, its linspace levels). NFE counts network evaluations (each one
 runs both guidance branches as one batch): Heun spends 2K - 1 of them on K steps.
 
-Writes bench/results/flow_solvers.{json,md}. Run: python bench/flow_solvers.py [--n 256] [--guidance 3]
+Writes bench/results/flow_solvers.{json,md}. Run: python bench/flow_solvers.py [--n 256] [--guidance 1.5]
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="zoo:digits-flow")
     parser.add_argument("--n", type=int, default=256)
-    parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--guidance", type=float, default=1.5)
     args = parser.parse_args()
     torch.manual_seed(0)
     pipeline = load_pipeline(args.model)
