@@ -139,6 +139,7 @@ def _replace_model(folder: Path, component: str, model) -> None:
 
 
 def _fails_with(capsys, folder: Path, out: Path, expected: str):
+    capsys.readouterr()  # what building the bad folder printed (save_pretrained's progress bars)
     code = main(["export", f"diffusers:{folder}", "--solver", "model", "--steps", "2", "--out", str(out)])
     err = capsys.readouterr().err.strip()
     assert code == 2, err
@@ -177,6 +178,14 @@ def test_flux_folders_whose_parts_disagree_fail_with_one_line(folders, tmp_path,
     index["text_encoder_2"] = [None, None]
     (no_t5 / "model_index.json").write_text(json.dumps(index))
     _fails_with(capsys, no_t5, tmp_path / "o6", "has no text_encoder_2")
+
+    other_transformer = _copy(folders, "dev", bad)
+    index = json.loads((other_transformer / "model_index.json").read_text())
+    index["transformer"] = ["diffusers", "SD3Transformer2DModel"]
+    (other_transformer / "model_index.json").write_text(json.dumps(index))
+    _fails_with(capsys, other_transformer, tmp_path / "o7", "transformer is a SD3Transformer2DModel, which is not supported (supported: FluxTransformer2DModel)")
+
+    _fails_with(capsys, folders["dev"] / "transformer", tmp_path / "o8", "a FluxTransformer2DModel is conditioned by its pipeline's text encoders: load the whole FluxPipeline folder")
 
     pipeline = load_pipeline(f"diffusers:{folders['dev']}")
     with pytest.raises(UserError, match="multiples of 4 .*latent packing 2"):

@@ -213,9 +213,11 @@ def _pixart_transformer(caption_channels: int, seed: int, sample_size: int = 8, 
     from diffusers import PixArtTransformer2DModel
 
     torch.manual_seed(seed)
+    # Micro-conditions split the width in thirds (resolution 2/3, aspect ratio 1/3): 24 wide then, 16 otherwise.
+    head = 12 if use_additional_conditions else 8
     # out_channels = 2 x in_channels: learned sigma, as the released checkpoints have it.
-    return PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
-                                    cross_attention_dim=16, sample_size=sample_size, patch_size=2, caption_channels=caption_channels,
+    return PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=head, in_channels=4, out_channels=8, num_layers=2,
+                                    cross_attention_dim=2 * head, sample_size=sample_size, patch_size=2, caption_channels=caption_channels,
                                     use_additional_conditions=use_additional_conditions).eval()
 
 
