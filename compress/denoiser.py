@@ -15,7 +15,8 @@ from torch import nn
 from compress.schedule import Schedule
 
 PredictionType = Literal["epsilon", "v_prediction", "sample", "flow"]
-# A condition is one batch-first tensor, or a dict of them (SDXL's added conditioning, SD3's pooled projections).
+# A condition is one batch-first tensor, or a dict of them (SDXL's added conditioning, SD3's and FLUX's pooled
+# projections, PixArt's attention mask; FLUX-dev's guidance, which `guided` adds).
 Condition = "torch.Tensor | dict[str, torch.Tensor]"
 # Parts of a dict condition that are the same for the conditional and the unconditional branch.
 SHARED_CONDITION_KEYS = ("time_ids",)
@@ -233,7 +234,8 @@ class Denoiser:
     # Text: the condition of the unconditional branch (batch 1), as the pipeline encodes the empty
     # negative prompt; None means zeros. Added conditioning (SDXL) is a dict of the same keys.
     null_text: Condition | None = None
-    # Parts of a text condition beside encoder_hidden_states. SDXL: {"text_embeds": (P,), "time_ids": (6,)}; SD3: {"pooled_projections": (P,)}
+    # Parts of a text condition beside encoder_hidden_states. SDXL: {"text_embeds": (P,), "time_ids": (6,)}; SD3 and FLUX:
+    # {"pooled_projections": (P,)}; PixArt: {"encoder_attention_mask": (L,)}
     added_cond_shapes: dict[str, tuple[int, ...]] | None = None
     # Text: real conditions (a pipeline's encoded prompts) that calibration, pruning and distillation draw
     # from; without a pool they draw random states.

@@ -201,13 +201,17 @@ def _app(name: str = "text_to_image_onnx"):
 
 @pytest.mark.parametrize("name", ["dev", "schnell"])
 def test_exported_flux_pipeline_matches_diffusers_from_prompt_to_image(folders, name, tmp_path):
+    """FLUX-dev: the sampler with the decoder baked in, through the ONNX app; FLUX-schnell: the sampler's latents
+    (``--output latents``), then the VAE decoder, each compared with diffusers."""
     import onnxruntime as ort
 
     pipeline = load_pipeline(f"diffusers:{folders[name]}").at_resolution(SIZE, SIZE)
     guidance = pipeline_guidance(pipeline, None)
     solver = resolve_solver(pipeline.denoiser, "model", STEPS, guidance=guidance)
-    records = export_artifacts(pipeline, solver, tmp_path, ["onnx"], output="latents")
-    assert {r["kind"] for r in records} == {"text_encoder", "text_encoder_2", "sampler", "denoiser", "vae_decoder", "vae_encoder"}
+    formats, output = ["onnx"], "image" if name == "dev" else "latents"
+    records = export_artifacts(pipeline, solver, tmp_path, formats, output=output)
+    kinds = {"text_encoder", "text_encoder_2", "sampler", "denoiser", "vae_decoder", "vae_encoder"}
+    assert {(r["kind"], r["format"]) for r in records} == {(k, f) for k in kinds for f in formats}
     sidecar = json.loads((tmp_path / "sampler.json").read_text())
     names = [i["name"] for i in sidecar["inputs"]]
     if name == "dev":  # one branch: no negative inputs; the scale goes to the guidance embedding
@@ -221,27 +225,28 @@ def test_exported_flux_pipeline_matches_diffusers_from_prompt_to_image(folders, 
     assert info["text_layout"] == {"channels": ["text_encoder_2"], "pad_channels_to": None, "sequence": [], "zero_tokens": 0}
     assert info["pooled_input"] == "pooled_projections"
 
-    # An app's path: tokenizer.json files, both encoders joined as pipeline.json says, the sampler, then the VAE decoder.
     prompts = PROMPTS[:2]
     noise = torch.randn(len(prompts), 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    feeds = {**_app().encode(tmp_path, info, prompts), "noise": noise.numpy()}
-    if guidance is not None:
-        feeds["guidance_scale"] = np.array([guidance], np.float32)
-    latents = ort.InferenceSession(str(tmp_path / "sampler.onnx")).run(None, feeds)[0]
-    image = ort.InferenceSession(str(tmp_path / "vae_decoder.onnx")).run(None, {"latents": latents})[0].transpose(0, 2, 3, 1)
-
     pipe = _diffusers_pipeline(folders[name])
     packed = pipe._pack_latents(noise.clone(), len(prompts), 4, 8, 8)
     call = dict(num_inference_steps=STEPS, latents=packed, height=SIZE, width=SIZE, guidance_scale=3.5 if guidance is None else guidance)
-    theirs = pipe._unpack_latents(pipe(prompts, output_type="latent", **call).images, SIZE, SIZE, pipe.vae_scale_factor).numpy()
     reference = pipe(prompts, output_type="np", **call).images
-    scale = float(np.abs(theirs).max())
-    latent_error, image_error = float(np.abs(latents - theirs).max()), float(np.abs(image - reference).max())
-    assert latent_error < 1e-3 * scale, (latent_error, scale)
-    assert image.shape == reference.shape == (2, SIZE, SIZE, 3)
-    assert reference.std() > 0.02  # a real picture, not a constant
+    assert reference.shape == (2, SIZE, SIZE, 3) and reference.std() > 0.02  # a real picture, not a constant
+    # An app's path: tokenizer.json files, both encoders joined as pipeline.json says, the sampler (then the VAE decoder).
+    if output == "image":
+        image = _app().generate(tmp_path, prompts, noise=noise.numpy())
+    else:
+        feeds = {**_app().encode(tmp_path, info, prompts), "noise": noise.numpy()}
+        latents = ort.InferenceSession(str(tmp_path / "sampler.onnx")).run(None, feeds)[0]
+        image = ort.InferenceSession(str(tmp_path / "vae_decoder.onnx")).run(None, {"latents": latents})[0].transpose(0, 2, 3, 1)
+        theirs = pipe._unpack_latents(pipe(prompts, output_type="latent", **call).images, SIZE, SIZE, pipe.vae_scale_factor).numpy()
+        scale = float(np.abs(theirs).max())
+        latent_error = float(np.abs(latents - theirs).max())
+        assert latent_error < 1e-3 * scale, (latent_error, scale)
+        print(f"FLUX-{name}: latents max abs diff {latent_error:.2e} (range {scale:.2f})")
+    image_error = float(np.abs(image - reference).max())
     assert image_error < 1e-3, image_error  # the image range is [0, 1]
-    print(f"FLUX-{name}: latents max abs diff {latent_error:.2e} (range {scale:.2f}), image {image_error:.2e}")
+    print(f"FLUX-{name}: image max abs diff {image_error:.2e}")
 
     # The bare denoiser graph on diffusers' own embeddings, guidance per sample where the model embeds it.
     with torch.no_grad():
@@ -258,3 +263,16 @@ def test_exported_flux_pipeline_matches_diffusers_from_prompt_to_image(folders, 
     assert np.abs(denoiser.run(None, bare)[0] - expected).max() < 1e-4 * max(1.0, float(np.abs(expected).max()))
     schedule = json.loads((tmp_path / "denoiser.json").read_text())["schedule"]
     assert schedule["kind"] == "flow" and schedule["shift"] == pytest.approx(pipeline.denoiser.schedule.shift)
+
+
+@pytest.mark.slow
+def test_openvino_ir_of_a_flux_dev_export_makes_the_onnx_apps_image(folders, tmp_path):
+    """The IR keeps the interface's names where conversion folds an input away (timestep / 1000 * 1000)."""
+    pipeline = load_pipeline(f"diffusers:{folders['dev']}").at_resolution(SIZE, SIZE)
+    solver = resolve_solver(pipeline.denoiser, "model", STEPS, guidance=pipeline_guidance(pipeline, None))
+    export_artifacts(pipeline, solver, tmp_path, ["onnx", "openvino"])
+    prompts = PROMPTS[:2]
+    seeded = _app().generate(tmp_path, prompts, seed=3, guidance=2.0)
+    openvino = _app("text_to_image_openvino").generate(tmp_path, prompts, seed=3, guidance=2.0, config={"INFERENCE_PRECISION_HINT": "f32"})
+    assert np.abs(openvino - seeded).max() < 1e-3
+    assert np.abs(_app().generate(tmp_path, prompts, seed=3) - seeded).max() > 1e-4  # the guidance value reaches the network
