@@ -256,6 +256,8 @@ class Denoiser:
             return torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
         if self.conditioning == "text":
             if self.null_text is None:
+                if self.added_cond_shapes:  # zeros in every part, so the condition keeps its structure
+                    return {k: torch.zeros((batch, *shape), device=device) for k, shape in self.condition_shapes().items()}
                 return torch.zeros((batch, *self.cond_shape), device=device)
             return map_condition(lambda t: t.to(device).expand(batch, *t.shape[1:]).contiguous(), self.null_text)
         return None

@@ -122,8 +122,30 @@ def _rms_norm(g, x, normalized_shape, weight, eps):
     return out if helper._is_none(weight) else g.op("Mul", out, weight)
 
 
+def _unflatten(g, x, dim, sizes):
+    """aten::unflatten with the split dimension as a constant: the exporter's own computes it in the graph (Add, Mod),
+    so the output's shape is not inferred and it falls back to the traced one, batch included (FLUX's attention heads,
+    whose rotary embedding then reshapes to the traced batch)."""
+    from torch.onnx import symbolic_helper as helper
+
+    rank = helper._get_tensor_rank(x)
+    if rank is None:
+        from torch.onnx._internal.torchscript_exporter.symbolic_opset13 import unflatten
+
+        return unflatten(g, x, dim, sizes)
+    dim = helper._get_const(dim, "i", "dim") % rank
+    shape = g.op("Shape", x)
+
+    def part(start: int, end: int):
+        return g.op("Slice", shape, g.op("Constant", value_t=torch.tensor([start])), g.op("Constant", value_t=torch.tensor([end])))
+
+    parts = ([part(0, dim)] if dim > 0 else []) + [sizes] + ([part(dim + 1, rank)] if dim + 1 < rank else [])
+    return helper._reshape_helper(g, x, g.op("Concat", *parts, axis_i=0))
+
+
 # torch.nn.RMSNorm (FLUX's query/key norms) has no symbolic in the TorchScript exporter below opset 23.
 torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm, OPSETS.start)
+torch.onnx.register_custom_op_symbolic("aten::unflatten", _unflatten, OPSETS.start)
 
 
 def _check_options(batch_size: int | None, opset: int) -> None:

@@ -45,12 +45,23 @@ def diffusers_pipeline(folder: str | Path, scheduler: str | None = None):
     absent = {k: None for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[:1] == [None]}
     pipe = diffusers.DiffusionPipeline.from_pretrained(str(folder), **absent)  # float32, as saved
     pipe.set_progress_bar_config(disable=True)
-    if scheduler is not None:
+    if scheduler is not None and _flow_scheduler(pipe):
+        # The schedulers above are variance-preserving: on a flow model only its own FlowMatch Euler is the same method.
+        if scheduler != "euler" or type(pipe.scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":
+            raise UserError(f"reference solver {scheduler!r}: {type(pipe).__name__} samples a flow with its {type(pipe.scheduler).__name__}; "
+                            f"the reference on a flow is 'euler' (FlowMatchEulerDiscreteScheduler, the pipeline's own loop)")
+    elif scheduler is not None:
         if scheduler not in DIFFUSERS_SCHEDULERS:
             raise UserError(f"reference solver {scheduler!r} has no diffusers scheduler here (available: {', '.join(DIFFUSERS_SCHEDULERS)})")
         cls, options = DIFFUSERS_SCHEDULERS[scheduler]
         pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **options)
     return pipe
+
+
+def _flow_scheduler(pipe) -> bool:
+    from compress.schedule import is_flow_scheduler_config
+
+    return is_flow_scheduler_config({"_class_name": type(pipe.scheduler).__name__, **dict(pipe.scheduler.config)})
 
 
 @torch.no_grad()
@@ -71,9 +82,10 @@ def diffusers_images(pipe, prompts: list[str], noise: torch.Tensor, steps: int, 
         latents = noise[start : start + len(chunk)].clone()
         if kind == "FluxPipeline":  # the toolkit's [B, C, H, W] noise in FLUX's packed layout
             latents = pipe._pack_latents(latents, len(chunk), c, h, w)
-        result = pipe(chunk, negative_prompt=None if negative_prompt is None else [negative_prompt] * len(chunk), num_inference_steps=steps,
-                      guidance_scale=1.0 if guidance_scale is None else guidance_scale, latents=latents,
-                      height=h * scale, width=w * scale, output_type="np", **extra)
+        # Without a negative prompt each pipeline takes its own default (PixArt's is "", and it cannot take None).
+        negative = {} if negative_prompt is None else {"negative_prompt": [negative_prompt] * len(chunk)}
+        result = pipe(chunk, num_inference_steps=steps, guidance_scale=1.0 if guidance_scale is None else guidance_scale, latents=latents,
+                      height=h * scale, width=w * scale, output_type="np", **negative, **extra)
         out.append(torch.from_numpy(result.images).permute(0, 3, 1, 2).float())
     return torch.cat(out)
 

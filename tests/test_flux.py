@@ -237,7 +237,11 @@ def test_exported_flux_pipeline_matches_diffusers_from_prompt_to_image(folders, 
         image = _app().generate(tmp_path, prompts, noise=noise.numpy())
     else:
         feeds = {**_app().encode(tmp_path, info, prompts), "noise": noise.numpy()}
-        latents = ort.InferenceSession(str(tmp_path / "sampler.onnx")).run(None, feeds)[0]
+        sampler = ort.InferenceSession(str(tmp_path / "sampler.onnx"))
+        latents = sampler.run(None, feeds)[0]
+        # The batch is dynamic (exported at 2): one prompt alone gives its row.
+        single = sampler.run(None, {k: v[:1] for k, v in feeds.items()})[0]
+        assert np.abs(single - latents[:1]).max() < 1e-5
         image = ort.InferenceSession(str(tmp_path / "vae_decoder.onnx")).run(None, {"latents": latents})[0].transpose(0, 2, 3, 1)
         theirs = pipe._unpack_latents(pipe(prompts, output_type="latent", **call).images, SIZE, SIZE, pipe.vae_scale_factor).numpy()
         scale = float(np.abs(theirs).max())
@@ -261,6 +265,8 @@ def test_exported_flux_pipeline_matches_diffusers_from_prompt_to_image(folders, 
     with torch.no_grad():
         expected = pipeline.denoiser.module(noise, 812.5, cond).numpy()
     assert np.abs(denoiser.run(None, bare)[0] - expected).max() < 1e-4 * max(1.0, float(np.abs(expected).max()))
+    three = {k: np.concatenate([v, v[:1]]) for k, v in bare.items()}  # another batch than the traced one
+    assert np.abs(denoiser.run(None, three)[0][:2] - expected).max() < 1e-4 * max(1.0, float(np.abs(expected).max()))
     schedule = json.loads((tmp_path / "denoiser.json").read_text())["schedule"]
     assert schedule["kind"] == "flow" and schedule["shift"] == pytest.approx(pipeline.denoiser.schedule.shift)
 
