@@ -47,7 +47,8 @@ class TextEncoder:
     tokenizer: Any  # a transformers tokenizer
     tokenizer_name: str  # tokenizer, tokenizer_2, tokenizer_3
     hidden_layer: int = -1  # -1: the last hidden state after the final norm; -2: the penultimate (SDXL, SD3's CLIPs)
-    pooled: bool = False  # also returns the projected pooled output (SDXL's text_encoder_2, both of SD3's CLIPs)
+    # Also returns the pooled output: projected (SDXL's text_encoder_2, both of SD3's CLIPs) or CLIPTextModel's pooler_output (FLUX).
+    pooled: bool = False
     # Tokens the prompt is padded to when the pipeline sets it rather than the tokenizer (SD3's max_sequence_length for T5).
     length: int | None = None
     # The encoder runs with the padding mask, which it also returns for the denoiser (PixArt's T5).
