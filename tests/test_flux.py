@@ -282,3 +282,17 @@ def test_openvino_ir_of_a_flux_dev_export_makes_the_onnx_apps_image(folders, tmp
     openvino = _app("text_to_image_openvino").generate(tmp_path, prompts, seed=3, guidance=2.0, config={"INFERENCE_PRECISION_HINT": "f32"})
     assert np.abs(openvino - seeded).max() < 1e-3
     assert np.abs(_app().generate(tmp_path, prompts, seed=3) - seeded).max() > 1e-4  # the guidance value reaches the network
+
+
+def test_compress_runs_reference_is_fluxpipelines_own_call(folders):
+    """`compress run`'s baseline: the toolkit's [B, C, H, W] noise packed for FluxPipeline, the pipeline's own FlowMatch Euler."""
+    from runtimes.text_to_image import diffusers_images, diffusers_pipeline
+
+    pipe = diffusers_pipeline(folders["dev"], "euler")
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    images = diffusers_images(pipe, PROMPTS[:2], noise, STEPS, 2.0, show_progress=False)
+    direct = pipe(PROMPTS[:2], num_inference_steps=STEPS, guidance_scale=2.0, latents=pipe._pack_latents(noise.clone(), 2, 4, 8, 8),
+                  height=SIZE, width=SIZE, output_type="np").images
+    assert torch.equal(images, torch.from_numpy(direct).permute(0, 3, 1, 2).float())
+    with pytest.raises(UserError, match="the reference on a flow is 'euler'"):
+        diffusers_pipeline(folders["dev"], "dpmpp-2m")

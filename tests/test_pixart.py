@@ -225,3 +225,15 @@ def test_exported_pixart_pipeline_matches_diffusers_from_prompt_to_image(folders
     three = {k: np.concatenate([v, v[:1]]) for k, v in bare.items()}  # another batch than the traced one
     assert np.abs(session.run(None, three)[0][:2] - theirs.numpy()).max() < tolerance
     print(f"PixArt {name}: image max abs diff {image_error:.2e}")
+
+
+def test_compress_runs_reference_is_the_pixart_pipelines_own_call(folders):
+    """`compress run`'s baseline: no resolution binning or caption cleaning, the pipeline's own "" without a negative prompt."""
+    from runtimes.text_to_image import diffusers_images, diffusers_pipeline
+
+    pipe = diffusers_pipeline(folders["sigma"], "dpmpp-2m")
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    images = diffusers_images(pipe, PROMPTS[:2], noise, STEPS, 4.5, show_progress=False)
+    direct = pipe(PROMPTS[:2], num_inference_steps=STEPS, guidance_scale=4.5, latents=noise.clone(), height=16, width=16,
+                  use_resolution_binning=False, clean_caption=False, output_type="np").images
+    assert torch.equal(images, torch.from_numpy(direct).permute(0, 3, 1, 2).float())
