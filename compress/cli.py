@@ -48,7 +48,7 @@ def run(recipe, out, force, resume):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--n", "n", type=int, default=64, show_default=True, help="Number of samples.")
 @click.option("--label", type=int, default=None, help="Class label (class-conditional models).")
-@click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale.")
+@click.option("--guidance", type=float, default=None, help="Guidance scale: classifier-free, or the value of a guidance embedding (FLUX-dev).")
 @click.option("--prompt", default=None, help="Text-to-image pipelines: the prompt of every sample (decoded to images).")
 @click.option("--negative-prompt", default=None, help="Text-to-image pipelines: the unconditional branch's prompt.")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when present).")

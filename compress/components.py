@@ -14,6 +14,12 @@ The conventions follow diffusers' pipelines, which are the reference the tests c
   to the transformer's joint width, followed along the sequence by the T5 encoder's last hidden
   state (zeros of 256 tokens when the folder has no T5); `pooled_projections` is the concatenation
   of both CLIP encoders' projected pooled outputs;
+- FLUX: the T5 encoder's last hidden state (512 tokens) is the whole sequence; the CLIP encoder
+  contributes only its pooled output (CLIPTextModel's pooler_output, not projected) as
+  `pooled_projections`;
+- PixArt: the T5 encoder's last hidden state, the T5 encoder run with the attention mask of the
+  padded prompt, and that mask (`encoder_attention_mask`) passed on to the transformer; prompts are
+  lowercased and stripped first (the pipelines' _text_preprocessing with clean_caption off);
 - the unconditional branch is the encoded negative prompt, "" by default, except that SDXL
   with ``force_zeros_for_empty_prompt`` uses zeros when no negative prompt is given;
 - latents are decoded as ``vae.decode(latents / scaling_factor + shift_factor)`` (SDXL:
@@ -41,9 +47,14 @@ class TextEncoder:
     tokenizer: Any  # a transformers tokenizer
     tokenizer_name: str  # tokenizer, tokenizer_2, tokenizer_3
     hidden_layer: int = -1  # -1: the last hidden state after the final norm; -2: the penultimate (SDXL, SD3's CLIPs)
-    pooled: bool = False  # also returns the projected pooled output (SDXL's text_encoder_2, both of SD3's CLIPs)
+    # Also returns the pooled output: projected (SDXL's text_encoder_2, both of SD3's CLIPs) or CLIPTextModel's pooler_output (FLUX).
+    pooled: bool = False
     # Tokens the prompt is padded to when the pipeline sets it rather than the tokenizer (SD3's max_sequence_length for T5).
     length: int | None = None
+    # The encoder runs with the padding mask, which it also returns for the denoiser (PixArt's T5).
+    attention_mask: bool = False
+    # Prompts are lowercased and stripped before tokenizing (PixArt's _text_preprocessing without clean_caption).
+    lowercase: bool = False
 
     @property
     def max_length(self) -> int:
@@ -55,19 +66,27 @@ class TextEncoder:
 
     @property
     def pooled_size(self) -> int:
+        # CLIPTextConfig always has a projection_dim; only CLIPTextModelWithProjection applies it (FLUX pools without).
+        if not hasattr(self.module, "text_projection"):
+            return int(self.module.config.hidden_size)
         config = self.module.config
         return int(getattr(config, "projection_dim", None) or config.hidden_size)
 
+    def preprocess(self, prompts: list[str]) -> list[str]:
+        return [p.lower().strip() for p in prompts] if self.lowercase else list(prompts)
+
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         """input_ids [B, max_length] int64: padded to the max length and truncated, as diffusers does."""
-        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt").input_ids
+        ids = self.tokenizer(self.preprocess(prompts), padding="max_length", max_length=self.max_length, truncation=True,
+                             return_tensors="pt").input_ids
         return ids.long()
 
     def truncated(self, prompt: str) -> bool:
-        return len(self.tokenizer(prompt, truncation=False).input_ids) > self.max_length
+        return len(self.tokenizer(self.preprocess([prompt])[0], truncation=False).input_ids) > self.max_length
 
     @torch.no_grad()
-    def encode(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode(self, input_ids: torch.Tensor):
+        """hidden states, then the pooled output (``pooled``) and the attention mask (``attention_mask``) where the encoder gives them."""
         return TextEncoderGraph(self)(input_ids.to(next(self.module.parameters()).device))
 
 
@@ -85,19 +104,26 @@ class TextEncoderGraph(nn.Module):
 
     @property
     def output_names(self) -> list[str]:
-        return ["hidden_states", "pooled"] if self.encoder.pooled else ["hidden_states"]
+        return ["hidden_states"] + (["pooled"] if self.encoder.pooled else []) + (["attention_mask"] if self.encoder.attention_mask else [])
 
     def example_inputs(self, batch: int = 2) -> tuple[torch.Tensor, ...]:
         return (self.encoder.tokenize(["a handwritten seven", ""] * batch)[:batch],)
 
     def forward(self, input_ids: torch.Tensor):
         penultimate = self.encoder.hidden_layer != -1
-        out = self.network(input_ids, output_hidden_states=penultimate)
+        if self.encoder.attention_mask:
+            # The tokenizer's mask of a max_length-padded prompt: 1 up to its last token, 0 on the padding.
+            mask = (input_ids != self.encoder.tokenizer.pad_token_id).long()
+            out = self.network(input_ids, attention_mask=mask, output_hidden_states=penultimate)
+        else:
+            out = self.network(input_ids, output_hidden_states=penultimate)
         hidden = out.hidden_states[self.encoder.hidden_layer] if penultimate else out.last_hidden_state
-        if not self.encoder.pooled:
-            return hidden
-        pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
-        return hidden, pooled
+        outputs = [hidden]
+        if self.encoder.pooled:
+            outputs.append(out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output)
+        if self.encoder.attention_mask:
+            outputs.append(mask.float())
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
 @dataclass(frozen=True)
@@ -258,8 +284,11 @@ class Pipeline:
             raise UserError(f"{self.name!r} samples pixels directly: its resolution is its sample shape {tuple(self.denoiser.sample_shape)}")
         unet = getattr(self.denoiser.module, "unet", None)
         transformer = getattr(self.denoiser.module, "transformer", None)
+        packing = getattr(self.denoiser.module, "latent_patch", None)
         if unet is not None:
             multiple, what = 2 ** (len(unet.config.block_out_channels) - 1), "the UNet's"
+        elif packing:
+            multiple, what = int(packing), "the transformer's latent packing"
         elif transformer is not None and transformer.config.get("patch_size"):
             multiple, what = int(transformer.config.patch_size), "the transformer's patch size"
         else:
@@ -324,18 +353,21 @@ class Pipeline:
         """Prompts -> the denoiser's condition: hidden states [B, L, D], or a dict with the added parts (SDXL, SD3)."""
         if not self.text_encoders:
             raise UserError(f"model {self.name!r} takes no text prompts")
-        states, pooled = {}, []
+        states, pooled, masks = {}, [], []
         for encoder in self.text_encoders:
             out = encoder.encode(encoder.tokenize(prompts))
+            out = list(out) if isinstance(out, tuple) else [out]
+            if encoder.attention_mask:
+                masks.append(out.pop().float().cpu())
             if encoder.pooled:
-                out, projected = out
-                pooled.append(projected.float().cpu())
-            states[encoder.name] = out.float().cpu()
+                pooled.append(out.pop().float().cpu())
+            states[encoder.name] = out[0].float().cpu()
         hidden = self.layout.join(states)
         if self.denoiser.added_cond_shapes is None:
             return hidden
-        # The one added part that is not time_ids is the pooled prompt: SDXL's text_embeds, SD3's pooled_projections.
-        added = {k: self.time_ids(len(prompts)) if k == "time_ids" else torch.cat(pooled, dim=-1) for k in self.denoiser.added_cond_shapes}
+        # Added parts: SDXL's time_ids, PixArt's mask, and the pooled prompt (SDXL's text_embeds, SD3's and FLUX's pooled_projections).
+        made = {"time_ids": lambda: self.time_ids(len(prompts)), "encoder_attention_mask": lambda: torch.cat(masks, dim=-1)}
+        added = {k: made[k]() if k in made else torch.cat(pooled, dim=-1) for k in self.denoiser.added_cond_shapes}
         return {"encoder_hidden_states": hidden, **added}
 
     def negative_condition(self, batch: int, negative_prompt: str | list[str] | None = None):

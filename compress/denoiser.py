@@ -16,7 +16,8 @@ from compress.errors import UserError
 from compress.schedule import Schedule
 
 PredictionType = Literal["epsilon", "v_prediction", "sample", "flow"]
-# A condition is one batch-first tensor, or a dict of them (SDXL's added conditioning, SD3's pooled projections).
+# A condition is one batch-first tensor, or a dict of them (SDXL's added conditioning, SD3's and FLUX's pooled
+# projections, PixArt's attention mask; FLUX-dev's guidance, which `guided` adds).
 Condition = "torch.Tensor | dict[str, torch.Tensor]"
 # Parts of a dict condition that are the same for the conditional and the unconditional branch.
 SHARED_CONDITION_KEYS = ("time_ids",)
@@ -114,6 +115,98 @@ class SD3Transformer(nn.Module):
                                 pooled_projections=cond["pooled_projections"]).sample
 
 
+def _pack(sample: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, H/2 * W/2, 4C]: FluxPipeline's _pack_latents (2x2 patches, channels first within a patch)."""
+    b, c, h, w = sample.shape
+    return sample.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def _unpack(packed: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The inverse of `_pack` (FluxPipeline's _unpack_latents)."""
+    b, _, channels = packed.shape
+    return packed.view(b, h // 2, w // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, channels // 4, h, w)
+
+
+def flux_image_ids(h: int, w: int) -> torch.Tensor:
+    """FluxPipeline's _prepare_latent_image_ids for packed latents of h x w patches: [h*w, 3] of (0, row, column)."""
+    ids = torch.zeros(h, w, 3)
+    ids[..., 1] = torch.arange(h, dtype=torch.float32)[:, None]
+    ids[..., 2] = torch.arange(w, dtype=torch.float32)[None, :]
+    return ids.reshape(h * w, 3)
+
+
+class FluxTransformer(nn.Module):
+    """FluxTransformer2DModel behind the toolkit's [B, C, H, W] interface, called as FluxPipeline calls it.
+
+    The condition is a dict: the T5 hidden states (encoder_hidden_states) and the CLIP pooled
+    output (pooled_projections). Guidance-distilled models (``guidance_embeds``, FLUX-dev) also
+    take ``guidance`` [B], the guidance scale itself, which `guided` puts there: they run one
+    branch, never classifier-free guidance. The position ids depend only on the latent size and
+    the text length, so a traced graph holds them as constants.
+    """
+
+    latent_patch = 2  # the 2x2 packing: latent height and width must be even
+    # The transformer embeds float32(timestep / 1000) * 1000, not the plan's timestep, and with a guidance
+    # embedding its time_proj also embeds the guidance: features precomputed per timestep would be wrong.
+    time_features_foldable = False
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+        self.embeds_guidance = bool(transformer.config.get("guidance_embeds", False))
+        self.out_channels = int(transformer.config.in_channels) // 4
+
+    def forward(self, sample, timestep, cond=None):
+        from compress.errors import UserError
+
+        b, _, h, w = sample.shape
+        t = batch_timesteps(timestep, b, sample.device)
+        guidance = cond.get("guidance") if self.embeds_guidance else None
+        if self.embeds_guidance and guidance is None:
+            raise UserError("this FLUX transformer is guidance-distilled (guidance_embeds): it needs a guidance scale (FluxPipeline's default is 3.5)")
+        text = cond["encoder_hidden_states"]
+        out = self.transformer(
+            hidden_states=_pack(sample),
+            # FluxPipeline passes timestep / 1000 and the transformer multiplies it back: the same float32 rounding here.
+            timestep=t / 1000,
+            guidance=guidance,
+            pooled_projections=cond["pooled_projections"],
+            encoder_hidden_states=text,
+            txt_ids=text.new_zeros(text.shape[1], 3),
+            img_ids=flux_image_ids(h // 2, w // 2).to(sample.device, sample.dtype),
+        ).sample
+        return _unpack(out, h, w)
+
+
+class PixArtTransformer(nn.Module):
+    """PixArtTransformer2DModel (PixArt-alpha and -sigma), called as their pipelines call it.
+
+    The condition is a dict: the T5 hidden states and their attention mask (1 for tokens, 0 for
+    padding), which the pipelines pass to the transformer. Micro-conditions (resolution and aspect
+    ratio of the image, PixArt-alpha at 1024 px) follow from the latent size, so they are constants
+    of a traced graph. With learned sigma the variance channels are dropped, as the pipelines do.
+    """
+
+    def __init__(self, transformer: nn.Module, vae_downscale: int):
+        super().__init__()
+        self.transformer = transformer
+        self.in_channels = int(transformer.config.in_channels)
+        self.micro_conditions = bool(getattr(transformer, "use_additional_conditions", False))
+        self.vae_downscale = int(vae_downscale)
+
+    def forward(self, sample, timestep, cond=None):
+        b, _, h, w = sample.shape
+        t = batch_timesteps(timestep, b, sample.device)
+        added = {"resolution": None, "aspect_ratio": None}
+        if self.micro_conditions:
+            height, width = h * self.vae_downscale, w * self.vae_downscale
+            added = {"resolution": sample.new_tensor([[height, width]]).expand(b, 2),
+                     "aspect_ratio": sample.new_tensor([[height / width]]).expand(b, 1)}
+        out = self.transformer(sample, encoder_hidden_states=cond["encoder_hidden_states"], encoder_attention_mask=cond["encoder_attention_mask"],
+                               timestep=t, added_cond_kwargs=added).sample
+        return out[:, : self.in_channels]
+
+
 class ClassTokenUNet(nn.Module):
     """A cross-attention UNet conditioned on a class label turned into one token.
 
@@ -152,7 +245,8 @@ class Denoiser:
     # Text: the condition of the unconditional branch (batch 1), as the pipeline encodes the empty
     # negative prompt; None means zeros. Added conditioning (SDXL) is a dict of the same keys.
     null_text: Condition | None = None
-    # Parts of a text condition beside encoder_hidden_states. SDXL: {"text_embeds": (P,), "time_ids": (6,)}; SD3: {"pooled_projections": (P,)}
+    # Parts of a text condition beside encoder_hidden_states. SDXL: {"text_embeds": (P,), "time_ids": (6,)}; SD3 and FLUX:
+    # {"pooled_projections": (P,)}; PixArt: {"encoder_attention_mask": (L,)}
     added_cond_shapes: dict[str, tuple[int, ...]] | None = None
     # Text: real conditions (a pipeline's encoded prompts) that calibration, pruning and distillation draw
     # from; without a pool they draw random states.
@@ -160,14 +254,21 @@ class Denoiser:
     extra: dict = field(default_factory=dict)
 
     @property
+    def guidance_embedded(self) -> bool:
+        """Guidance-distilled (FLUX-dev): the guidance scale is an input of the network, one branch, no unconditional one."""
+        return bool(getattr(self.module, "embeds_guidance", False))
+
+    @property
     def supports_guidance(self) -> bool:
-        return self.conditioning != "none" and self.has_null_condition
+        return self.conditioning != "none" and (self.has_null_condition or self.guidance_embedded)
 
     def null_condition(self, batch: int, device="cpu") -> torch.Tensor | None:
         if self.conditioning == "class":
             return torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
         if self.conditioning == "text":
             if self.null_text is None:
+                if self.added_cond_shapes:  # zeros in every part, so the condition keeps its structure
+                    return {k: torch.zeros((batch, *shape), device=device) for k, shape in self.condition_shapes().items()}
                 return torch.zeros((batch, *self.cond_shape), device=device)
             return map_condition(lambda t: t.to(device).expand(batch, *t.shape[1:]).contiguous(), self.null_text)
         return None
@@ -217,7 +318,14 @@ def draw_conditions(denoiser: Denoiser, count: int, generator: torch.Generator):
 
 
 def guided(module: nn.Module, x: torch.Tensor, t, cond, null_cond, guidance_scale) -> torch.Tensor:
-    """One network evaluation with classifier-free guidance: both halves in one batch."""
+    """One network evaluation with classifier-free guidance: both halves in one batch.
+
+    A guidance-distilled network (``embeds_guidance``) takes the scale as its ``guidance`` input
+    instead: one branch, ``null_cond`` unused.
+    """
+    if getattr(module, "embeds_guidance", False) and cond is not None and guidance_scale is not None:
+        scale = torch.as_tensor(guidance_scale, dtype=torch.float32, device=x.device).reshape(-1)
+        return module(x, t, {**cond, "guidance": scale.expand(x.shape[0])})
     if cond is None or guidance_scale is None:
         return module(x, t, cond)
     both = module(torch.cat([x, x]), t, cat_conditions(null_cond, cond))

@@ -30,6 +30,9 @@ def resolve_solver(
         from compress.scheduler_config import solver_from_scheduler_config
 
         config = solver_from_scheduler_config(denoiser.scheduler_config, steps, guidance)
+        spacing_of_pipeline = denoiser.extra.get("pipeline_spacing")
+        if spacing_of_pipeline:  # the pipeline passes the scheduler its own levels (FluxPipeline's sigmas)
+            config = dataclasses.replace(config, spacing=spacing_of_pipeline)
     else:
         config = SolverConfig(name, steps, spacing, guidance, dict(options or {}))
     if timesteps is not None:
@@ -38,6 +41,9 @@ def resolve_solver(
         config = dataclasses.replace(config, timesteps=tuple(timesteps))
     config.plan(denoiser.schedule)  # validates every setting before long work starts
     if guidance is not None and not denoiser.supports_guidance:
+        if denoiser.conditioning != "none":
+            raise UserError(f"guidance needs an unconditional input or a guidance embedding; {denoiser.name!r} has neither "
+                            f"(it runs without guidance: leave the guidance scale unset)")
         raise UserError(f"guidance needs a conditional model; {denoiser.name!r} is unconditional")
     if schedule == "optimized":
         from compress.schedule_search import search_timesteps
@@ -52,11 +58,14 @@ def pipeline_guidance(pipeline: Pipeline, guidance: float | None) -> float | Non
     """The guidance scale to bake: the one asked for, else the pipeline's own default.
 
     As in diffusers, a scale of 1 or less turns classifier-free guidance off (one branch);
-    guidance-distilled pipelines (LCM, Turbo) have no default and run one branch.
+    guidance-distilled pipelines (LCM, Turbo) have no default and run one branch. A network with a
+    guidance embedding (FLUX-dev) takes any scale as its input, 1 and below included.
     """
     if not pipeline.is_text_to_image:
         return guidance
     scale = pipeline.default_guidance_scale if guidance is None else guidance
+    if pipeline.denoiser.guidance_embedded:
+        return scale
     return scale if scale is not None and scale > 1 else None
 
 

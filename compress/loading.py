@@ -25,6 +25,9 @@ from compress.schedule import NoiseSchedule, prediction_type_of, schedule_from_s
 SCHEMES = ("zoo", "diffusers", "python")
 TRANSFORMER_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+# Transformers that only run with their pipeline's text encoders, and the pipeline folders that bring them.
+PIPELINE_ONLY = {"PixArtTransformer2DModel": "PixArtAlphaPipeline or PixArtSigmaPipeline", "FluxTransformer2DModel": "FluxPipeline",
+                 "SD3Transformer2DModel": "StableDiffusion3Pipeline"}
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,11 @@ def _load_diffusers(location: str, flags: ScheduleFlags) -> Denoiser:
 
     config = _read_json(model_dir / "config.json")
     class_name = config.get("_class_name", "")
+    # PixArt checkpoints are saved as Transformer2DModel; diffusers loads that config as a PixArtTransformer2DModel.
+    kind = "PixArtTransformer2DModel" if class_name == "Transformer2DModel" and config.get("norm_type") == "ada_norm_single" else class_name
+    if kind in PIPELINE_ONLY:
+        raise UserError(f"{model_dir}: a {kind} is conditioned by its pipeline's text encoders: load the whole {PIPELINE_ONLY[kind]} folder "
+                        f"(model_index.json with its text_encoder/ and tokenizer/), not the model alone")
     if class_name not in UNET_CLASSES + TRANSFORMER_CLASSES:
         raise UserError(f"{model_dir}: unsupported model class {class_name!r} (supported: {', '.join(UNET_CLASSES + TRANSFORMER_CLASSES)})")
     try:

@@ -481,7 +481,8 @@ def _macs(model: Denoiser, nfe: int | None, guidance) -> int | None:
         from compress.stats import count_macs
 
         model.extra["macs_per_call"] = count_macs(model)["macs"]
-    return model.extra["macs_per_call"] * nfe * (2 if guidance is not None and model.supports_guidance else 1)
+    classifier_free = guidance is not None and model.supports_guidance and not model.guidance_embedded
+    return model.extra["macs_per_call"] * nfe * (2 if classifier_free else 1)
 
 
 def _label(row: dict) -> str:

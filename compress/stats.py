@@ -10,7 +10,10 @@ def example_inputs(denoiser, batch: int = 1) -> tuple:
     """(sample, timestep, cond) for one evaluation of ``denoiser.module``; cond is the null condition."""
     x = torch.zeros((batch, *denoiser.sample_shape))
     t = torch.full((batch,), denoiser.schedule.num_train_timesteps // 2, dtype=torch.float32)
-    return (x, t, denoiser.null_condition(batch))
+    cond = denoiser.null_condition(batch)
+    if denoiser.guidance_embedded:  # FLUX-dev's network takes the guidance value beside the text
+        cond = {**cond, "guidance": torch.ones(batch)}
+    return (x, t, cond)
 
 
 def count_macs(denoiser) -> dict:
@@ -19,8 +22,7 @@ def count_macs(denoiser) -> dict:
 
     module = denoiser.module
     device = next(module.parameters()).device
-    x, t, cond = example_inputs(denoiser)
-    inputs = (x.to(device), t.to(device), map_condition(lambda c: c.to(device), cond))  # cond: a tensor, a dict (SDXL, SD3) or None
+    inputs = tuple(map_condition(lambda v: v.to(device), v) for v in example_inputs(denoiser))
     with torch.no_grad():
         macs, params = tp.utils.count_ops_and_params(module, example_inputs=inputs)
     return {"macs": int(macs), "parameters": int(params)}

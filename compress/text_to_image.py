@@ -1,9 +1,9 @@
-"""diffusers text-to-image pipeline folders -> `Pipeline` (SD 1.x/2.x, SDXL, their Turbo/LCM folders, SD3).
+"""diffusers text-to-image pipeline folders -> `Pipeline` (SD 1.x/2.x, SDXL, their Turbo/LCM folders, SD3, FLUX, PixArt).
 
 Every component named in model_index.json is read, and everything that must agree between
 them (tokenizer vocabulary and text encoder, text width and cross-attention, VAE latents and
-UNet channels, SDXL's added embedding width, SD3's joint and pooled widths) is checked here, so
-a bad folder fails with one line before any long work.
+UNet channels, SDXL's added embedding width, SD3's and FLUX's joint and pooled widths, PixArt's
+caption width) is checked here, so a bad folder fails with one line before any long work.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from compress.components import Autoencoder, Pipeline, TextEncoder, TextLayout
-from compress.denoiser import Denoiser, DiffusersUNet, SD3Transformer
+from compress.denoiser import Denoiser, DiffusersUNet, FluxTransformer, PixArtTransformer, SD3Transformer
 from compress.errors import UserError
 from compress.schedule import NoiseSchedule, is_flow_scheduler_config, schedule_from_scheduler_config
 
@@ -21,6 +21,10 @@ PIPELINE_CLASSES = {
     "StableDiffusionXLPipeline": 5.0,
     "LatentConsistencyModelPipeline": 8.5,
     "StableDiffusion3Pipeline": 7.0,
+    # FLUX-dev's guidance_scale is the value of its guidance embedding (one branch); FLUX-schnell has none (see _load_flux_folder).
+    "FluxPipeline": 3.5,
+    "PixArtAlphaPipeline": 4.5,
+    "PixArtSigmaPipeline": 4.5,
 }
 TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
 SD3_CLIP_CLASSES = ("CLIPTextModelWithProjection",)  # SD3 conditions on both CLIPs' projected pooled outputs
@@ -29,6 +33,13 @@ SD3_TRANSFORMER_CLASS = "SD3Transformer2DModel"
 # StableDiffusion3Pipeline's max_sequence_length default: the T5 tokens, or the zeros standing in for them.
 SD3_T5_TOKENS = 256
 VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
+FLUX_CLIP_CLASSES = ("CLIPTextModel",)  # FluxPipeline takes its pooler_output, which the projected CLIP has not
+FLUX_TRANSFORMER_CLASS = "FluxTransformer2DModel"
+FLUX_T5_TOKENS = 512  # FluxPipeline's max_sequence_length default
+FLUX_DEFAULT_LATENT_SIZE = 128  # FluxPipeline's default_sample_size, in latents per side
+# PixArt checkpoints on the hub name their transformer Transformer2DModel; diffusers maps it to PixArtTransformer2DModel.
+PIXART_TRANSFORMER_CLASSES = ("PixArtTransformer2DModel", "Transformer2DModel")
+PIXART_T5_TOKENS = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}  # the pipelines' max_sequence_length defaults
 UNET_CLASS = "UNet2DConditionModel"
 # Schedulers of guidance-distilled pipelines (one or few steps without classifier-free guidance).
 DISTILLED_SCHEDULERS = ("LCMScheduler", "TCDScheduler")
@@ -65,7 +76,7 @@ def _present(index: dict, name: str) -> bool:
 
 
 def _text_encoder(folder: Path, index: dict, name: str, classes: tuple[str, ...], hidden_layer: int, pooled: bool,
-                  length: int | None = None) -> TextEncoder:
+                  length: int | None = None, **options) -> TextEncoder:
     import transformers
 
     tokenizer_name = name.replace("text_encoder", "tokenizer")
@@ -74,8 +85,8 @@ def _text_encoder(folder: Path, index: dict, name: str, classes: tuple[str, ...]
     vocab, table = len(tokenizer), model.config.vocab_size
     if vocab > table:
         raise UserError(f"{folder}: {tokenizer_name} has {vocab} tokens but {name} embeds only {table}: the tokenizer does not belong to this text encoder")
-    encoder = TextEncoder(name, model.eval(), tokenizer, tokenizer_name, hidden_layer=hidden_layer, pooled=pooled, length=length)
-    positions = getattr(model.config, "max_position_embeddings", None)
+    encoder = TextEncoder(name, model.eval(), tokenizer, tokenizer_name, hidden_layer=hidden_layer, pooled=pooled, length=length, **options)
+    positions = model.config.get("max_position_embeddings") if hasattr(model.config, "get") else getattr(model.config, "max_position_embeddings", None)
     if positions is not None and encoder.max_length > positions:  # T5's relative positions have no such limit
         raise UserError(f"{folder}: {tokenizer_name} pads to {encoder.max_length} tokens but {name} has {positions} positions")
     return encoder
@@ -110,6 +121,10 @@ def load_pipeline_folder(folder: str | Path, source: str, name: str) -> Pipeline
         raise UserError(f"{folder}: pipeline class {class_name!r} is not supported (supported: {', '.join(PIPELINE_CLASSES)}, and pixel-space pipelines with a unet/ or transformer/)")
     if class_name == "StableDiffusion3Pipeline":
         return _load_sd3_folder(folder, index, source, name)
+    if class_name == "FluxPipeline":
+        return _load_flux_folder(folder, index, source, name)
+    if class_name in PIXART_T5_TOKENS:
+        return _load_pixart_folder(folder, index, class_name, source, name)
     sdxl = class_name == "StableDiffusionXLPipeline"
     encoders = _text_encoders(folder, index, sdxl)
     unet = _from_pretrained(diffusers.UNet2DConditionModel, _component_dir(folder, index, "unet", (UNET_CLASS,)))
@@ -228,4 +243,139 @@ def _load_sd3_folder(folder: Path, index: dict, source: str, name: str) -> Pipel
     )
     pipeline = pipeline.at_resolution(size[0] * vae.downscale, size[1] * vae.downscale)  # checks the default size fits the positions
     pipeline.denoiser.null_text = pipeline.negative_condition(1)
+    return pipeline
+
+
+
+def _require(folder: Path, index: dict, names: tuple[str, ...], what: str) -> None:
+    for required in names:
+        if not _present(index, required):
+            raise UserError(f"pipeline folder {folder} has no {required} (model_index.json does not name one); {what}")
+
+
+def _flow_scheduler_config(folder: Path, index: dict, what: str) -> dict:
+    config = _read_json(_component_dir(folder, index, "scheduler") / "scheduler_config.json")
+    if not is_flow_scheduler_config(config):
+        raise UserError(f"{folder}: {what} predicts a flow velocity, but its scheduler is a {config.get('_class_name')!r}, "
+                        f"not a flow-matching one (FlowMatchEulerDiscreteScheduler)")
+    return config
+
+
+def _sample_size(config) -> tuple[int, int]:
+    size = config.sample_size
+    return tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+
+
+def _load_flux_folder(folder: Path, index: dict, source: str, name: str) -> Pipeline:
+    """A FluxPipeline folder: CLIP (pooled output only) and T5 in front of a FluxTransformer2DModel on packed latents.
+
+    Guidance: a guidance-distilled transformer (``guidance_embeds``, FLUX-dev) takes the guidance
+    scale as an input and runs one branch; the toolkit's guidance scale (``--guidance``, the
+    sampler's ``guidance_scale`` input) is that value, FluxPipeline's ``guidance_scale``, default
+    3.5. Without the embedding (FLUX-schnell) there is no guidance at all. FluxPipeline's true
+    classifier-free guidance (``true_cfg_scale`` with a negative prompt) is not reproduced.
+    """
+    import diffusers
+
+    _require(folder, index, ("text_encoder", "text_encoder_2"), "FLUX needs its CLIP (text_encoder) and T5 (text_encoder_2) encoders")
+    clip = _text_encoder(folder, index, "text_encoder", FLUX_CLIP_CLASSES, hidden_layer=-1, pooled=True)
+    t5 = _text_encoder(folder, index, "text_encoder_2", SD3_T5_CLASSES, hidden_layer=-1, pooled=False, length=FLUX_T5_TOKENS)
+    transformer = _from_pretrained(diffusers.FluxTransformer2DModel, _component_dir(folder, index, "transformer", (FLUX_TRANSFORMER_CLASS,)))
+    vae_dir = _component_dir(folder, index, "vae", VAE_CLASSES)
+    vae = Autoencoder.from_module(_from_pretrained(getattr(diffusers, index["vae"][1]), vae_dir))
+    scheduler_config = _flow_scheduler_config(folder, index, "FLUX's transformer")
+
+    config = transformer.config
+    if 4 * vae.latent_channels != config.in_channels:
+        raise UserError(f"{folder}: the VAE has {vae.latent_channels} latent channels ({4 * vae.latent_channels} packed in 2x2 patches) "
+                        f"but the transformer takes {config.in_channels}")
+    if (config.out_channels or config.in_channels) != config.in_channels:
+        raise UserError(f"{folder}: the transformer returns {config.out_channels} channels but takes {config.in_channels}; "
+                        f"FluxPipeline unpacks its output as latents of the same width")
+    if t5.hidden_size != config.joint_attention_dim:
+        raise UserError(f"{folder}: text_encoder_2 gives {t5.hidden_size}-wide hidden states but the transformer's joint_attention_dim is "
+                        f"{config.joint_attention_dim}")
+    if clip.pooled_size != config.pooled_projection_dim:
+        raise UserError(f"{folder}: text_encoder's pooled output has {clip.pooled_size} features but the transformer's pooled_projection_dim "
+                        f"is {config.pooled_projection_dim}")
+
+    module = FluxTransformer(transformer.eval()).eval()
+    denoiser = Denoiser(
+        module,
+        schedule_from_scheduler_config(scheduler_config),
+        "flow",
+        (vae.latent_channels, FLUX_DEFAULT_LATENT_SIZE, FLUX_DEFAULT_LATENT_SIZE),
+        conditioning="text",
+        cond_shape=(FLUX_T5_TOKENS, int(config.joint_attention_dim)),
+        added_cond_shapes={"pooled_projections": (clip.pooled_size,)},
+        space="latents",
+        name=name,
+        source=source,
+        scheduler_config=scheduler_config,
+        has_null_condition=False,  # no unconditional branch: FLUX is guidance-distilled or guidance-free
+    )
+    if not scheduler_config.get("use_flow_sigmas"):
+        # FluxPipeline hands the scheduler its own sigmas, linspace(1, 1/K, K), shifted by the scheduler:
+        # the flow plan's trailing spacing, not the scheduler's own set_timesteps (see export_chain.resolve_solver).
+        denoiser.extra["pipeline_spacing"] = "trailing"
+    pipeline = Pipeline(
+        denoiser,
+        (clip, t5),
+        vae,
+        class_name="FluxPipeline",
+        default_guidance_scale=PIPELINE_CLASSES["FluxPipeline"] if module.embeds_guidance else None,
+        text_layout=TextLayout(("text_encoder_2",)),
+        extra={"folder": str(folder)},
+    )
+    side = FLUX_DEFAULT_LATENT_SIZE * vae.downscale
+    return pipeline.at_resolution(side, side)  # the dynamic shift of FluxPipeline's default size
+
+
+def _load_pixart_folder(folder: Path, index: dict, class_name: str, source: str, name: str) -> Pipeline:
+    """A PixArtAlphaPipeline or PixArtSigmaPipeline folder: one T5 (masked) in front of a PixArtTransformer2DModel."""
+    import diffusers
+
+    _require(folder, index, ("text_encoder",), "PixArt needs its T5 encoder")
+    t5 = _text_encoder(folder, index, "text_encoder", SD3_T5_CLASSES, hidden_layer=-1, pooled=False, length=PIXART_T5_TOKENS[class_name],
+                       attention_mask=True, lowercase=True)
+    transformer_dir = _component_dir(folder, index, "transformer", PIXART_TRANSFORMER_CLASSES)
+    transformer_config = _read_json(transformer_dir / "config.json")
+    if transformer_config.get("norm_type", "ada_norm_single") != "ada_norm_single":
+        raise UserError(f"{folder}: the transformer is a Transformer2DModel with norm_type {transformer_config.get('norm_type')!r}, not a PixArt "
+                        f"transformer (norm_type 'ada_norm_single')")
+    # diffusers' Transformer2DModel maps a PixArt config onto PixArtTransformer2DModel; loading that class directly does the same.
+    transformer = _from_pretrained(diffusers.PixArtTransformer2DModel, transformer_dir)
+    vae_dir = _component_dir(folder, index, "vae", VAE_CLASSES)
+    vae = Autoencoder.from_module(_from_pretrained(getattr(diffusers, index["vae"][1]), vae_dir))
+    scheduler_config = _read_json(_component_dir(folder, index, "scheduler") / "scheduler_config.json")
+    if is_flow_scheduler_config(scheduler_config):
+        raise UserError(f"{folder}: PixArt's transformer predicts noise, but its scheduler {scheduler_config.get('_class_name')!r} is a flow-matching one")
+
+    config = transformer.config
+    if vae.latent_channels != config.in_channels:
+        raise UserError(f"{folder}: the VAE has {vae.latent_channels} latent channels but the transformer takes {config.in_channels}")
+    if config.out_channels not in (None, config.in_channels, 2 * config.in_channels):
+        raise UserError(f"{folder}: the transformer returns {config.out_channels} channels; PixArt pipelines read {config.in_channels} "
+                        f"(or twice that with learned sigma)")
+    if config.caption_channels != t5.hidden_size:
+        raise UserError(f"{folder}: text_encoder gives {t5.hidden_size}-wide hidden states but the transformer's caption_channels is "
+                        f"{config.caption_channels}")
+
+    size = _sample_size(config)
+    denoiser = Denoiser(
+        PixArtTransformer(transformer.eval(), vae.downscale).eval(),
+        NoiseSchedule.from_scheduler_config(scheduler_config),
+        scheduler_config.get("prediction_type", "epsilon"),
+        (config.in_channels, *size),
+        conditioning="text",
+        cond_shape=(t5.max_length, t5.hidden_size),
+        added_cond_shapes={"encoder_attention_mask": (t5.max_length,)},
+        space="latents",
+        name=name,
+        source=source,
+        scheduler_config=scheduler_config,
+    )
+    pipeline = Pipeline(denoiser, (t5,), vae, class_name=class_name, default_guidance_scale=PIPELINE_CLASSES[class_name],
+                        extra={"folder": str(folder)})
+    pipeline.denoiser.null_text = pipeline.negative_condition(1)  # the encoded "" with its mask, as the pipelines guide
     return pipeline

@@ -34,8 +34,9 @@ def join_text(info: dict, hidden: dict, pooled: list) -> dict:
 
 
 def encode(folder: Path, info: dict, prompts: list[str]) -> dict:
-    """Prompts -> the sampler's condition inputs (every encoder's hidden states joined; the pooled outputs of SDXL and SD3)."""
-    hidden, pooled = {}, []
+    """Prompts -> the sampler's condition inputs (every encoder's hidden states joined; the pooled outputs of SDXL, SD3 and FLUX;
+    PixArt's attention mask)."""
+    hidden, pooled, masks = {}, [], []
     for encoder in info["text_encoders"]:
         tokenizer = Tokenizer.from_file(str(folder / info["tokenizers"][encoder["tokenizer"]]["file"]))
         ids = np.array([t.ids for t in tokenizer.encode_batch(prompts)], np.int64)
@@ -43,7 +44,12 @@ def encode(folder: Path, info: dict, prompts: list[str]) -> dict:
         hidden[encoder["name"]] = outputs[0]
         if encoder["pooled"]:
             pooled.append(outputs[1])
-    return join_text(info, hidden, pooled)
+        if encoder.get("attention_mask"):
+            masks.append(outputs[-1])
+    feeds = join_text(info, hidden, pooled)
+    if masks:
+        feeds["encoder_attention_mask"] = np.concatenate(masks, axis=-1)
+    return feeds
 
 
 def generate(folder: Path, prompts: list[str], negative: str | None = None, seed: int = 0, guidance: float | None = None,
@@ -58,6 +64,7 @@ def generate(folder: Path, prompts: list[str], negative: str | None = None, seed
         if negative is None and info["guidance"]["zeros_for_empty_negative_prompt"]:
             negative_feeds = {k: np.zeros_like(v) for k, v in negative_feeds.items()}
         feeds.update({f"negative_{k}": v for k, v in negative_feeds.items()})
+    if "guidance_scale" in wanted:  # classifier-free, or the value of a guidance embedding (FLUX-dev)
         feeds["guidance_scale"] = np.array([info["guidance"]["default_scale"] if guidance is None else guidance], np.float32)
     if "time_ids" in wanted:
         h, w = info["image"]["shape"][2:]

@@ -50,7 +50,7 @@ def generate(folder: Path, prompts: list[str], negative: str | None = None, seed
     wanted = [p.get_any_name() for p in ov.Core().read_model(str(folder / "sampler.xml")).inputs]
 
     def encode(texts: list[str]) -> dict:
-        hidden, pooled = {}, []
+        hidden, pooled, masks = {}, [], []
         for encoder in info["text_encoders"]:
             tokenizer = Tokenizer.from_file(str(folder / info["tokenizers"][encoder["tokenizer"]]["file"]))
             ids = np.array([t.ids for t in tokenizer.encode_batch(texts)], np.int64)
@@ -58,7 +58,12 @@ def generate(folder: Path, prompts: list[str], negative: str | None = None, seed
             hidden[encoder["name"]] = outputs[0]
             if encoder["pooled"]:
                 pooled.append(outputs[1])
-        return join_text(info, hidden, pooled)
+            if encoder.get("attention_mask"):  # PixArt: the sampler takes the prompt's mask too
+                masks.append(outputs[-1])
+        feeds = join_text(info, hidden, pooled)
+        if masks:
+            feeds["encoder_attention_mask"] = np.concatenate(masks, axis=-1)
+        return feeds
 
     feeds = encode(prompts)
     if "negative_encoder_hidden_states" in wanted:
@@ -66,6 +71,7 @@ def generate(folder: Path, prompts: list[str], negative: str | None = None, seed
         if negative is None and info["guidance"]["zeros_for_empty_negative_prompt"]:
             negative_feeds = {k: np.zeros_like(v) for k, v in negative_feeds.items()}
         feeds.update({f"negative_{k}": v for k, v in negative_feeds.items()})
+    if "guidance_scale" in wanted:  # classifier-free, or the value of a guidance embedding (FLUX-dev)
         feeds["guidance_scale"] = np.array([info["guidance"]["default_scale"] if guidance is None else guidance], np.float32)
     h, w = info["image"]["shape"][2:]
     feeds["time_ids"] = np.tile(np.array([[h, w, 0, 0, h, w]], np.float32), (len(prompts), 1))

@@ -93,6 +93,11 @@ def write_tokenizer_json(encoder: TextEncoder, folder: Path) -> Path:
 
         backend = convert_slow_tokenizer(tokenizer)
     fast = Tokenizer.from_str(backend.to_str())
+    if encoder.lowercase:  # the pipeline's own preprocessing (PixArt), so an app's tokenizer does it too
+        from tokenizers import normalizers
+
+        steps = [normalizers.Strip(), normalizers.Lowercase()] + ([fast.normalizer] if fast.normalizer is not None else [])
+        fast.normalizer = normalizers.Sequence(steps)
     fast.enable_truncation(max_length=encoder.max_length)
     fast.enable_padding(length=encoder.max_length, pad_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token)
     folder.mkdir(parents=True, exist_ok=True)

@@ -106,6 +106,48 @@ def _target_batch(target: str, batch_size: int | None) -> int | None:
     return get_target(target).batch_size(batch_size)  # NPU targets compile one static graph
 
 
+def _rms_norm(g, x, normalized_shape, weight, eps):
+    """aten::rms_norm as ONNX ops: x * rsqrt(mean(x^2 over the normalized dims) + eps) (* weight), as torch computes it."""
+    from torch.onnx import symbolic_helper as helper
+
+    axes = list(range(-len(helper._get_const(normalized_shape, "is", "normalized_shape")), 0))
+    epsilon = torch.finfo(torch.float32).eps if helper._is_none(eps) else helper._get_const(eps, "f", "eps")
+    square = g.op("Mul", x, x)
+    if g.opset >= 18:  # ReduceMean takes its axes as an input from opset 18 on
+        mean = g.op("ReduceMean", square, g.op("Constant", value_t=torch.tensor(axes, dtype=torch.int64)), keepdims_i=1)
+    else:
+        mean = g.op("ReduceMean", square, axes_i=axes, keepdims_i=1)
+    scale = g.op("Reciprocal", g.op("Sqrt", g.op("Add", mean, g.op("Constant", value_t=torch.tensor(epsilon, dtype=torch.float32)))))
+    out = g.op("Mul", x, scale)
+    return out if helper._is_none(weight) else g.op("Mul", out, weight)
+
+
+def _unflatten(g, x, dim, sizes):
+    """aten::unflatten with the split dimension as a constant: the exporter's own computes it in the graph (Add, Mod),
+    so the output's shape is not inferred and it falls back to the traced one, batch included (FLUX's attention heads,
+    whose rotary embedding then reshapes to the traced batch)."""
+    from torch.onnx import symbolic_helper as helper
+
+    rank = helper._get_tensor_rank(x)
+    if rank is None:
+        from torch.onnx._internal.torchscript_exporter.symbolic_opset13 import unflatten
+
+        return unflatten(g, x, dim, sizes)
+    dim = helper._get_const(dim, "i", "dim") % rank
+    shape = g.op("Shape", x)
+
+    def part(start: int, end: int):
+        return g.op("Slice", shape, g.op("Constant", value_t=torch.tensor([start])), g.op("Constant", value_t=torch.tensor([end])))
+
+    parts = ([part(0, dim)] if dim > 0 else []) + [sizes] + ([part(dim + 1, rank)] if dim + 1 < rank else [])
+    return helper._reshape_helper(g, x, g.op("Concat", *parts, axis_i=0))
+
+
+# torch.nn.RMSNorm (FLUX's query/key norms) has no symbolic in the TorchScript exporter below opset 23.
+torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm, OPSETS.start)
+torch.onnx.register_custom_op_symbolic("aten::unflatten", _unflatten, OPSETS.start)
+
+
 def _check_options(batch_size: int | None, opset: int) -> None:
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise UserError(f"export batch_size must be a positive integer or null (dynamic), got {batch_size!r}")

@@ -55,6 +55,12 @@ def _convert(ov, onnx_record: dict, stage: Path) -> dict:
     sidecar.update(format="openvino", file=xml.name, weights_file=weights.name, converted_from=source.name,
                    inference_precision=INFERENCE_PRECISION, inference_precision_note=INFERENCE_PRECISION_NOTE)
     model = ov.convert_model(str(source))
+    # Conversion may fold an input into what it feeds (FLUX's timestep / 1000 * 1000 becomes the input itself), and the
+    # port then carries both tensors' names: an app asks a port for its name, so only the interface's is kept.
+    for ports, specs in ((model.inputs, sidecar["inputs"]), (model.outputs, sidecar["outputs"])):
+        for port, spec in zip(ports, specs):
+            if spec["name"] in port.get_names():
+                port.get_tensor().set_names({spec["name"]})
     # The interface travels inside the IR too, for consumers that only have the .xml.
     model.set_rt_info(json.dumps(sidecar), ["diffusion_compress", "sidecar"])
     ov.save_model(model, str(xml), compress_to_fp16=False)

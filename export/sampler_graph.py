@@ -137,7 +137,9 @@ class SamplerGraph(nn.Module):
         self.guidance = resolve_guidance(denoiser, solver, guidance)
         self.conditional = denoiser.conditioning != "none"
         self.condition_names = condition_names(denoiser)
-        self.negative_names = [NEGATIVE + n for n in self.condition_names if n not in SHARED_CONDITION_KEYS] if negative_inputs and self.guidance else []
+        # A guidance embedding (FLUX-dev) takes the scale as an input: no unconditional branch, no negative inputs.
+        self.classifier_free = self.guidance and not denoiser.guidance_embedded
+        self.negative_names = [NEGATIVE + n for n in self.condition_names if n not in SHARED_CONDITION_KEYS] if negative_inputs and self.classifier_free else []
         self.plan = solver.plan(denoiser.schedule)
         self.table: SolverTable = compile_solver(solver.name, self.plan, denoiser.prediction_type, **solver.options)
         # The null condition of batch 1, broadcast to the batch inside the graph.
@@ -203,7 +205,7 @@ class SamplerGraph(nn.Module):
 
     def _null_for(self, condition, named: dict):
         """The unconditional branch: the negative inputs, else the baked null condition broadcast to the batch."""
-        if condition is None or not self.guidance:
+        if condition is None or not self.classifier_free:
             return None
         if self.negative_names:
             given = {n.removeprefix(NEGATIVE): named[n] for n in self.negative_names}
@@ -222,7 +224,7 @@ class SamplerGraph(nn.Module):
     def _fold_time_embedding(self) -> ConstantTimeFeatures | None:
         """Constant time features, where a probe with batch 2 shows they leave the output unchanged."""
         time_proj = _find_time_proj(self.network)
-        if time_proj is None:
+        if time_proj is None or not getattr(self.network, "time_features_foldable", True):
             return None
         features = ConstantTimeFeatures(time_proj, self.table.timesteps)
         device = next(self.network.parameters()).device
@@ -252,7 +254,8 @@ class DenoiserGraph(nn.Module):
 
     @property
     def input_names(self) -> list[str]:
-        return ["sample", "timestep", *condition_names(self.denoiser)]
+        # A guidance embedding's input (FLUX-dev): the guidance scale per sample.
+        return ["sample", "timestep", *condition_names(self.denoiser)] + (["guidance"] if self.denoiser.guidance_embedded else [])
 
     output_names = ["prediction"]
 
@@ -262,8 +265,14 @@ class DenoiserGraph(nn.Module):
             torch.randn(batch, *d.sample_shape, generator=torch.Generator().manual_seed(0)),
             torch.linspace(d.schedule.num_train_timesteps - 1, 0, batch, dtype=torch.float32),
         ]
-        return tuple(inputs + example_condition(d, batch, seed=1))
+        inputs += example_condition(d, batch, seed=1)
+        if d.guidance_embedded:
+            inputs.append(torch.full((batch,), 3.5))
+        return tuple(inputs)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *condition: torch.Tensor) -> torch.Tensor:
         named = dict(zip(self.input_names[2:], condition))
-        return self.network(sample, timestep, assemble_condition(self.denoiser, named))
+        cond = assemble_condition(self.denoiser, named)
+        if self.denoiser.guidance_embedded:
+            cond = {**cond, "guidance": named["guidance"]}
+        return self.network(sample, timestep, cond)

@@ -25,8 +25,18 @@ _TEXT_PARTS = {
     "encoder_hidden_states": "text-encoder hidden states of the prompt",
     "text_embeds": "pooled, projected prompt embedding of the last text encoder (SDXL's added conditioning)",
     "time_ids": "SDXL's added time ids: original height, width, crop top, left, target height, width",
-    "pooled_projections": "pooled, projected prompt embeddings of both CLIP encoders, concatenated (SD3)",
+    "pooled_projections": "pooled prompt embedding (SD3: both CLIP encoders' projected pooled outputs, concatenated; FLUX: the CLIP encoder's pooled output)",
+    "encoder_attention_mask": "attention mask of the prompt's tokens: 1 for tokens, 0 for padding (the text encoder's attention_mask output; PixArt)",
 }
+_GUIDANCE = {
+    "classifier-free": "classifier-free guidance scale: 0 unconditional, 1 conditional, >1 stronger guidance",
+    "embedded": "guidance scale fed to the network's guidance embedding (guidance-distilled, FLUX-dev: FluxPipeline's guidance_scale); "
+                "one branch, no negative prompt",
+}
+
+
+def guidance_kind(denoiser: Denoiser) -> str:
+    return "embedded" if denoiser.guidance_embedded else "classifier-free"
 
 
 def _condition_specs(denoiser: Denoiser, batch, negative: bool = False) -> list[dict]:
@@ -42,7 +52,7 @@ def _condition_specs(denoiser: Denoiser, batch, negative: bool = False) -> list[
                 "description": _TEXT_PARTS.get(name, name) + (" for the negative prompt (unconditional branch)" if negative else "")}
         if name == "time_ids":
             spec["default"] = "[H, W, 0, 0, H, W] of the output image"
-        elif denoiser.null_text is None:
+        elif denoiser.null_text is None and denoiser.has_null_condition:
             spec["null_value"] = "zeros"
         specs.append(spec)
     return specs
@@ -78,7 +88,9 @@ def _conditioning(denoiser: Denoiser, guidance: bool) -> dict:
         info["unconditional"] = f"class_labels = {denoiser.num_classes} (the null label)" + (" or guidance_scale = 0" if guidance else "")
     elif denoiser.conditioning == "text":
         info.update(tokens=denoiser.cond_shape[0], dim=denoiser.cond_shape[1], inputs=condition_names(denoiser))
-        if denoiser.null_text is None:
+        if not denoiser.has_null_condition:
+            info.update(null_embedding=None, unconditional="not available: the model has no unconditional input")
+        elif denoiser.null_text is None:
             info.update(null_embedding="zeros", unconditional="encoder_hidden_states = zeros" + (" or guidance_scale = 0" if guidance else ""))
         else:
             info.update(null_embedding="the encoded negative prompt", unconditional="guidance_scale = 0" if guidance else "not available without guidance")
@@ -122,7 +134,7 @@ def sampler_sidecar(graph: SamplerGraph, fmt: str, file: str, batch_size: int | 
             "shape": [1],
             "dtype": "float32",
             "default": default_scale,
-            "description": "classifier-free guidance scale: 0 unconditional, 1 conditional, >1 stronger guidance",
+            "description": _GUIDANCE[guidance_kind(denoiser)],
         })
     return {
         "schema": SCHEMA,
@@ -145,9 +157,9 @@ def sampler_sidecar(graph: SamplerGraph, fmt: str, file: str, batch_size: int | 
             "sigmas": _finite(graph.plan.sigma),
             "nfe": table.evaluations,
             # Guidance runs conditional and unconditional halves as one doubled batch per evaluation.
-            "network_batch": "2 x batch" if graph.guidance else "batch",
+            "network_batch": "2 x batch" if graph.classifier_free else "batch",
         },
-        "guidance": {"enabled": graph.guidance, "default_scale": default_scale},
+        "guidance": {"enabled": graph.guidance, "kind": guidance_kind(denoiser) if graph.guidance else None, "default_scale": default_scale},
         "conditioning": _conditioning(denoiser, graph.guidance),
         "randomness": "none inside the graph: the caller owns the seed through the noise it passes",
         "model": denoiser.describe(),
@@ -165,6 +177,8 @@ def denoiser_sidecar(graph: DenoiserGraph, fmt: str, file: str, batch_size: int 
          "description": "training timestep of each sample (fractional values allowed)"},
     ]
     inputs += _condition_specs(denoiser, batch)
+    if denoiser.guidance_embedded:
+        inputs.append({"name": "guidance", "shape": [batch], "dtype": "float32", "description": _GUIDANCE["embedded"] + ", per sample"})
     return {
         "schema": SCHEMA,
         "kind": "denoiser",
@@ -226,6 +240,7 @@ def _tokenizer_info(encoder: TextEncoder) -> dict:
     tok = encoder.tokenizer
     return {"file": f"{encoder.tokenizer_name}/tokenizer.json", "max_length": encoder.max_length, "padding": "max_length",
             "truncation": True, "pad_id": tok.pad_token_id, "bos_id": tok.bos_token_id, "eos_id": tok.eos_token_id,
+            "lowercase": encoder.lowercase,  # done by tokenizer.json's normalizer, as the pipeline does before tokenizing
             "description": "tokenizers.Tokenizer.from_file(file).encode(prompt).ids: already padded and truncated to max_length"}
 
 
@@ -235,7 +250,11 @@ def text_encoder_sidecar(encoder: TextEncoder, fmt: str, file: str, batch_size: 
                 "description": "last hidden state after the final norm" if encoder.hidden_layer == -1 else "penultimate hidden state (before the final norm)"}]
     if encoder.pooled:
         outputs.append({"name": "pooled", "shape": [batch, encoder.pooled_size], "dtype": "float32",
-                        "description": "the projected pooled output (at the end-of-text token)"})
+                        "description": "the projected pooled output (at the end-of-text token)" if hasattr(encoder.module, "text_projection")
+                        else "the pooled output (the final hidden state at the end-of-text token, not projected)"})
+    if encoder.attention_mask:
+        outputs.append({"name": "attention_mask", "shape": [batch, length], "dtype": "float32",
+                        "description": "1 for the prompt's tokens, 0 for padding (input_ids != pad_id); the encoder itself runs with it"})
     return {
         "schema": SCHEMA,
         "kind": encoder.name,
@@ -312,6 +331,9 @@ def pipeline_sidecar(pipeline, sampler: SamplerGraph, batch_size: int | None) ->
         chain.append({"from": pooled, "op": "concat(axis=-1)" if len(pooled) > 1 else "identity", "to": f"sampler.{pooled_input}"})
     if "time_ids" in (denoiser.added_cond_shapes or {}):
         chain.append({"value": [float(v) for v in pipeline.time_ids(1)[0]], "to": "sampler.time_ids", "op": "repeat per sample"})
+    masks = [f"{e.name}.attention_mask" for e in encoders if e.attention_mask]
+    if masks:
+        chain.append({"from": masks, "op": "identity", "to": "sampler.encoder_attention_mask"})
     if sampler.negative_names:
         how = "zeros_like(the prompt's)" if pipeline.force_zeros_for_empty_prompt else "the same chain for the negative prompt"
         chain.append({"from": "negative prompt", "op": f"the chain above; with no negative prompt: {how}",
@@ -329,11 +351,13 @@ def pipeline_sidecar(pipeline, sampler: SamplerGraph, batch_size: int | None) ->
         "latents": {"shape": [batch, *denoiser.sample_shape]},
         "tokenizers": {e.tokenizer_name: _tokenizer_info(e) for e in encoders},
         # In this order: each prompt is tokenized and encoded by every encoder, hidden states concatenated.
-        "text_encoders": [{"name": e.name, "tokenizer": e.tokenizer_name, "pooled": e.pooled} for e in encoders],
+        # Outputs after hidden_states: pooled (if "pooled"), then attention_mask (if "attention_mask").
+        "text_encoders": [{"name": e.name, "tokenizer": e.tokenizer_name, "pooled": e.pooled, "attention_mask": e.attention_mask} for e in encoders],
         # How the encoders' hidden_states make sampler.encoder_hidden_states, and which input takes the pooled outputs (concatenated).
         "text_layout": layout.describe(),
         "pooled_input": pooled_input,
-        "guidance": {"enabled": sampler.guidance, "default_scale": sampler.default_guidance_scale, "default_negative_prompt": "",
+        "guidance": {"enabled": sampler.guidance, "kind": guidance_kind(denoiser) if sampler.guidance else None,
+                     "default_scale": sampler.default_guidance_scale, "default_negative_prompt": "" if sampler.classifier_free else None,
                      "zeros_for_empty_negative_prompt": pipeline.force_zeros_for_empty_prompt},
         "solver": {"name": sampler.solver.name, "steps": sampler.solver.steps, "nfe": sampler.table.evaluations},
         "components": {},  # kind -> {format: file}, filled in as each format is written

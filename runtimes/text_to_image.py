@@ -62,6 +62,8 @@ def diffusers_pipeline(folder: str | Path, scheduler: str | None = None):
         if scheduler not in table:
             kind = "flow-matching " if flow else ""
             raise UserError(f"reference solver {scheduler!r} has no diffusers scheduler here for this {kind}pipeline (available: {', '.join(table)})")
+        if flow and scheduler != "euler" and type(pipe).__name__ == "FluxPipeline":  # it passes its own sigmas, which only FlowMatch Euler takes
+            raise UserError(f"reference solver {scheduler!r}: FluxPipeline samples with FlowMatchEulerDiscreteScheduler only; use 'euler'")
         cls, options = table[scheduler]
         if flow and cls not in FLOW_SCHEDULERS:  # a multistep solver on the flow's own shifted sigmas
             options = {**options, "use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": float(config.get("shift", 1.0))}
@@ -75,15 +77,22 @@ def diffusers_images(pipe, prompts: list[str], noise: torch.Tensor, steps: int, 
     """Images [N, 3, H, W] in [0, 1] from diffusers' own ``__call__``, one latent noise per prompt."""
     from compress.progress import progress
 
-    _, _, h, w = noise.shape
+    _, c, h, w = noise.shape
     scale = pipe.vae_scale_factor
+    kind = type(pipe).__name__
+    # PixArt would snap the size to its aspect-ratio bins and clean captions with optional libraries; the export does neither.
+    extra = {"use_resolution_binning": False, "clean_caption": False} if kind.startswith("PixArt") else {}
     out = []
     batches = range(0, len(prompts), batch_size)
     for start in progress(batches, description=f"diffusers {type(pipe.scheduler).__name__}-{steps}") if show_progress else batches:
         chunk = prompts[start : start + batch_size]
-        result = pipe(chunk, negative_prompt=None if negative_prompt is None else [negative_prompt] * len(chunk), num_inference_steps=steps,
-                      guidance_scale=1.0 if guidance_scale is None else guidance_scale, latents=noise[start : start + len(chunk)].clone(),
-                      height=h * scale, width=w * scale, output_type="np")
+        latents = noise[start : start + len(chunk)].clone()
+        if kind == "FluxPipeline":  # the toolkit's [B, C, H, W] noise in FLUX's packed layout
+            latents = pipe._pack_latents(latents, len(chunk), c, h, w)
+        # Without a negative prompt each pipeline takes its own default (PixArt's is "", and it cannot take None).
+        negative = {} if negative_prompt is None else {"negative_prompt": [negative_prompt] * len(chunk)}
+        result = pipe(chunk, num_inference_steps=steps, guidance_scale=1.0 if guidance_scale is None else guidance_scale, latents=latents,
+                      height=h * scale, width=w * scale, output_type="np", **negative, **extra)
         out.append(torch.from_numpy(result.images).permute(0, 3, 1, 2).float())
     return torch.cat(out)
 
@@ -180,13 +189,18 @@ class PipelineRunner:
     def encode(self, prompts: list[str]) -> dict[str, np.ndarray]:
         """Prompts -> the sampler's condition inputs."""
         ids = self.token_ids(prompts)
-        hidden, pooled = {}, []
+        hidden, pooled, masks = {}, [], []
         for e in self.encoders:
             outputs = self.runners[e["name"]].run_outputs({"input_ids": ids[e["tokenizer"]]})
             hidden[e["name"]] = outputs[0]
             if e["pooled"]:
                 pooled.append(outputs[1])
-        return join_text(self.info, hidden, pooled)
+            if e.get("attention_mask"):  # PixArt: the sampler takes the prompt's mask too
+                masks.append(outputs[-1])
+        feeds = join_text(self.info, hidden, pooled)
+        if masks:
+            feeds["encoder_attention_mask"] = np.concatenate(masks, axis=-1)
+        return feeds
 
     def feeds(self, prompts: list[str], noise: np.ndarray, negative_prompt: str | None = None, guidance_scale: float | None = None) -> dict:
         feeds = {"noise": np.asarray(noise, np.float32), **self.encode(prompts)}

@@ -198,7 +198,7 @@ def test_sidecars_describe_the_interface(unconditional):
     ddim = DDIMScheduler.from_config(DDPMScheduler().config, timestep_spacing=solver.spacing)
     ddim.set_timesteps(8)
     assert sampler["solver"]["timesteps"] == [float(t) for t in ddim.timesteps]
-    assert sampler["guidance"] == {"enabled": False, "default_scale": None}
+    assert sampler["guidance"] == {"enabled": False, "kind": None, "default_scale": None}
     assert sampler["conditioning"]["kind"] == "none"
     # NoiseSchedule.from_betas() stands for diffusers' default linear betas (1e-4 to 0.02, 1000 steps). The
     # fingerprint is computed from its definition (sha256 of alphas_cumprod in float64): calibration sets and
@@ -244,7 +244,7 @@ def test_class_conditional_guided_sampler(class_guided):
     assert [i["name"] for i in sidecar["inputs"]] == ["noise", "class_labels", "guidance_scale"]
     labels_spec = sidecar["inputs"][1]
     assert labels_spec["dtype"] == "int64" and labels_spec["shape"] == ["batch"] and labels_spec["null_value"] == 3
-    assert sidecar["guidance"] == {"enabled": True, "default_scale": 3.0}
+    assert sidecar["guidance"] == {"enabled": True, "kind": "classifier-free", "default_scale": 3.0}
     assert sidecar["conditioning"]["null_label"] == 3 and "class_labels = 3" in sidecar["conditioning"]["unconditional"]
     assert sidecar["solver"]["network_batch"] == "2 x batch"
     bare = onnx.load(records["denoiser"]["path"])

@@ -1,4 +1,4 @@
-"""Tiny random text-to-image pipeline folders built in place: SD 1.x (AutoencoderKL or AutoencoderTiny), SDXL and SD3.
+"""Tiny random text-to-image pipeline folders built in place: SD 1.x (AutoencoderKL or AutoencoderTiny), SDXL, SD3, FLUX and PixArt.
 
 Saved with diffusers' own `save_pretrained`, so the folders are what users have on disk, and
 diffusers' pipelines loaded from them are the reference every export is compared with.
@@ -164,4 +164,79 @@ def build_sd3_folder(folder: Path, with_t5: bool = True, seed: int = 0) -> Path:
         text_encoder_3=_t5_encoder(32, len(t5_tokenizer), seed + 4) if with_t5 else None, tokenizer_3=t5_tokenizer,
     )
     pipe.save_pretrained(str(folder))
+    return folder
+
+
+def _shifted_vae(seed: int, scaling_factor: float, shift_factor: float | None):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         block_out_channels=(16, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8, scaling_factor=scaling_factor,
+                         shift_factor=shift_factor).eval()
+
+
+def _flux_transformer(joint: int, pooled: int, guidance_embeds: bool, seed: int, in_channels: int = 16):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    # The rotary axes (2 + 2 + 4) split the head width 8: text/time, rows, columns.
+    return FluxTransformer2DModel(patch_size=1, in_channels=in_channels, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                                  num_attention_heads=2, joint_attention_dim=joint, pooled_projection_dim=pooled,
+                                  guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4)).eval()
+
+
+def build_flux_folder(folder: Path, guidance_embeds: bool = True, seed: int = 0) -> Path:
+    """A FluxPipeline folder: a 16-wide CLIPTextModel (pooled 16), a 32-wide T5, a FLUX transformer on 4-channel latents
+    packed into 16-channel 2x2 patches, a VAE with a shift factor. ``guidance_embeds``: FLUX-dev style (dynamic shift);
+    without: FLUX-schnell style (no guidance, a static shift)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import T5TokenizerFast
+
+    t5_tokenizer = T5TokenizerFast.from_pretrained(str(write_t5_tokenizer(folder / ".tokenizer_2")))
+    if guidance_embeds:  # black-forest-labs/FLUX.1-dev's scheduler config
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                    base_image_seq_len=256, max_image_seq_len=4096)
+    else:  # FLUX.1-schnell's
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+    pipe = FluxPipeline(
+        scheduler=scheduler, vae=_shifted_vae(seed, 0.3611, 0.1159),
+        text_encoder=_text_encoder(16, None, seed + 1), tokenizer=_tokenizer(folder),
+        text_encoder_2=_t5_encoder(32, len(t5_tokenizer), seed + 4), tokenizer_2=t5_tokenizer,
+        transformer=_flux_transformer(32, 16, guidance_embeds, seed + 2),
+    )
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
+def _pixart_transformer(caption_channels: int, seed: int, sample_size: int = 8, use_additional_conditions: bool | None = None):
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    # Micro-conditions split the width in thirds (resolution 2/3, aspect ratio 1/3): 24 wide then, 16 otherwise.
+    head = 12 if use_additional_conditions else 8
+    # out_channels = 2 x in_channels: learned sigma, as the released checkpoints have it.
+    return PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=head, in_channels=4, out_channels=8, num_layers=2,
+                                    cross_attention_dim=2 * head, sample_size=sample_size, patch_size=2, caption_channels=caption_channels,
+                                    use_additional_conditions=use_additional_conditions).eval()
+
+
+def build_pixart_folder(folder: Path, legacy_class_name: bool = False, sigma: bool = False, seed: int = 0) -> Path:
+    """A PixArtAlphaPipeline (or PixArtSigmaPipeline) folder: a 32-wide T5, a PixArt transformer with learned sigma on
+    4x8x8 latents, 16x16 images. ``legacy_class_name``: the transformer is saved under the name Transformer2DModel, as
+    the PixArt checkpoints on the hub are."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtSigmaPipeline
+    from transformers import T5TokenizerFast
+
+    tokenizer = T5TokenizerFast.from_pretrained(str(write_t5_tokenizer(folder / ".tokenizer")))
+    cls = PixArtSigmaPipeline if sigma else PixArtAlphaPipeline
+    pipe = cls(tokenizer=tokenizer, text_encoder=_t5_encoder(32, len(tokenizer), seed + 1), vae=_shifted_vae(seed, 0.18215, None),
+               transformer=_pixart_transformer(32, seed + 2), scheduler=DPMSolverMultistepScheduler())
+    pipe.save_pretrained(str(folder))
+    if legacy_class_name:
+        config_file, index_file = folder / "transformer" / "config.json", folder / "model_index.json"
+        config, index = json.loads(config_file.read_text()), json.loads(index_file.read_text())
+        config["_class_name"] = index["transformer"][1] = "Transformer2DModel"
+        config_file.write_text(json.dumps(config, indent=2))
+        index_file.write_text(json.dumps(index, indent=2))
     return folder

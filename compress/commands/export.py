@@ -36,7 +36,7 @@ def parse_resolution(text: str) -> tuple[int, int]:
 @click.option("--schedule", type=click.Choice(["default", "optimized"]), default="default", show_default=True,
               help="'optimized' searches the timesteps that best match a many-step teacher.")
 @click.option("--timesteps", default=None, help="Explicit timesteps (e.g. from an earlier search), comma-separated.")
-@click.option("--guidance", type=float, default=None, help="Default classifier-free guidance scale (conditional models).")
+@click.option("--guidance", type=float, default=None, help="Default guidance scale: classifier-free (conditional models), or the value of a guidance embedding (FLUX-dev).")
 @click.option("--format", "formats", multiple=True, default=("onnx",), show_default=True, help="onnx, coreml, openvino; repeatable.")
 @click.option("--batch-size", type=int, default=None, help="Static batch size (default: dynamic batch).")
 @click.option("--target", default="generic", show_default=True,
