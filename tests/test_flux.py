@@ -294,5 +294,5 @@ def test_compress_runs_reference_is_fluxpipelines_own_call(folders):
     direct = pipe(PROMPTS[:2], num_inference_steps=STEPS, guidance_scale=2.0, latents=pipe._pack_latents(noise.clone(), 2, 4, 8, 8),
                   height=SIZE, width=SIZE, output_type="np").images
     assert torch.equal(images, torch.from_numpy(direct).permute(0, 3, 1, 2).float())
-    with pytest.raises(UserError, match="the reference on a flow is 'euler'"):
+    with pytest.raises(UserError, match="FluxPipeline samples with FlowMatchEulerDiscreteScheduler only"):
         diffusers_pipeline(folders["dev"], "dpmpp-2m")
