@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,8 @@ from compress.cli import main
 from compress.errors import UserError
 from compress.export_chain import export_artifacts, pipeline_guidance, resolve_solver
 from compress.loading import load_pipeline
-from tests.tiny_pipelines import _flux_transformer, _t5_encoder, _text_encoder, build_flux_folder
+from tests.bad_folders import copy_folder, export_fails_with, replace_model
+from tests.tiny_pipelines import _flux_transformer, _text_encoder, build_flux_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 # The last prompt is longer than CLIP's 77 tokens (T5's 512 take it whole).
@@ -127,65 +127,45 @@ def test_guidance_settings_follow_the_model(folders, tmp_path, capsys):
     assert code == 2 and len(err.splitlines()) == 1 and "has neither" in err, err
 
 
-def _copy(folders, name: str, tmp_path: Path) -> Path:
-    target = tmp_path / f"bad-{len(list(tmp_path.iterdir()))}"
-    shutil.copytree(folders[name], target)
-    return target
-
-
-def _replace_model(folder: Path, component: str, model) -> None:
-    shutil.rmtree(folder / component)
-    model.save_pretrained(str(folder / component))
-
-
-def _fails_with(capsys, folder: Path, out: Path, expected: str):
-    capsys.readouterr()  # what building the bad folder printed (save_pretrained's progress bars)
-    code = main(["export", f"diffusers:{folder}", "--solver", "model", "--steps", "2", "--out", str(out)])
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and expected in err, err
-    assert not out.exists()
-
-
 def test_flux_folders_whose_parts_disagree_fail_with_one_line(folders, tmp_path, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()
 
-    narrow_joint = _copy(folders, "schnell", bad)
-    _replace_model(narrow_joint, "transformer", _flux_transformer(24, 16, False, seed=0))
-    _fails_with(capsys, narrow_joint, tmp_path / "o1", "text_encoder_2 gives 32-wide hidden states but the transformer's joint_attention_dim is 24")
+    narrow_joint = copy_folder(folders, "schnell", bad)
+    replace_model(narrow_joint, "transformer", _flux_transformer(24, 16, False, seed=0))
+    export_fails_with(capsys, narrow_joint, tmp_path / "o1", "text_encoder_2 gives 32-wide hidden states but the transformer's joint_attention_dim is 24")
 
-    wrong_pooled = _copy(folders, "schnell", bad)
-    _replace_model(wrong_pooled, "text_encoder", _text_encoder(24, None, seed=0))
-    _fails_with(capsys, wrong_pooled, tmp_path / "o2", "text_encoder's pooled output has 24 features but the transformer's pooled_projection_dim is 16")
+    wrong_pooled = copy_folder(folders, "schnell", bad)
+    replace_model(wrong_pooled, "text_encoder", _text_encoder(24, None, seed=0))
+    export_fails_with(capsys, wrong_pooled, tmp_path / "o2", "text_encoder's pooled output has 24 features but the transformer's pooled_projection_dim is 16")
 
-    wrong_latents = _copy(folders, "schnell", bad)
-    _replace_model(wrong_latents, "transformer", _flux_transformer(32, 16, False, seed=0, in_channels=8))
-    _fails_with(capsys, wrong_latents, tmp_path / "o3", "the VAE has 4 latent channels (16 packed in 2x2 patches) but the transformer takes 8")
+    wrong_latents = copy_folder(folders, "schnell", bad)
+    replace_model(wrong_latents, "transformer", _flux_transformer(32, 16, False, seed=0, in_channels=8))
+    export_fails_with(capsys, wrong_latents, tmp_path / "o3", "the VAE has 4 latent channels (16 packed in 2x2 patches) but the transformer takes 8")
 
-    not_flow = _copy(folders, "dev", bad)
+    not_flow = copy_folder(folders, "dev", bad)
     (not_flow / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "DDIMScheduler", "num_train_timesteps": 1000}))
-    _fails_with(capsys, not_flow, tmp_path / "o4", "not a flow-matching one")
+    export_fails_with(capsys, not_flow, tmp_path / "o4", "not a flow-matching one")
 
-    projected = _copy(folders, "dev", bad)
+    projected = copy_folder(folders, "dev", bad)
     index = json.loads((projected / "model_index.json").read_text())
     index["text_encoder"] = ["transformers", "CLIPTextModelWithProjection"]
     (projected / "model_index.json").write_text(json.dumps(index))
-    _fails_with(capsys, projected, tmp_path / "o5", "text_encoder is a CLIPTextModelWithProjection, which is not supported (supported: CLIPTextModel)")
+    export_fails_with(capsys, projected, tmp_path / "o5", "text_encoder is a CLIPTextModelWithProjection, which is not supported (supported: CLIPTextModel)")
 
-    no_t5 = _copy(folders, "dev", bad)
+    no_t5 = copy_folder(folders, "dev", bad)
     index = json.loads((no_t5 / "model_index.json").read_text())
     index["text_encoder_2"] = [None, None]
     (no_t5 / "model_index.json").write_text(json.dumps(index))
-    _fails_with(capsys, no_t5, tmp_path / "o6", "has no text_encoder_2")
+    export_fails_with(capsys, no_t5, tmp_path / "o6", "has no text_encoder_2")
 
-    other_transformer = _copy(folders, "dev", bad)
+    other_transformer = copy_folder(folders, "dev", bad)
     index = json.loads((other_transformer / "model_index.json").read_text())
     index["transformer"] = ["diffusers", "SD3Transformer2DModel"]
     (other_transformer / "model_index.json").write_text(json.dumps(index))
-    _fails_with(capsys, other_transformer, tmp_path / "o7", "transformer is a SD3Transformer2DModel, which is not supported (supported: FluxTransformer2DModel)")
+    export_fails_with(capsys, other_transformer, tmp_path / "o7", "transformer is a SD3Transformer2DModel, which is not supported (supported: FluxTransformer2DModel)")
 
-    _fails_with(capsys, folders["dev"] / "transformer", tmp_path / "o8", "a FluxTransformer2DModel is conditioned by its pipeline's text encoders: load the whole FluxPipeline folder")
+    export_fails_with(capsys, folders["dev"] / "transformer", tmp_path / "o8", "a FluxTransformer2DModel is conditioned by its pipeline's text encoders: load the whole FluxPipeline folder")
 
     pipeline = load_pipeline(f"diffusers:{folders['dev']}")
     with pytest.raises(UserError, match="multiples of 4 .*latent packing 2"):

@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from compress.cli import main
 from compress.export_chain import export_artifacts, pipeline_guidance, resolve_solver
 from compress.loading import load_pipeline
+from tests.bad_folders import copy_folder, export_fails_with, replace_model
 from tests.tiny_pipelines import _pixart_transformer, _t5_encoder, build_pixart_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,26 +110,6 @@ def test_micro_conditions_follow_the_resolution(folders, tmp_path):
     assert float((ours - other).abs().max()) > 1e-4
 
 
-def _copy(folders, name: str, tmp_path: Path) -> Path:
-    target = tmp_path / f"bad-{len(list(tmp_path.iterdir()))}"
-    shutil.copytree(folders[name], target)
-    return target
-
-
-def _replace_model(folder: Path, component: str, model) -> None:
-    shutil.rmtree(folder / component)
-    model.save_pretrained(str(folder / component))
-
-
-def _fails_with(capsys, folder: Path, out: Path, expected: str):
-    capsys.readouterr()  # what building the bad folder printed (save_pretrained's progress bars)
-    code = main(["export", f"diffusers:{folder}", "--solver", "model", "--steps", "2", "--out", str(out)])
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and expected in err, err
-    assert not out.exists()
-
-
 def _edit_json(path: Path, **changes) -> None:
     data = json.loads(path.read_text())
     data.update(changes)
@@ -141,36 +120,36 @@ def test_pixart_folders_whose_parts_disagree_fail_with_one_line(folders, tmp_pat
     bad = tmp_path / "bad"
     bad.mkdir()
 
-    wrong_caption = _copy(folders, "alpha", bad)
-    _replace_model(wrong_caption, "text_encoder", _t5_encoder(24, 80, seed=0))
-    _fails_with(capsys, wrong_caption, tmp_path / "o1", "text_encoder gives 24-wide hidden states but the transformer's caption_channels is 32")
+    wrong_caption = copy_folder(folders, "alpha", bad)
+    replace_model(wrong_caption, "text_encoder", _t5_encoder(24, 80, seed=0))
+    export_fails_with(capsys, wrong_caption, tmp_path / "o1", "text_encoder gives 24-wide hidden states but the transformer's caption_channels is 32")
 
-    not_pixart = _copy(folders, "alpha-legacy", bad)
+    not_pixart = copy_folder(folders, "alpha-legacy", bad)
     _edit_json(not_pixart / "transformer" / "config.json", norm_type="layer_norm")
-    _fails_with(capsys, not_pixart, tmp_path / "o2", "norm_type 'layer_norm', not a PixArt transformer")
+    export_fails_with(capsys, not_pixart, tmp_path / "o2", "norm_type 'layer_norm', not a PixArt transformer")
 
-    flow = _copy(folders, "sigma", bad)
+    flow = copy_folder(folders, "sigma", bad)
     (flow / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler"}))
-    _fails_with(capsys, flow, tmp_path / "o3", "is a flow-matching one")
+    export_fails_with(capsys, flow, tmp_path / "o3", "is a flow-matching one")
 
-    other_transformer = _copy(folders, "alpha", bad)
+    other_transformer = copy_folder(folders, "alpha", bad)
     index = json.loads((other_transformer / "model_index.json").read_text())
     index["transformer"] = ["diffusers", "SD3Transformer2DModel"]
     (other_transformer / "model_index.json").write_text(json.dumps(index))
-    _fails_with(capsys, other_transformer, tmp_path / "o4",
+    export_fails_with(capsys, other_transformer, tmp_path / "o4",
                 "transformer is a SD3Transformer2DModel, which is not supported (supported: PixArtTransformer2DModel, Transformer2DModel)")
 
     # The transformer alone (saved under its legacy name), or a folder without its T5: it cannot run without the text encoder.
-    _fails_with(capsys, folders["alpha-legacy"] / "transformer", tmp_path / "o6", "a PixArtTransformer2DModel is conditioned by its pipeline's text encoders")
-    no_t5 = _copy(folders, "alpha-legacy", bad)
+    export_fails_with(capsys, folders["alpha-legacy"] / "transformer", tmp_path / "o6", "a PixArtTransformer2DModel is conditioned by its pipeline's text encoders")
+    no_t5 = copy_folder(folders, "alpha-legacy", bad)
     index = json.loads((no_t5 / "model_index.json").read_text())
     del index["text_encoder"], index["tokenizer"]
     (no_t5 / "model_index.json").write_text(json.dumps(index))
-    _fails_with(capsys, no_t5, tmp_path / "o7", "load the whole PixArtAlphaPipeline or PixArtSigmaPipeline folder")
+    export_fails_with(capsys, no_t5, tmp_path / "o7", "load the whole PixArtAlphaPipeline or PixArtSigmaPipeline folder")
 
-    unknown = _copy(folders, "alpha", bad)
+    unknown = copy_folder(folders, "alpha", bad)
     _edit_json(unknown / "model_index.json", _class_name="PixArtGammaPipeline")
-    _fails_with(capsys, unknown, tmp_path / "o5", "pipeline class 'PixArtGammaPipeline' is not supported (supported: ")
+    export_fails_with(capsys, unknown, tmp_path / "o5", "pipeline class 'PixArtGammaPipeline' is not supported (supported: ")
 
 
 def _app(name: str = "text_to_image_onnx"):

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from compress.cli import main
 from compress.errors import UserError
 from compress.export_chain import export_artifacts, pipeline_guidance, resolve_solver
 from compress.loading import load_pipeline
+from tests.bad_folders import copy_folder, export_fails_with, replace_model
 from tests.tiny_pipelines import _sd3_transformer, _t5_encoder, build_sd3_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,57 +81,38 @@ def test_denoiser_module_is_the_transformers_own_call(folders):
     assert theirs.std() > 0.1
 
 
-def _copy(folders, name: str, tmp_path: Path) -> Path:
-    target = tmp_path / f"bad-{len(list(tmp_path.iterdir()))}"
-    shutil.copytree(folders[name], target)
-    return target
-
-
-def _replace_model(folder: Path, component: str, model) -> None:
-    shutil.rmtree(folder / component)
-    model.save_pretrained(str(folder / component))
-
-
-def _fails_with(capsys, folder: Path, out: Path, expected: str):
-    code = main(["export", f"diffusers:{folder}", "--solver", "model", "--steps", "2", "--out", str(out)])
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and expected in err, err
-    assert not out.exists()
-
-
 def test_sd3_folders_whose_parts_disagree_fail_with_one_line(folders, tmp_path, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()
 
-    narrow_joint = _copy(folders, "clip-only", bad)
-    _replace_model(narrow_joint, "transformer", _sd3_transformer(16, 24, seed=0))
-    _fails_with(capsys, narrow_joint, tmp_path / "o1", "the CLIP encoders give 24-wide hidden states (8 + 16) but the transformer's joint_attention_dim is 16")
+    narrow_joint = copy_folder(folders, "clip-only", bad)
+    replace_model(narrow_joint, "transformer", _sd3_transformer(16, 24, seed=0))
+    export_fails_with(capsys, narrow_joint, tmp_path / "o1", "the CLIP encoders give 24-wide hidden states (8 + 16) but the transformer's joint_attention_dim is 16")
 
-    wrong_pooled = _copy(folders, "clip-only", bad)
-    _replace_model(wrong_pooled, "transformer", _sd3_transformer(32, 40, seed=0))
-    _fails_with(capsys, wrong_pooled, tmp_path / "o2", "pooled outputs give 24 features (8 + 16) but the transformer's pooled_projection_dim is 40")
+    wrong_pooled = copy_folder(folders, "clip-only", bad)
+    replace_model(wrong_pooled, "transformer", _sd3_transformer(32, 40, seed=0))
+    export_fails_with(capsys, wrong_pooled, tmp_path / "o2", "pooled outputs give 24 features (8 + 16) but the transformer's pooled_projection_dim is 40")
 
-    wrong_t5 = _copy(folders, "t5", bad)
-    _replace_model(wrong_t5, "text_encoder_3", _t5_encoder(24, 80, seed=0))
-    _fails_with(capsys, wrong_t5, tmp_path / "o3", "text_encoder_3 gives 24-wide hidden states but the transformer's joint_attention_dim is 32")
+    wrong_t5 = copy_folder(folders, "t5", bad)
+    replace_model(wrong_t5, "text_encoder_3", _t5_encoder(24, 80, seed=0))
+    export_fails_with(capsys, wrong_t5, tmp_path / "o3", "text_encoder_3 gives 24-wide hidden states but the transformer's joint_attention_dim is 32")
 
-    wrong_latents = _copy(folders, "clip-only", bad)
+    wrong_latents = copy_folder(folders, "clip-only", bad)
     from diffusers import AutoencoderKL
 
-    _replace_model(wrong_latents, "vae", AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+    replace_model(wrong_latents, "vae", AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
                                                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=8, norm_num_groups=8))
-    _fails_with(capsys, wrong_latents, tmp_path / "o4", "the VAE has 8 latent channels but the transformer takes 4")
+    export_fails_with(capsys, wrong_latents, tmp_path / "o4", "the VAE has 8 latent channels but the transformer takes 4")
 
-    not_flow = _copy(folders, "clip-only", bad)
+    not_flow = copy_folder(folders, "clip-only", bad)
     (not_flow / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "DDIMScheduler", "num_train_timesteps": 1000}))
-    _fails_with(capsys, not_flow, tmp_path / "o5", "not a flow-matching one")
+    export_fails_with(capsys, not_flow, tmp_path / "o5", "not a flow-matching one")
 
-    unpooled = _copy(folders, "clip-only", bad)
+    unpooled = copy_folder(folders, "clip-only", bad)
     index = json.loads((unpooled / "model_index.json").read_text())
     index["text_encoder"] = ["transformers", "CLIPTextModel"]
     (unpooled / "model_index.json").write_text(json.dumps(index))
-    _fails_with(capsys, unpooled, tmp_path / "o6", "text_encoder is a CLIPTextModel, which is not supported (supported: CLIPTextModelWithProjection)")
+    export_fails_with(capsys, unpooled, tmp_path / "o6", "text_encoder is a CLIPTextModel, which is not supported (supported: CLIPTextModelWithProjection)")
 
     pipeline = load_pipeline(f"diffusers:{folders['clip-only']}")
     with pytest.raises(UserError, match="multiples of 4 .*patch size 2"):

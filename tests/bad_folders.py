@@ -1,0 +1,27 @@
+"""Helpers for the tests that break one part of a pipeline folder and expect one line and exit 2."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from compress.cli import main
+
+
+def copy_folder(folders: dict, name: str, tmp_path: Path) -> Path:
+    target = tmp_path / f"bad-{len(list(tmp_path.iterdir()))}"
+    shutil.copytree(folders[name], target)
+    return target
+
+
+def replace_model(folder: Path, component: str, model) -> None:
+    shutil.rmtree(folder / component)
+    model.save_pretrained(str(folder / component))
+
+
+def export_fails_with(capsys, folder: Path, out: Path, expected: str) -> None:
+    capsys.readouterr()  # what building the bad folder printed (save_pretrained's progress bars)
+    code = main(["export", f"diffusers:{folder}", "--solver", "model", "--steps", "2", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and expected in err, err
+    assert not out.exists()
