@@ -19,15 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from compress.progress import progress
-from compress.training import EMA, drop_conditions, train_loop
-from compress.zoo.t2i import (
-    PROMPT_DROPOUT,
-    PROMPT_TEMPLATES,
-    _replace_folder,
-    all_prompts,
-    encode_training_set,
-    write_tokenizer,
-)
+from compress.training import EMA, train_loop
+from compress.zoo.t2i import PROMPT_DROPOUT, _replace_folder, all_prompts, encode_training_set, training_batch, write_tokenizer
 from compress.zoo.train import EMA_DECAY, zoo_schedule
 
 NAME = "digits-flow"
@@ -84,7 +77,6 @@ def build_pipeline(vae, text_encoders, tokenizer, transformer):
 def train_transformer(pipe, latents, iterations: int, batch_size: int = 64, lr: float = LR, seed: int = 0):
     """Velocity prediction v = noise - x0 at logit-normal sigmas (SD3's default density); text encoders train jointly."""
     torch.manual_seed(seed)
-    mean, std, labels = latents
     scaling = pipe.vae.config.scaling_factor
     prompts = all_prompts()
     model = torch.nn.ModuleDict({"transformer": pipe.transformer, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}).train()
@@ -93,12 +85,7 @@ def train_transformer(pipe, latents, iterations: int, batch_size: int = 64, lr: 
     gen = torch.Generator().manual_seed(seed)
 
     def loss_at(step: int) -> torch.Tensor:
-        idx = torch.randint(0, len(mean), (batch_size,), generator=gen)
-        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling
-        template = torch.randint(0, len(PROMPT_TEMPLATES), (batch_size,), generator=gen)
-        which = 1 + labels[idx] * len(PROMPT_TEMPLATES) + template
-        which = drop_conditions(which, torch.zeros_like(which), gen, PROMPT_DROPOUT)  # prompt 0 is the empty one
-        distinct, inverse = which.unique(return_inverse=True)
+        z0, distinct, inverse = training_batch(latents, scaling, batch_size, gen)
         # The pipeline's own encoding (both CLIPs' penultimate states, zeros for T5, pooled projections), with gradients.
         embeds, _, pooled, _ = pipe.encode_prompt([prompts[i] for i in distinct.tolist()], None, None, do_classifier_free_guidance=False,
                                                   max_sequence_length=T5_TOKENS)

@@ -258,11 +258,24 @@ def latent_scaling_factor(mean: torch.Tensor, std: torch.Tensor, seed: int = 0) 
     return float(1.0 / sampled.std())
 
 
+def training_batch(latents: tuple[torch.Tensor, torch.Tensor, torch.Tensor], scaling_factor: float, batch_size: int, gen: torch.Generator):
+    """Scaled latents drawn from the training digits' posteriors, and their prompts as indices into `all_prompts()`: a
+    random template of each digit, the empty prompt at the dropout rate. Returns (z0, distinct prompts, inverse): each
+    distinct prompt is encoded once per batch, and gradients reach the text encoder all the same."""
+    mean, std, labels = latents
+    idx = torch.randint(0, len(mean), (batch_size,), generator=gen)
+    z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling_factor
+    template = torch.randint(0, len(PROMPT_TEMPLATES), (batch_size,), generator=gen)
+    which = 1 + labels[idx] * len(PROMPT_TEMPLATES) + template
+    which = drop_conditions(which, torch.zeros_like(which), gen, PROMPT_DROPOUT)  # prompt 0 is the empty one
+    distinct, inverse = which.unique(return_inverse=True)
+    return z0, distinct, inverse
+
+
 def train_denoiser(latents: tuple[torch.Tensor, torch.Tensor, torch.Tensor], scaling_factor: float, tokenizer, text_encoder, unet,
                    iterations: int, batch_size: int = 64, lr: float = DIFFUSION_LR, seed: int = 0):
     """Epsilon prediction on scaled latents; the text encoder trains jointly. Returns them with their EMA weights."""
     torch.manual_seed(seed)
-    mean, std, labels = latents
     scheduler = build_scheduler()
     ids = tokenizer(all_prompts(), padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
     model = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder}).train()
@@ -271,13 +284,7 @@ def train_denoiser(latents: tuple[torch.Tensor, torch.Tensor, torch.Tensor], sca
     gen = torch.Generator().manual_seed(seed)
 
     def loss_at(step: int) -> torch.Tensor:
-        idx = torch.randint(0, len(mean), (batch_size,), generator=gen)
-        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling_factor
-        template = torch.randint(0, len(PROMPT_TEMPLATES), (batch_size,), generator=gen)
-        which = 1 + labels[idx] * len(PROMPT_TEMPLATES) + template
-        which = drop_conditions(which, torch.zeros_like(which), gen, PROMPT_DROPOUT)  # prompt 0 is the empty one
-        # Encode each distinct prompt of the batch once; gradients flow to the text encoder all the same.
-        distinct, inverse = which.unique(return_inverse=True)
+        z0, distinct, inverse = training_batch(latents, scaling_factor, batch_size, gen)
         context = text_encoder(ids[distinct]).last_hidden_state[inverse]
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
