@@ -7,6 +7,7 @@ Writes bench/results/pruning.{json,md}. Run (each phase can run on its own; resu
     nice -n 10 python bench/pruning.py --phase table [--headline-minutes 15 --short-minutes 2] [--fresh]
     nice -n 10 python bench/pruning.py --phase quantized
     nice -n 10 python bench/pruning.py --phase report
+    nice -n 10 python bench/pruning.py --phase flow [--flow-ratio 0.4 --headline-minutes 15]
 
 Quality: 256 samples with DPM-Solver++(2M), 20 steps, from the same noise for every model; FD of
 zoo-classifier features against the held-out digits; PSNR of each model's samples against the
@@ -181,6 +182,50 @@ def run_table(ratios, methods, headline, headline_minutes: float, short_minutes:
             record(method, headline[1], short_minutes, f"{short_minutes:g} min")
 
 
+FLOW_GUIDANCE = 1.5  # as bench/flow_solvers.py
+
+
+def run_flow(data: dict, ratio: float, minutes: float) -> None:
+    """zoo:digits-flow's SD3 transformer: Taylor pruning of heads and feed-forward neurons, a fine-tune capped at
+    ``minutes``; FD and prompted-digit share of 256 guided prompts (DPM-Solver++(2M), 20 steps) before and after."""
+    from compress.loading import load_pipeline
+    from compress.metrics import DigitsJudge
+    from compress.prune import PruneConfig, prune
+    from compress.sampling import make_noise, sample
+    from compress.solvers import SolverConfig
+    from compress.stats import count_macs
+    from compress.zoo.data import load_digits_tensors
+    from compress.zoo.t2i import all_prompts, digit_prompts
+    from runtimes.text_to_image import digit_view
+
+    pipeline = load_pipeline("zoo:digits-flow")
+    pipeline.draw_from_prompts(all_prompts()[1:])
+    prompts, labels = digit_prompts(N_SAMPLES)
+    cond = pipeline.encode_prompts(prompts)
+    noise = make_noise(pipeline.denoiser, N_SAMPLES, seed=0)
+    judge, held_out = DigitsJudge(), load_digits_tensors("heldout")[0]
+
+    def quality(denoiser) -> dict:
+        solver = SolverConfig(QUALITY_SOLVER, QUALITY_STEPS, guidance_scale=FLOW_GUIDANCE)
+        view = digit_view(pipeline.decode(sample(denoiser, solver, noise, cond=cond, batch_size=64, show_progress=False)))
+        return {**count_macs(denoiser), "fd": judge.fd(view, held_out), "prompted_digit_share": judge.agreement(view, labels)}
+
+    base = quality(pipeline.denoiser)
+    print("original", base, flush=True)
+    config = PruneConfig(method="taylor", ratio=ratio, finetune_steps=100_000, finetune_seconds=minutes * 60, batch_size=64, lr=1e-3,
+                         ema=0.999, data_samples=1024)
+    with Stopwatch() as clock:
+        pruned = prune(pipeline.denoiser, config, progress=print)
+    row = quality(pruned)
+    info = pruned.extra["pruning"]
+    row.update(method="taylor", ratio=ratio, finetune=f"{minutes:g} min", seconds=round(clock.seconds, 1),
+               finetune_steps=(info["finetune"] or {}).get("steps", 0), macs_reduction=1 - row["macs"] / base["macs"],
+               fd_vs_original=row["fd"] / base["fd"] - 1)
+    data["flow"] = {"model": "zoo:digits-flow", "guidance_scale": FLOW_GUIDANCE, "threads": torch.get_num_threads(), "original": base, "pruned": row}
+    _save(data)
+    print(json.dumps(row), flush=True)
+
+
 def run_quantized(data: dict, headline) -> None:
     """The headline pruned model through export, W8A8 quantization and onnxruntime."""
     from calibration import CalibrationConfig, calibrate
@@ -280,8 +325,25 @@ def write_markdown(data: dict) -> None:
               "  show the start of recovery, not where each method ends up.",
               "- Only the headline row got the long fine-tune; the other fine-tuned rows got the short budget, and the",
               "  `none` rows show each method's raw choice of channels before any recovery.", ""]
+    lines += flow_markdown(data.get("flow"))
     lines += README_SECTION
     MD_PATH.write_text("\n".join(lines))
+
+
+def flow_markdown(flow: dict | None) -> list[str]:
+    if not flow:
+        return []
+    o, r = flow["original"], flow["pruned"]
+    return [f"## {flow['model']}: the SD3 transformer (attention heads and feed-forward neurons)", "",
+            f"Taylor importance, ratio {r['ratio']:g}, fine-tune by distillation capped at {r['finetune']} ({r['finetune_steps']} steps, "
+            f"{flow.get('threads', 2)} threads); 256 prompts over every digit and template, guidance {flow['guidance_scale']:g}, "
+            f"{QUALITY_SOLVER} {QUALITY_STEPS} steps from the same noise; FD against held-out digits.", "",
+            "| model | MACs | parameters | FD | FD vs original | prompted digit |", "|---|---|---|---|---|---|",
+            f"| original | {o['macs'] / 1e6:.1f} M | {o['parameters'] / 1e6:.3f} M | {o['fd']:.1f} | — | {100 * o['prompted_digit_share']:.1f}% |",
+            f"| pruned | {r['macs'] / 1e6:.1f} M ({100 * r['macs_reduction']:.0f}% fewer) | {r['parameters'] / 1e6:.3f} M | {r['fd']:.1f} "
+            f"| {r['fd'] / o['fd']:.2f}x | {100 * r['prompted_digit_share']:.1f}% |",
+            "", "Goal: at least 30% fewer MACs with FD within 1.15x: "
+            + ("met." if r["macs_reduction"] >= 0.3 and r["fd"] / o["fd"] <= 1.15 else "not met."), ""]
 
 
 README_SECTION = [
@@ -305,7 +367,8 @@ README_SECTION = [
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--phase", choices=["memory", "table", "quantized", "report"], default=None)
+    parser.add_argument("--phase", choices=["memory", "table", "quantized", "flow", "report"], default=None)
+    parser.add_argument("--flow-ratio", type=float, default=0.4)
     parser.add_argument("--memory-point", type=int, default=None)
     parser.add_argument("--checkpointing", type=int, default=1)
     parser.add_argument("--ratios", default="0.2,0.3,0.4")
@@ -321,7 +384,7 @@ def main() -> None:
     data = _load()
     data["environment"] = {"processor": processor_name(), "torch": torch.__version__, "threads": 1}
     headline = (args.headline.split(":")[0], float(args.headline.split(":")[1]))
-    if args.phase in ("memory", "table", "quantized"):
+    if args.phase in ("memory", "table", "quantized", "flow"):
         data.setdefault("load_average", {})[args.phase] = os.getloadavg()[0]
     if args.phase == "table" and args.fresh:
         for key in ("original", "rows", "quantized"):
@@ -334,6 +397,8 @@ def main() -> None:
         run_table([float(r) for r in args.ratios.split(",")], args.methods.split(","), headline, args.headline_minutes, args.short_minutes, data)
     elif args.phase == "quantized":
         run_quantized(data, headline)
+    elif args.phase == "flow":
+        run_flow(data, args.flow_ratio, args.headline_minutes)
     write_markdown(data)
 
 
