@@ -3,7 +3,7 @@ trajectory-mask search with and without time-step gradient checkpointing.
 
 Writes bench/results/pruning.{json,md}. Run (each phase can run on its own; results merge):
 
-    nice -n 10 python bench/pruning.py --phase memory
+    nice -n 10 python bench/pruning.py --phase memory [--memory-models zoo:digits,zoo:digits-flow]
     nice -n 10 python bench/pruning.py --phase table [--headline-minutes 15 --short-minutes 2] [--fresh]
     nice -n 10 python bench/pruning.py --phase quantized
     nice -n 10 python bench/pruning.py --phase report
@@ -37,6 +37,7 @@ JSON_PATH, MD_PATH = RESULTS / "pruning.json", RESULTS / "pruning.md"
 N_SAMPLES, QUALITY_SOLVER, QUALITY_STEPS = 256, "dpmpp-2m", 20
 LATENCY_SOLVER, LATENCY_STEPS, LATENCY_RUNS = "dpmpp-2m", 8, 30
 MEMORY_STEPS = (5, 10, 25, 50)
+MEMORY_MODELS = {"zoo:digits": "ddim", "zoo:digits-flow": "euler"}  # model: the solver its search runs
 MEMORY_BATCH = 16
 QUANTIZED_ROUNDS, QUANTIZED_RUNS = 5, 4  # float and int8 in alternation: 5 rounds of 4 timed runs each
 HEADLINE_FOLDER = Path(tempfile.gettempdir()) / "diffusion-compress-pruning-headline"
@@ -58,25 +59,26 @@ def _rss_mib() -> float:
 # ----------------------------------------------------------------------------- memory
 
 
-def memory_point(steps: int, checkpointing: bool) -> dict:
+def memory_point(model: str, steps: int, checkpointing: bool) -> dict:
     """One mask-search iteration (forward + backward over the whole trajectory) in this fresh process."""
-    from compress.loading import load_model
-    from compress.solvers import SolverConfig
+    from compress.loading import load_pipeline
+    from compress.solvers import SolverConfig, run_table
+    from compress.zoo.t2i import digit_prompts
     from compress.trajectory_mask import HardConcreteGates, gate_sites, make_network, trajectory_loss_backward
 
     torch.set_num_threads(1)
-    denoiser = load_model("zoo:digits")
+    pipeline = load_pipeline(model)
+    denoiser = pipeline.denoiser
     for p in denoiser.module.parameters():
         p.requires_grad_(False)
     gates = HardConcreteGates(gate_sites(denoiser.module))
-    table = SolverConfig("ddim", steps).table(denoiser.schedule, denoiser.prediction_type)
+    table = SolverConfig(MEMORY_MODELS[model], steps).table(denoiser.schedule, denoiser.prediction_type)
     noise = torch.randn((MEMORY_BATCH, *denoiser.sample_shape), generator=torch.Generator().manual_seed(0))
-    network = make_network(denoiser, None, None)
+    cond = pipeline.encode_prompts(digit_prompts(MEMORY_BATCH)[0]) if pipeline.text_encoders else None
+    network = make_network(denoiser, cond, None)
     with torch.no_grad():
         network(noise, 500.0)  # allocator and library warm-up count towards the baseline
         gates.enabled = False
-        from compress.solvers import run_table
-
         reference = run_table(table, network, noise)
         gates.enabled = True
     baseline = _rss_mib()
@@ -84,19 +86,22 @@ def memory_point(steps: int, checkpointing: bool) -> dict:
     with Stopwatch() as clock:
         loss = trajectory_loss_backward(table, network, noise, reference, checkpointing)
     peak = _rss_mib()
-    return {"steps": steps, "checkpointing": checkpointing, "batch": MEMORY_BATCH, "baseline_mib": round(baseline, 1),
-            "peak_mib": round(peak, 1), "search_mib": round(peak - baseline, 1), "seconds": round(clock.seconds, 2), "loss": loss}
+    return {"model": model, "solver": MEMORY_MODELS[model], "steps": steps, "checkpointing": checkpointing, "batch": MEMORY_BATCH,
+            "baseline_mib": round(baseline, 1), "peak_mib": round(peak, 1), "search_mib": round(peak - baseline, 1),
+            "seconds": round(clock.seconds, 2), "loss": loss}
 
 
-def run_memory() -> list[dict]:
-    rows = []
-    for checkpointing in (True, False):
-        for steps in MEMORY_STEPS:
-            out = subprocess.run([sys.executable, __file__, "--memory-point", str(steps), "--checkpointing", str(int(checkpointing))],
-                                 capture_output=True, text=True, check=True)
-            row = json.loads(out.stdout.strip().splitlines()[-1])
-            print(row, flush=True)
-            rows.append(row)
+def run_memory(models: list[str], rows: list[dict]) -> list[dict]:
+    """Measures every point of ``models``; the rows of other models stay as they were."""
+    rows = [r for r in rows if r.get("model", "zoo:digits") not in models]
+    for model in models:
+        for checkpointing in (True, False):
+            for steps in MEMORY_STEPS:
+                out = subprocess.run([sys.executable, __file__, "--memory-point", str(steps), "--checkpointing", str(int(checkpointing)),
+                                      "--memory-models", model], capture_output=True, text=True, check=True)
+                row = json.loads(out.stdout.strip().splitlines()[-1])
+                print(row, flush=True)
+                rows.append(row)
     return rows
 
 
@@ -300,18 +305,25 @@ def write_markdown(data: dict) -> None:
                   f"the median of {QUANTIZED_ROUNDS} rounds' medians of {QUANTIZED_RUNS} runs, one thread).", ""]
     if data.get("memory"):
         lines += ["## Memory of the mask search", "",
-                  f"One search iteration (gated trajectory forward + backward to every gate) on zoo:digits, DDIM, batch {MEMORY_BATCH}; peak RSS",
-                  "of a fresh process above its baseline after loading the model and one warm-up pass.", "",
-                  "| steps | with time-step checkpointing MiB | seconds | without MiB | seconds |", "|---|---|---|---|---|"]
-        by = {(r["steps"], r["checkpointing"]): r for r in data["memory"]}
-        for steps in MEMORY_STEPS:
-            a, b = by.get((steps, True)), by.get((steps, False))
-            if a and b:
-                lines.append(f"| {steps} | {a['search_mib']:.1f} | {a['seconds']:.2f} | {b['search_mib']:.1f} | {b['seconds']:.2f} |")
-        a5, a50 = by.get((5, True)), by.get((50, True))
-        if a5 and a50:
-            lines += ["", f"With checkpointing, 50 steps take {a50['search_mib'] / max(a5['search_mib'], 1e-9):.2f}x the memory of 5 steps."]
-        lines.append("")
+                  f"One search iteration (gated trajectory forward + backward to every gate), batch {MEMORY_BATCH}; peak RSS of a fresh",
+                  "process above its baseline after loading the model and one warm-up pass. zoo:digits is the UNet with DDIM;",
+                  "zoo:digits-flow is the SD3-style flow transformer with Euler, prompted (gates on its joint attention heads,",
+                  "both streams, and on its feed-forward neurons).", ""]
+        for model, solver in MEMORY_MODELS.items():
+            by = {(r["steps"], r["checkpointing"]): r for r in data["memory"] if r.get("model", "zoo:digits") == model}
+            if not by:
+                continue
+            lines += [f"**{model}** ({solver})", "", "| steps | with time-step checkpointing MiB | seconds | without MiB | seconds |", "|---|---|---|---|---|"]
+            for steps in MEMORY_STEPS:
+                a, b = by.get((steps, True)), by.get((steps, False))
+                if a and b:
+                    lines.append(f"| {steps} | {a['search_mib']:.1f} | {a['seconds']:.2f} | {b['search_mib']:.1f} | {b['seconds']:.2f} |")
+            (a5, a50), (b5, b50) = ((by.get((5, c)), by.get((50, c))) for c in (True, False))
+            if a5 and a50 and b5 and b50:
+                lines += ["", f"With checkpointing, 50 steps take {a50['search_mib'] / max(a5['search_mib'], 1e-9):.2f}x the memory of 5 steps "
+                          f"above the baseline (the process's whole peak RSS: {a50['peak_mib']:.0f} vs {a5['peak_mib']:.0f} MiB, "
+                          f"{a50['peak_mib'] / a5['peak_mib']:.2f}x); without it, {b50['search_mib'] / max(b5['search_mib'], 1e-9):.1f}x."]
+            lines.append("")
     lines += ["## Notes", "",
               "- `ratio` is torch-pruning's per-layer channel ratio. GroupNorm(8) layers force widths to multiples of 8, so the",
               "  effective cut is larger than the ratio (ratio 0.25 takes 64-channel layers to 48 and 32 to 24); MACs are measured.",
@@ -371,6 +383,7 @@ def main() -> None:
     parser.add_argument("--flow-ratio", type=float, default=0.4)
     parser.add_argument("--memory-point", type=int, default=None)
     parser.add_argument("--checkpointing", type=int, default=1)
+    parser.add_argument("--memory-models", default=",".join(MEMORY_MODELS), help="memory phase: the models to measure (comma-separated)")
     parser.add_argument("--ratios", default="0.2,0.3,0.4")
     parser.add_argument("--methods", default="magnitude,taylor,mask")
     parser.add_argument("--headline", default="taylor:0.25")
@@ -379,7 +392,7 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="table phase: drop the stored table (and the quantized section) and measure every row again")
     args = parser.parse_args()
     if args.memory_point is not None:
-        print(json.dumps(memory_point(args.memory_point, bool(args.checkpointing))))
+        print(json.dumps(memory_point(args.memory_models, args.memory_point, bool(args.checkpointing))))
         return
     data = _load()
     data["environment"] = {"processor": processor_name(), "torch": torch.__version__, "threads": 1}
@@ -391,7 +404,7 @@ def main() -> None:
             data.pop(key, None)
         data["load_average"].pop("quantized", None)
     if args.phase == "memory":
-        data["memory"] = run_memory()
+        data["memory"] = run_memory(args.memory_models.split(","), data.get("memory", []))
         _save(data)
     elif args.phase == "table":
         run_table([float(r) for r in args.ratios.split(",")], args.methods.split(","), headline, args.headline_minutes, args.short_minutes, data)

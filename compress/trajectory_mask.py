@@ -32,15 +32,15 @@ INIT_LOG_ALPHA = 3.0  # gates start (almost surely) open: the gated model starts
 class HardConcreteGates(nn.Module):
     """Gates on the inputs of chosen layers (forward pre-hooks); ``enabled`` False turns them off."""
 
-    def __init__(self, sites: dict[str, tuple[nn.Module, int, int]]):
-        """sites: {name: (layer whose input is gated, number of gates, channels per gate)}"""
+    def __init__(self, sites: dict[str, tuple[tuple[nn.Module, ...], int, int]]):
+        """sites: {name: (layers whose inputs share these gates, number of gates, channels per gate)}"""
         super().__init__()
-        self.layers = {name: layer for name, (layer, _, _) in sites.items()}
+        self.layers = {name: layers for name, (layers, _, _) in sites.items()}
         self.repeat = {name: rep for name, (_, _, rep) in sites.items()}
         self.log_alpha = nn.ParameterDict({_key(name): nn.Parameter(torch.full((n,), INIT_LOG_ALPHA)) for name, (_, n, _) in sites.items()})
         self.uniform: dict[str, torch.Tensor] | None = None  # the current stochastic sample; None: deterministic
         self.enabled = True
-        self.handles = [layer.register_forward_pre_hook(self._hook(name)) for name, layer in self.layers.items()]
+        self.handles = [layer.register_forward_pre_hook(self._hook(name)) for name, layers in self.layers.items() for layer in layers]
 
     def _hook(self, name: str):
         def hook(layer, args):
@@ -77,7 +77,7 @@ class HardConcreteGates(nn.Module):
     def scores_by_layer(self) -> dict[nn.Module, torch.Tensor]:
         """Per input channel of each gated layer: its gate's keep score (sigmoid of log alpha)."""
         return {layer: torch.sigmoid(self.log_alpha[_key(name)].detach()).repeat_interleave(self.repeat[name]).cpu()
-                for name, layer in self.layers.items()}
+                for name, layers in self.layers.items() for layer in layers}
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -89,9 +89,10 @@ def _key(name: str) -> str:
     return name.replace(".", "__")
 
 
-def gate_sites(module: nn.Module) -> dict[str, tuple[nn.Module, int, int]]:
-    """Where the gates go: attention heads (input of to_out), resnet hidden channels (input of conv2),
-    feed-forward hidden neurons (input of the feed-forward's output layer)."""
+def gate_sites(module: nn.Module) -> dict[str, tuple[tuple[nn.Module, ...], int, int]]:
+    """Where the gates go: attention heads (input of to_out, and of to_add_out in joint attention, whose
+    image and text tokens share the heads), resnet hidden channels (input of conv2), feed-forward
+    hidden neurons (input of the feed-forward's output layer)."""
     from diffusers.models.attention import FeedForward
     from diffusers.models.attention_processor import Attention
     from diffusers.models.resnet import ResnetBlock2D
@@ -100,12 +101,13 @@ def gate_sites(module: nn.Module) -> dict[str, tuple[nn.Module, int, int]]:
     for name, m in module.named_modules():
         if isinstance(m, Attention):
             out = m.to_out[0]
-            sites[f"{name}.heads"] = (out, m.heads, out.in_features // m.heads)
+            context_out = getattr(m, "to_add_out", None)
+            sites[f"{name}.heads"] = ((out,) + ((context_out,) if context_out is not None else ()), m.heads, out.in_features // m.heads)
         elif isinstance(m, ResnetBlock2D):
-            sites[f"{name}.hidden"] = (m.conv2, m.conv2.in_channels, 1)
+            sites[f"{name}.hidden"] = ((m.conv2,), m.conv2.in_channels, 1)
         elif isinstance(m, FeedForward):
             last = [layer for layer in m.net if isinstance(layer, nn.Linear)][-1]
-            sites[f"{name}.hidden"] = (last, last.in_features, 1)
+            sites[f"{name}.hidden"] = ((last,), last.in_features, 1)
     return sites
 
 

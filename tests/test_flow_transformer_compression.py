@@ -90,3 +90,67 @@ def test_pruning_heads_and_feed_forward_neurons_of_an_sd3_transformer(pipeline, 
     assert reloaded.schedule == denoiser.schedule and reloaded.prediction_type == "flow"
     with torch.no_grad():
         assert torch.allclose(reloaded.module(noise, torch.tensor([500.0, 500.0]), cond), out, atol=1e-6)
+
+
+def test_trajectory_mask_on_a_joint_attention_transformer(pipeline):
+    """The heads' gates close the image and the text stream's head together (pruning removes both), and
+    the checkpointed gradients over a flow trajectory equal plain backpropagation's."""
+    from compress.trajectory_mask import HardConcreteGates, gate_sites, make_network, trajectory_loss_backward
+
+    denoiser = pipeline.denoiser
+    module = denoiser.module
+    sites = gate_sites(module)
+    for block in module.transformer.transformer_blocks:
+        layers = sites[f"transformer.transformer_blocks.{list(module.transformer.transformer_blocks).index(block)}.attn.heads"][0]
+        assert layers[0] is block.attn.to_out[0]
+        assert (block.attn.to_add_out is None) == (len(layers) == 1) and block.attn.to_add_out in layers + (None,)
+    requires = {p: p.requires_grad for p in module.parameters()}
+    for p in module.parameters():
+        p.requires_grad_(False)
+    gates = HardConcreteGates(sites)
+    state = {k: v.clone() for k, v in module.state_dict().items()}  # the module-scoped pipeline is shared
+    try:
+        with torch.no_grad():
+            for p in gates.log_alpha.values():
+                p.copy_(torch.linspace(-1.0, 2.0, p.numel()))
+        table = SolverConfig("euler", 3).table(denoiser.schedule, denoiser.prediction_type)
+        network = make_network(denoiser, pipeline.encode_prompts(PROMPTS[:2]), None)
+        noise = make_noise(denoiser, 2, 0)
+        reference = torch.randn_like(noise) * 0.5
+        grads = []
+        for checkpointing in (False, True):
+            gates.resample(torch.Generator().manual_seed(1))
+            gates.zero_grad(set_to_none=True)
+            trajectory_loss_backward(table, network, noise, reference, checkpointing)
+            grads.append({name: p.grad.clone() for name, p in gates.log_alpha.items()})
+        for name, grad in grads[0].items():
+            torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6)
+        assert max(g.abs().max() for g in grads[0].values()) > 0
+        # A closed head gate is that head gone from both streams: zero its columns of to_out and to_add_out.
+        block = module.transformer.transformer_blocks[0]
+        width = block.attn.to_out[0].in_features // block.attn.heads
+        gates.resample(None)
+        with torch.no_grad():
+            for p in gates.log_alpha.values():
+                p.fill_(10.0)
+            gates.log_alpha["transformer__transformer_blocks__0__attn__heads"][1] = -10.0
+            t = torch.tensor([500.0, 500.0])
+            gated = network(noise, t)
+            gates.enabled = False
+            for layer in (block.attn.to_out[0], block.attn.to_add_out):
+                layer.weight[:, width:2 * width] = 0.0
+            torch.testing.assert_close(gated, network(noise, t))
+    finally:
+        gates.remove()
+        module.load_state_dict(state)
+        for p, r in requires.items():
+            p.requires_grad_(r)
+
+
+def test_mask_pruning_of_an_sd3_transformer(pipeline):
+    denoiser = pipeline.denoiser
+    pruned = prune(denoiser, PruneConfig(method="mask", ratio=0.5, mask_iterations=3, mask_steps=3, mask_batch=2, data_samples=8))
+    for new, old in zip(pruned.module.transformer.transformer_blocks, denoiser.module.transformer.transformer_blocks):
+        assert new.attn.heads == old.attn.heads // 2
+        if old.attn.to_add_out is not None:
+            assert new.attn.to_add_out.in_features == new.attn.to_out[0].in_features
