@@ -64,6 +64,7 @@ from compress.precision import WEIGHTED_OPS, structural_float_nodes, summarize_l
 from compress.section_config import SectionConfig
 from export.onnx_graph import (DECODER_SCOPE, STEP_PREFIX, consumers, drop_dead_nodes, drop_default_attributes, drop_unused_initializers, input_uses,
                                inside_network, module_path, producers, topological)
+from export.onnx_weights import WeightStore, copy_onnx, onnx_bytes, save_onnx
 from export.sidecar import PIPELINE_FILE, target_section
 from export.targets import TARGETS as EXPORT_TARGETS
 
@@ -249,14 +250,14 @@ def quantize_(target, calib, config: QuantizeConfig | None = None, out_dir: str 
             if artifacts[path]["kind"] in TARGETS:
                 check_calibration_matches(calib, artifacts[path]["model"], where=f"{path.name}'s model")
     out_dir = Path(out_dir)
-    with staged_files(out_dir, ".quantize-") as stage:
+    with staged_files(out_dir, ".quantize-") as stage, WeightStore(stage) as store:
         records, plan = [], {}
         log = progress or (lambda message: None)
         for path in chosen:
-            if configs[path] is None:  # a float component of a pipeline: the same file
-                records.append(_copy_artifact(path, stage))
+            if configs[path] is None:  # a float component of a pipeline: the same graph
+                records.append(_copy_artifact(path, stage, store))
             else:
-                records.append(_quantize_artifact(path, artifacts[path], artifacts, calib, configs[path], stage, plan, log))
+                records.append(_quantize_artifact(path, artifacts[path], artifacts, calib, configs[path], stage, store, plan, log))
         if pipeline:
             _copy_pipeline_files(target, stage, records)
     for r in records:
@@ -269,12 +270,12 @@ def missed_targets(records: list[dict]) -> list[str]:
     return [f"{Path(r['path']).name}: {r['target']['message']}" for r in records if r.get("target") and r["target"].get("met") is False]
 
 
-def _copy_artifact(path: Path, stage: Path) -> dict:
-    shutil.copy2(path, stage / path.name)
+def _copy_artifact(path: Path, stage: Path, store: WeightStore) -> dict:
+    size = copy_onnx(path, stage, store)
     shutil.copy2(path.with_suffix(".json"), stage / path.with_suffix(".json").name)
     sidecar = json.loads(path.with_suffix(".json").read_text())
-    return {"path": path.name, "format": "onnx", "kind": sidecar["kind"], "scheme": None, "bytes": path.stat().st_size,
-            "float_bytes": path.stat().st_size, "sha256": sha256_of(path), "sidecar": path.with_suffix(".json").name}
+    return {"path": path.name, "format": "onnx", "kind": sidecar["kind"], "scheme": None, "bytes": size,
+            "float_bytes": size, "sha256": sha256_of(stage / path.name), "sidecar": path.with_suffix(".json").name}
 
 
 def _copy_pipeline_files(source: Path, stage: Path, records: list[dict]) -> None:
@@ -318,7 +319,8 @@ def _find_artifacts(target: Path, config: QuantizeConfig) -> dict[Path, dict]:
     return artifacts
 
 
-def _quantize_artifact(path: Path, sidecar: dict, artifacts: dict, calib, config: QuantizeConfig, stage: Path, plan: dict, log) -> dict:
+def _quantize_artifact(path: Path, sidecar: dict, artifacts: dict, calib, config: QuantizeConfig, stage: Path, store: WeightStore,
+                       plan: dict, log) -> dict:
     kind = sidecar["kind"]
     model = onnx.load(str(path))
     info: dict = {"scheme": config.scheme}
@@ -346,7 +348,7 @@ def _quantize_artifact(path: Path, sidecar: dict, artifacts: dict, calib, config
         "scheme": config.scheme,
         "config": config.to_dict(),
         "weights": weights,
-        "float_bytes": path.stat().st_size,
+        "float_bytes": onnx_bytes(path),
         "calibration": None if calib is None else {k: calib.header[k] for k in ("sampler", "seed", "counts", "config", "solver")}
         | {"model_hash": calib.header["model"].get("hash"), "timesteps": calib.header["timesteps"]["values"][:64]},
         "engine": _engine(config),
@@ -362,9 +364,8 @@ def _quantize_artifact(path: Path, sidecar: dict, artifacts: dict, calib, config
     model.producer_name = "diffusion-compress"
     helper.set_model_props(model, {"diffusion_compress.sidecar": json.dumps(out_sidecar)})
     out_path = stage / path.name
-    onnx.save_model(model, str(out_path))
+    quantization["bytes"] = save_onnx(model, out_path, store)
     onnx.checker.check_model(str(out_path))
-    quantization["bytes"] = out_path.stat().st_size
     from export.sidecar import write_sidecar
 
     sidecar_path = write_sidecar(out_path.with_suffix(".json"), {**out_sidecar, "quantization": quantization})

@@ -8,7 +8,9 @@ folder inside ``out_dir`` and renamed into place at the end, so a failure leaves
 from __future__ import annotations
 
 import json
+import tempfile
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import onnx
@@ -21,7 +23,8 @@ from compress.errors import UserError
 from compress.outputs import sha256_of, staged_files
 from compress.solvers import SolverConfig
 from export.component_graphs import pipeline_graphs, write_tokenizer_json
-from export.onnx_graph import drop_default_attributes, share_identical_constants, short_node_name, tensor_bytes
+from export.onnx_graph import constants_to_initializers, drop_default_attributes, drop_identities, share_identical_constants, short_node_name, tensor_bytes
+from export.onnx_weights import EXTERNAL_DATA_BYTES, WEIGHTS_FILE, WeightStore
 from export.sampler_graph import DenoiserGraph, SamplerGraph
 from export.sidecar import (
     BATCH,
@@ -34,8 +37,6 @@ from export.sidecar import (
     write_sidecar,
 )
 
-# Above this many bytes of weights a model no longer fits one protobuf (2 GiB): weights go to a .data file.
-EXTERNAL_DATA_BYTES = 1_800_000_000
 # Opsets the TorchScript exporter writes (attention needs 14); GroupNormalization changes meaning at 21.
 OPSETS = range(14, 21)
 # Constants allowed beyond the weights: per-step folded time embeddings, shapes, coefficients.
@@ -63,11 +64,10 @@ def export_onnx(
     network = DenoiserGraph(denoiser)
     out_dir = Path(out_dir)
     extra = {"target": target_section(target)}
-    with staged_files(out_dir, ".onnx-export-") as stage:
-        records = [
-            _write_artifact(sampler, "sampler", sampler_sidecar(sampler, "onnx", "sampler.onnx", batch_size, extra), stage, batch_size, opset),
-            _write_artifact(network, "denoiser", denoiser_sidecar(network, "onnx", "denoiser.onnx", batch_size, extra), stage, batch_size, opset),
-        ]
+    graphs = [(sampler, "sampler", sampler_sidecar(sampler, "onnx", "sampler.onnx", batch_size, extra)),
+              (network, "denoiser", denoiser_sidecar(network, "onnx", "denoiser.onnx", batch_size, extra))]
+    with staged_files(out_dir, ".onnx-export-") as stage, _weight_store(graphs, stage) as store:
+        records = [_write_artifact(graph, kind, sidecar, stage, batch_size, opset, store) for graph, kind, sidecar in graphs]
     return _placed(records, out_dir)
 
 
@@ -92,7 +92,8 @@ def export_pipeline_onnx(
     sampler, graphs = pipeline_graphs(pipeline, solver_config, "onnx", batch_size, guidance, output, extra=extra)
     out_dir = Path(out_dir)
     with staged_files(out_dir, ".onnx-export-") as stage:
-        records = [_write_artifact(graph, kind, sidecar, stage, batch_size, opset) for graph, kind, sidecar in graphs]
+        with _weight_store(graphs, stage) as store:
+            records = [_write_artifact(graph, kind, sidecar, stage, batch_size, opset, store) for graph, kind, sidecar in graphs]
         for encoder in pipeline.text_encoders:
             write_tokenizer_json(encoder, stage / encoder.tokenizer_name)
         write_sidecar(stage / PIPELINE_FILE, {**pipeline_sidecar(pipeline, sampler, batch_size), **extra})
@@ -163,33 +164,50 @@ def _placed(records: list[dict], out_dir: Path) -> list[dict]:
     return records
 
 
-def _write_artifact(graph: nn.Module, kind: str, sidecar: dict, stage: Path, batch_size: int | None, opset: int) -> dict:
+def _weight_store(graphs: list, stage: Path):
+    """The shared weights file when a graph is large (EXTERNAL_DATA_BYTES), else nothing: small exports stay one file per graph."""
+    largest = max(_weight_bytes(graph) for graph, _, _ in graphs)
+    return WeightStore(stage) if largest >= EXTERNAL_DATA_BYTES else nullcontext()
+
+
+def _weight_bytes(graph: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in graph.parameters())
+
+
+def _write_artifact(graph: nn.Module, kind: str, sidecar: dict, stage: Path, batch_size: int | None, opset: int,
+                    store: WeightStore | None = None) -> dict:
     path = stage / sidecar["file"]
-    model = _trace(graph, graph.output_names, stage / f".{kind}.traced.onnx", batch_size, opset)
-    model = _simplify(model)
-    share_identical_constants(model)
-    drop_default_attributes(model)
-    _check_interface(model, graph.input_names, graph.output_names, kind)
-    _shorten_names(model)
-    weight_bytes = sum(p.numel() * p.element_size() for p in graph.parameters())
-    constant_bytes = sum(tensor_bytes(t) for t in model.graph.initializer)
-    if kind == "sampler":
-        _check_weights_stored_once(constant_bytes, weight_bytes)
-    model.producer_name, model.producer_version = "diffusion-compress", "0.1.0"
-    model.doc_string = f"diffusion-compress {kind}; interface in {Path(sidecar['file']).with_suffix('.json').name}"
-    onnx.helper.set_model_props(model, {"diffusion_compress.sidecar": json.dumps(sidecar)})
-    external = _save(model, path, constant_bytes)
+    with tempfile.TemporaryDirectory(dir=stage, prefix=f".{kind}-trace-") as trace_dir:
+        # A traced graph over 2 GiB comes with one file per tensor in trace_dir; its weights are read from there one at a time.
+        model = _trace(graph, graph.output_names, Path(trace_dir) / f"{kind}.onnx", batch_size, opset)
+        if store is None:
+            model = _simplify(model)
+        else:  # onnxslim reads every weight into one protobuf, which a large model cannot be: the passes NNCF needs instead
+            drop_identities(model)
+            constants_to_initializers(model)
+        share_identical_constants(model, trace_dir)
+        drop_default_attributes(model)
+        _check_interface(model, graph.input_names, graph.output_names, kind)
+        _shorten_names(model)
+        weight_bytes = _weight_bytes(graph)
+        constant_bytes = sum(tensor_bytes(t) for t in model.graph.initializer)
+        if kind == "sampler":
+            _check_weights_stored_once(constant_bytes, weight_bytes)
+        model.producer_name, model.producer_version = "diffusion-compress", "0.1.0"
+        model.doc_string = f"diffusion-compress {kind}; interface in {Path(sidecar['file']).with_suffix('.json').name}"
+        onnx.helper.set_model_props(model, {"diffusion_compress.sidecar": json.dumps(sidecar)})
+        referenced = store.move_weights(model, Path(trace_dir)) if store is not None else 0
+    onnx.save_model(model, str(path))
     onnx.checker.check_model(str(path))  # by path: works for models with external data too
     sidecar_path = write_sidecar(path.with_suffix(".json"), sidecar)
-    files = [path] + ([stage / external] if external else [])
     return {
         "path": path.name,
         "format": "onnx",
         "kind": kind,
-        "bytes": sum(f.stat().st_size for f in files),
+        "bytes": path.stat().st_size + referenced,  # the graph and the weights it reads (shared ones counted in each graph)
         "sha256": sha256_of(path),
         "sidecar": sidecar_path.name,
-        "external_data": external,
+        "external_data": WEIGHTS_FILE if store is not None else None,
         "weight_bytes": weight_bytes,
         "constant_bytes": constant_bytes,
         "nodes": len(model.graph.node),
@@ -212,10 +230,7 @@ def _trace(graph: nn.Module, outputs: list[str], raw_path: Path, batch_size: int
             graph, inputs, str(raw_path), input_names=graph.input_names, output_names=outputs,
             dynamic_axes=dynamic_axes, opset_version=opset, do_constant_folding=True, dynamo=False,
         )
-    model = onnx.load(str(raw_path))
-    for leftover in raw_path.parent.glob(raw_path.name + "*"):
-        leftover.unlink()
-    return model
+    return onnx.load(str(raw_path), load_external_data=False)
 
 
 def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -270,15 +285,3 @@ def _shorten_names(model: onnx.ModelProto) -> None:
         for j, inp in enumerate(node.input):
             if inp in renamed:
                 node.input[j] = renamed[inp]
-
-
-def _save(model: onnx.ModelProto, path: Path, constant_bytes: int) -> str | None:
-    """Saves ``model``; weights of models beyond the protobuf limit go to one '<file>.data' next to it."""
-    if constant_bytes < EXTERNAL_DATA_BYTES:
-        onnx.save_model(model, str(path))
-        return None
-    external = path.name + ".data"
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=external, size_threshold=1024)
-    return external
-
-
