@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import inspect
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,8 +107,13 @@ def test_sana_folders_whose_parts_disagree_fail_with_one_line(folders, tmp_path,
     export_fails_with(capsys, no_gemma, tmp_path / "o5", "load the whole SanaPipeline folder")
     export_fails_with(capsys, folders["dpm"] / "transformer", tmp_path / "o6", "a SanaTransformer2DModel is conditioned by its pipeline's text encoders")
 
+    # Core ML's static shapes cannot take prompts and negative prompts of different token counts: refused before any file is written.
+    export_fails_with(capsys, folders["dpm"], tmp_path / "o7", "SanaPipeline's text_encoder takes prompts of 1313 tokens (behind its instruction) "
+                      "and negative prompts of 300; Core ML packages have static shapes", ("--format", "coreml"))
 
-@pytest.mark.parametrize("name", ["dpm", "euler"])
+
+# Sana's checkpoints sample with the DPM-Solver on flow sigmas; FlowMatchEuler (the same code path but the plan) runs with -m slow.
+@pytest.mark.parametrize("name", ["dpm", pytest.param("euler", marks=pytest.mark.slow)])
 def test_exported_sana_pipeline_matches_diffusers_from_prompt_to_image(folders, name, tmp_path):
     import onnxruntime as ort
 
@@ -162,3 +166,17 @@ def test_compress_runs_reference_is_the_sana_pipelines_own_call(folders):
     direct = _diffusers_pipeline(folders["dpm"])(PROMPTS[:2], num_inference_steps=STEPS, guidance_scale=4.5, latents=noise.clone(), height=32,
                                                  width=32, use_resolution_binning=False, output_type="np").images
     assert torch.equal(images, torch.from_numpy(direct).permute(0, 3, 1, 2).float())
+
+
+@pytest.mark.slow
+def test_openvino_ir_of_a_sana_export_makes_the_onnx_apps_image(folders, tmp_path):
+    """The IR keeps the text encoder's dynamic token axis: prompts (instruction + prompt) and negative prompts both run."""
+    from runtimes.text_to_image import PipelineRunner
+
+    pipeline = load_pipeline(f"diffusers:{folders['dpm']}")
+    solver = resolve_solver(pipeline.denoiser, "model", STEPS, guidance=pipeline_guidance(pipeline, None))
+    export_artifacts(pipeline, solver, tmp_path, ["onnx", "openvino"])
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)).numpy()
+    onnx_images = _app().generate(tmp_path, PROMPTS[:2], NEGATIVE, noise=noise)
+    ir_images = np.asarray(PipelineRunner(tmp_path, "openvino").generate(PROMPTS[:2], noise, NEGATIVE)).transpose(0, 2, 3, 1)
+    assert np.abs(ir_images - onnx_images).max() < 1e-4

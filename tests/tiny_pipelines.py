@@ -270,7 +270,7 @@ def _sana_transformer(caption_channels: int, seed: int, sample_size: int = 16, *
     from diffusers import SanaTransformer2DModel
 
     torch.manual_seed(seed)
-    return SanaTransformer2DModel(patch_size=1, in_channels=4, out_channels=4, num_layers=2, num_attention_heads=2, attention_head_dim=8,
+    return SanaTransformer2DModel(patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2, attention_head_dim=8,
                                   num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
                                   caption_channels=caption_channels, sample_size=sample_size, **options).eval()
 
