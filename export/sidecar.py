@@ -354,7 +354,8 @@ def pipeline_sidecar(pipeline, sampler: SamplerGraph, batch_size: int | None) ->
         chain.append({"from": masks, "op": "identity", "to": "sampler.encoder_attention_mask"})
     if sampler.negative_names:
         how = "zeros_like(the prompt's)" if pipeline.force_zeros_for_empty_prompt else "the same chain for the negative prompt"
-        chain.append({"from": "negative prompt", "op": f"the chain above; with no negative prompt: {how}",
+        through = ", through each tokenizer's negative_file where it has one" if any(e.prefix for e in encoders) else ""
+        chain.append({"from": "negative prompt", "op": f"the chain above{through}; with no negative prompt: {how}",
                       "to": [f"sampler.{n}" for n in sampler.negative_names]})
     chain.append({"from": f"standard normal noise {[batch, *denoiser.sample_shape]} (the caller's seed)", "to": "sampler.noise"})
     if sampler.guidance:
