@@ -78,7 +78,8 @@ def _from_pretrained(cls, path: Path):
 def _vae(folder: Path, index: dict, classes: tuple[str, ...] = VAE_CLASSES) -> Autoencoder:
     import diffusers
 
-    return Autoencoder.from_module(_from_pretrained(getattr(diffusers, index["vae"][1]), _component_dir(folder, index, "vae", classes)))
+    path = _component_dir(folder, index, "vae", classes)  # first: it names what is missing or unsupported
+    return Autoencoder.from_module(_from_pretrained(getattr(diffusers, index["vae"][1]), path))
 
 
 def _present(index: dict, name: str) -> bool:
