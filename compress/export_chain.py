@@ -82,6 +82,10 @@ def export_artifacts(model: Denoiser | Pipeline, solver: SolverConfig, out_dir: 
 
     pipeline = model if isinstance(model, Pipeline) else Pipeline(model)
     denoiser = pipeline.denoiser
+    if "coreml" in formats and pipeline.is_text_to_image:
+        from export.coreml_export import check_coreml_pipeline
+
+        check_coreml_pipeline(pipeline)  # before any file is written
     if pipeline.is_text_to_image:
         records = export_pipeline_onnx(pipeline, solver, out_dir, batch_size=batch_size, opset=opset, output=output, target=target)
     else:

@@ -27,7 +27,7 @@ TRANSFORMER_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 # Transformers that only run with their pipeline's text encoders, and the pipeline folders that bring them.
 PIPELINE_ONLY = {"PixArtTransformer2DModel": "PixArtAlphaPipeline or PixArtSigmaPipeline", "FluxTransformer2DModel": "FluxPipeline",
-                 "SD3Transformer2DModel": "StableDiffusion3Pipeline"}
+                 "SD3Transformer2DModel": "StableDiffusion3Pipeline", "SanaTransformer2DModel": "SanaPipeline"}
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from export.onnx_weights import EXTERNAL_DATA_BYTES, WEIGHTS_FILE, WeightStore
 from export.sampler_graph import DenoiserGraph, SamplerGraph
 from export.sidecar import (
     BATCH,
+    TOKENS,
     PIPELINE_FILE,
     denoiser_sidecar,
     pipeline_sidecar,
@@ -144,9 +145,34 @@ def _unflatten(g, x, dim, sizes):
     return helper._reshape_helper(g, x, g.op("Concat", *parts, axis_i=0))
 
 
+def _movedim(g, x, source, destination):
+    """aten::movedim with negative dims wrapped first, as ATen does: the exporter's own puts a negative source dim into
+    Transpose's perm as it is (AutoencoderDC's ``movedim(-1, 1)`` around its RMSNorms), which no runtime loads."""
+    from torch.onnx import symbolic_helper as helper
+
+    rank = helper._get_tensor_rank(x)
+
+    def wrapped(dims):
+        value = helper._maybe_get_const(dims, "t")  # an int or a list of ints: a 0-d or 1-d tensor
+        return None if rank is None or helper._is_value(value) else [int(d) % rank for d in torch.as_tensor(value).view(-1).tolist()]
+
+    sources, targets = wrapped(source), wrapped(destination)
+    if sources is None or targets is None or len(sources) != len(targets):
+        from torch.onnx._internal.torchscript_exporter.symbolic_opset9 import movedim
+
+        return movedim(g, x, source, destination)
+    perm = [None] * rank
+    for s, d in zip(sources, targets):
+        perm[d] = s
+    rest = iter(d for d in range(rank) if d not in sources)
+    perm = [p if p is not None else next(rest) for p in perm]
+    return g.op("Transpose", x, perm_i=perm)
+
+
 # torch.nn.RMSNorm (FLUX's query/key norms) has no symbolic in the TorchScript exporter below opset 23.
 torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm, OPSETS.start)
 torch.onnx.register_custom_op_symbolic("aten::unflatten", _unflatten, OPSETS.start)
+torch.onnx.register_custom_op_symbolic("aten::movedim", _movedim, OPSETS.start)
 
 
 def _check_options(batch_size: int | None, opset: int) -> None:
@@ -219,16 +245,18 @@ def _write_artifact(graph: nn.Module, kind: str, sidecar: dict, stage: Path, bat
 def _trace(graph: nn.Module, outputs: list[str], raw_path: Path, batch_size: int | None, opset: int) -> onnx.ModelProto:
     device = next(graph.parameters()).device
     inputs = tuple(x.to(device) for x in graph.example_inputs(batch_size or 2))
-    dynamic_axes = None
+    dynamic_axes = {}
     if batch_size is None:
         batched = [name for name in graph.input_names if name != "guidance_scale"]
         dynamic_axes = {name: {0: BATCH} for name in batched + outputs}
+    for name in getattr(graph, "sequence_inputs", ()):  # Sana's prompts and negative prompts differ in token count
+        dynamic_axes.setdefault(name, {})[1] = TOKENS
     with torch.no_grad(), warnings.catch_warnings():
         # Tracing warns about every python value it freezes; those are the constants we want.
         warnings.simplefilter("ignore")
         torch.onnx.export(
             graph, inputs, str(raw_path), input_names=graph.input_names, output_names=outputs,
-            dynamic_axes=dynamic_axes, opset_version=opset, do_constant_folding=True, dynamo=False,
+            dynamic_axes=dynamic_axes or None, opset_version=opset, do_constant_folding=True, dynamo=False,
         )
     return onnx.load(str(raw_path), load_external_data=False)
 
