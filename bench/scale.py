@@ -59,14 +59,92 @@ def build(folder: Path, resolution: int) -> Path:
     return folder
 
 
+def recipe(folder: Path, steps: int, scheme: str) -> dict:
+    """One `compress run` over the folder: a few-step export, the denoiser and decoder compressed with ``scheme``."""
+    return {
+        "name": f"sd15-scale-{steps}-steps-{scheme}",
+        "model": f"diffusers:{folder}",
+        "solver": {"name": "dpmpp-2m", "steps": steps, "guidance_scale": 7.5},
+        **({"calibration": {"sampler": "ndtc", "samples": 16, "trajectory_steps": 8, "guidance_scale": 7.5}} if scheme == "w8a8" else {}),
+        "quantize": {"denoiser": scheme, "decoder": scheme, "text_encoder": "int8-weights"},
+        "export": {"formats": ["onnx", "openvino"]},
+        "validate": {"reference": {"name": "ddim", "steps": 10}, "samples": 2, "seed": 0, "prompts": PROMPTS},
+        "bench": {"runs": 3, "runtimes": ["onnxruntime", "openvino"]},
+    }
+
+
+PROMPTS = ["a photograph of an astronaut riding a horse", "a watercolor painting of a lighthouse at dusk"]
+RUNS = [(4, "int8-weights"), (8, "int8-weights")]
+
+
+def run(folder: Path, out: Path) -> None:
+    """Each recipe in a fresh `compress run` process; the second reuses the first's baseline (--resume)."""
+    import subprocess
+
+    import yaml
+
+    data = _load()
+    for i, (steps, scheme) in enumerate(RUNS):
+        path = out.parent / f"{out.name}-{steps}-{scheme}.yaml"
+        path.write_text(yaml.safe_dump(recipe(folder, steps, scheme)))
+        command = [sys.executable, "-m", "compress", "run", str(path), "--out", str(out), "--force"] + (["--resume"] if i else [])
+        print(" ".join(command), flush=True)
+        subprocess.run(command, check=True)
+        report = json.loads((out / "report" / "report.json").read_text())
+        data.setdefault("runs", {})[f"{steps} steps, {scheme}"] = {
+            "stages": report["stages"], "rows": report["rows"], "environment": report["environment"],
+            "bytes": {str(p.relative_to(out)): p.stat().st_size for p in sorted((out / "artifacts").rglob("*")) if p.is_file()}}
+        _save(data)
+    write_markdown(data)
+
+
+def _load() -> dict:
+    path = RESULTS / "scale.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _save(data: dict) -> None:
+    (RESULTS / "scale.json").write_text(json.dumps(data, indent=2) + "\n")
+
+
+def write_markdown(data: dict) -> None:
+    lines = ["# Stable-Diffusion scale: an SD-1.5-architecture pipeline through `compress run`", "",
+             "Random weights (`bench/scale.py build`): UNet 859.5 M parameters, VAE 83.7 M, CLIP text encoder 123.1 M; "
+             "images 256x256 (32x32 latents), DPM-Solver++(2M), guidance 7.5, batch 1.", ""]
+    for name, run in data.get("runs", {}).items():
+        env = run["environment"]
+        lines += [f"## {name}", "", f"Machine: {env.get('processor')}, {env.get('cpu_count')} cores, "
+                  f"{env.get('memory_gb', '?')} GB; " + ", ".join(f"{k} {v}" for k, v in (env.get("libraries") or {}).items()) + ".", "",
+                  "| stage | seconds | peak RSS GiB |", "|---|---|---|"]
+        lines += [f"| {stage} | {s['seconds']:.0f} | {s['peak_rss_mb'] / 1024:.1f} |" for stage, s in run["stages"].items()]
+        peak = max(s["peak_rss_mb"] for s in run["stages"].values()) / 1024
+        lines += ["", f"Largest peak: {peak:.1f} GiB.", "", "| artifact | runtime | scheme | latency ms | MB | PSNR dB vs baseline |", "|---|---|---|---|---|---|"]
+        for r in run["rows"]:
+            if r.get("status", "ok") == "ok":
+                lines.append(f"| {r['artifact']} | {r['runtime']} | {r.get('scheme', '-')} | {r.get('latency_ms', 0):.0f} | "
+                             f"{(r.get('bytes') or 0) / 1e6:.0f} | {r.get('psnr', float('nan')):.2f} |")
+        lines.append("")
+    if data.get("agreement"):
+        a = data["agreement"]
+        lines += ["## float32 sampler: onnxruntime against torch", "",
+                  f"Same prompt embeddings and noise, {a['steps']} steps: max |onnxruntime - torch| = {a['max_abs_diff']:.2e} over an output "
+                  f"range of {a['range']:.3f} ({a['max_abs_diff'] / a['range']:.1e} of the range).", ""]
+    (RESULTS / "scale.md").write_text("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("phase", choices=["build"])
+    parser.add_argument("phase", choices=["build", "run", "report"])
     parser.add_argument("--folder", type=Path, default=DEFAULT_FOLDER)
+    parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "diffusion-compress-sd15-run")
     parser.add_argument("--resolution", type=int, default=256)
     args = parser.parse_args()
     if args.phase == "build":
         build(args.folder, args.resolution)
+    elif args.phase == "run":
+        run(args.folder, args.out)
+    else:
+        write_markdown(_load())
 
 
 if __name__ == "__main__":
