@@ -98,6 +98,10 @@ def _load_diffusers(location: str, flags: ScheduleFlags) -> Denoiser:
 
     path = Path(location)
     scheduler_config = None
+    if path.is_dir():
+        from compress.memory import folder_weight_bytes, require_memory
+
+        require_memory(folder_weight_bytes(path), f"loading {path} in float32")
     if path.is_dir() and (path / "model_index.json").is_file():
         index = _read_json(path / "model_index.json")
         if any(key.startswith("text_encoder") for key in index):
