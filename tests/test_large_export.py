@@ -18,7 +18,7 @@ from export.onnx_weights import WEIGHTS_FILE, WeightStore, external_files, onnx_
 from tests.tiny_pipelines import build_sd_folder
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
-SOLVER = SolverConfig("dpmpp-2m", 3, guidance_scale=3.0)
+SOLVER = SolverConfig("dpmpp-2m", 2, guidance_scale=3.0)
 
 
 @pytest.fixture(scope="module")
@@ -119,22 +119,18 @@ def test_per_tensor_files_are_read_one_at_a_time_and_deduplicated(exports, tmp_p
     np.testing.assert_array_equal(rewritten.run(None, feeds)[0], original.run(None, feeds)[0])
 
 
-def test_w8a8_of_a_shared_weight_export_equals_that_of_the_one_file_export(exports, tmp_path):
-    """NNCF reads the external weights where they lie. The graphs differ (the one-file export went through
-    onnxslim, which NNCF's patterns see), so the two are held to the same quality, not to equal outputs."""
+def test_w8a8_of_a_shared_weight_export(exports, tmp_path):
+    """NNCF reads the external weights where they lie; the int8 sampler stays close to the float one."""
     from calibration import CalibrationConfig, calibrate
 
     pipeline = load_pipeline(f"diffusers:{exports / 'sd'}")
     pipeline.draw_from_prompts(["a cat", "a red dog", "two birds", "the sea"])
     calib = calibrate(pipeline.denoiser, CalibrationConfig(sampler="ndtc", samples=8, trajectory_steps=4, guidance_scale=3.0), final_latents=SOLVER)
-    config = QuantizeConfig(denoiser="w8a8", decoder="int8-weights", text_encoder="int8-weights")
+    quantize_(exports / "shared", calib, QuantizeConfig(denoiser="w8a8", decoder="int8-weights", text_encoder="int8-weights"), out_dir=tmp_path)
     reference = ort.InferenceSession(str(exports / "plain" / "sampler.onnx"), providers=["CPUExecutionProvider"])
+    quantized = ort.InferenceSession(str(tmp_path / "sampler.onnx"), providers=["CPUExecutionProvider"])
     feeds = _feeds(reference)
-    expected = reference.run(None, feeds)[0]
-    psnr = {}
-    for source in ("plain", "shared"):
-        quantize_(exports / source, calib, config, out_dir=tmp_path / source)
-        session = ort.InferenceSession(str(tmp_path / source / "sampler.onnx"), providers=["CPUExecutionProvider"])
-        psnr[source] = 10 * np.log10(1.0 / np.mean((session.run(None, feeds)[0] - expected) ** 2))
-    assert psnr["shared"] > 30 and abs(psnr["shared"] - psnr["plain"]) < 3, psnr
-    assert not external_files(tmp_path / "shared" / "sampler.onnx")  # an int8 graph below the limit is one file again
+    assert 10 * np.log10(1.0 / np.mean((quantized.run(None, feeds)[0] - reference.run(None, feeds)[0]) ** 2)) > 30
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "sampler.onnx")).graph.node}
+    assert "QuantizeLinear" in ops  # activations too, not weights alone
+    assert not external_files(tmp_path / "sampler.onnx")  # an int8 graph below the limit is one file again
