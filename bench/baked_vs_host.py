@@ -196,7 +196,8 @@ def main() -> None:
     for name in args.models.split(","):
         s, v = bench_model(load_subject(name), args.device, runtimes, thread_counts)
         same, vs_torch = same + s, vs_torch + v
-    env = {"device": args.device, "processor": processor_name(), "cores": len(os.sched_getaffinity(0)), "threads": thread_counts, "load_average_at_start": load_before,
+    env = {"device": args.device, "processor": processor_name(), "cores": len(os.sched_getaffinity(0)), "threads": thread_counts,
+           "load_average_at_start": load_before, "load_average_at_end": os.getloadavg()[0],
            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "openvino": openvino.get_version().split("-")[0]}
     if args.device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
@@ -256,7 +257,7 @@ def markdown(same: list[dict], vs_torch: list[dict], env: dict) -> str:
               f"count and batch interleaved one by one, median and p90 of each way's calls; both tables come from the same calls) in one run, "
               f"on {env['processor']} ({env['cores']} cores){', ' + env['gpu'] if 'gpu' in env else ''}, "
               f"torch {env['torch']}, onnxruntime {env['onnxruntime']}, OpenVINO {env['openvino']}; 'threads' is what each library was given; "
-              f"1-minute load average when the run began: {env['load_average_at_start']:.2f}. The machine's cores are shared with other jobs: "
+              f"1-minute load average when the run began: {env['load_average_at_start']:.2f}, when it ended: {env['load_average_at_end']:.2f}. The machine's cores are shared with other jobs: "
               "compare ratios within a row group, not absolute times across machines."]
     return "\n".join(lines) + "\n"
 
