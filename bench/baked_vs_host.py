@@ -259,6 +259,11 @@ def markdown(same: list[dict], vs_torch: list[dict], env: dict) -> str:
               f"torch {env['torch']}, onnxruntime {env['onnxruntime']}, OpenVINO {env['openvino']}; 'threads' is what each library was given; "
               f"1-minute load average when the run began: {env['load_average_at_start']:.2f}, when it ended: {env['load_average_at_end']:.2f}. The machine's cores are shared with other jobs: "
               "compare ratios within a row group, not absolute times across machines."]
+    busiest = max(env["load_average_at_start"], env.get("load_average_at_end", 0))
+    if busiest > env["cores"]:
+        lines += ["", f"Other jobs took the 1-minute load average to {busiest:.1f} on {env['cores']} cores in this run: rows with as many "
+                  "threads as cores competed with them for every core, torch's spinning threads worst of all (its figures there are "
+                  "contention, not speed). The one-thread rows are the steadier ones."]
     return "\n".join(lines) + "\n"
 
 
