@@ -8,6 +8,7 @@ from the same noise, which is what the chain must preserve.
 
     python bench/scale.py build [--folder DIR] [--resolution 256]
     python bench/scale.py run [--folder DIR] [--out DIR]      # compress run recipes/sd15-scale.yaml on it
+    python bench/scale.py agreement [--folder DIR] [--out DIR] # the run's float32 sampler.onnx on onnxruntime against torch
     python bench/scale.py report                               # bench/results/scale.md from scale.json
 
 Writes bench/results/scale.{json,md}: every stage's wall time and peak RSS (from the run's report),
@@ -98,6 +99,32 @@ def run(folder: Path, out: Path) -> None:
     write_markdown(data)
 
 
+def agreement(folder: Path, export: Path) -> dict:
+    """An exported float32 sampler.onnx on onnxruntime against the same graph in torch: one prompt, the same
+    noise and embeddings, guidance 7.5."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from compress.components import LatentDecoder
+    from compress.loading import load_pipeline
+    from compress.sampling import make_noise
+    from compress.solvers import SolverConfig
+    from export.sampler_graph import NEGATIVE, SamplerGraph
+
+    steps = json.loads((export / "sampler.json").read_text())["solver"]["steps"]
+    pipeline = load_pipeline(f"diffusers:{folder}")
+    solver = SolverConfig("dpmpp-2m", steps, guidance_scale=7.5)
+    graph = SamplerGraph(pipeline.denoiser, solver, guidance=True, decoder=LatentDecoder(pipeline.vae), negative_inputs=True)
+    with torch.no_grad():
+        feeds = {"noise": make_noise(pipeline.denoiser, 1, 0), "encoder_hidden_states": pipeline.encode_prompts(PROMPTS[:1]),
+                 NEGATIVE + "encoder_hidden_states": pipeline.negative_condition(1, None), "guidance_scale": torch.tensor([7.5])}
+        expected = graph(*[feeds[n] for n in graph.input_names]).numpy()
+    del pipeline, graph  # the session below needs the memory
+    session = ort.InferenceSession(str(export / "sampler.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {k: v.numpy() for k, v in feeds.items()})[0]
+    return {"steps": steps, "max_abs_diff": float(np.abs(got - expected).max()), "range": float(expected.max() - expected.min())}
+
+
 def _load() -> dict:
     path = RESULTS / "scale.json"
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -134,7 +161,7 @@ def write_markdown(data: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("phase", choices=["build", "run", "report"])
+    parser.add_argument("phase", choices=["build", "run", "agreement", "report"])
     parser.add_argument("--folder", type=Path, default=DEFAULT_FOLDER)
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "diffusion-compress-sd15-run")
     parser.add_argument("--resolution", type=int, default=256)
@@ -143,6 +170,11 @@ def main() -> None:
         build(args.folder, args.resolution)
     elif args.phase == "run":
         run(args.folder, args.out)
+    elif args.phase == "agreement":
+        data = _load()
+        data["agreement"] = agreement(args.folder, args.out / "artifacts" / "float32")
+        _save(data)
+        write_markdown(data)
     else:
         write_markdown(_load())
 
