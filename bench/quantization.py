@@ -8,7 +8,7 @@ Speed: float32 vs W8A8 per-step sampler at batch 1, on zoo:digits and on the DDP
 architecture (random weights), both on onnxruntime's CPU provider in this same run.
 Flow transformer (zoo:digits-flow, guidance 1.5, the VAE decoder baked in and kept float): image PSNR of
 the W8A8 denoiser against the float32 sampler, prompted-digit share, and the ablation per-step vs
-shared scales and SmoothQuant (alpha 0.8) on vs off.
+shared scales and SmoothQuant (alpha 0.8) on vs off, and the weight-only schemes (fp16, int8-weights, int4-weights).
 
 Writes bench/results/quantization.{json,md}. Run:
     python bench/quantization.py                       # everything that can run here
@@ -146,6 +146,12 @@ def flow_quality(args, work: Path, log) -> dict:
                                                            trajectory_steps=args.trajectory_steps), solver)
     log(f"digits-flow: calibration {len(calib)} inputs ({time.perf_counter() - start:.0f} s)")
     rows = [{"artifact": "float32", "granularity": "-", "smooth_quant": "-", **metrics(reference), "bytes": (folder / "sampler.onnx").stat().st_size}]
+    for scheme in ("fp16", "int8-weights", "int4-weights"):
+        record = next(r for r in quantize_(folder, None, QuantizeConfig(scheme=scheme, targets=["sampler"]), out_dir=work / "digits-flow" / scheme)
+                      if r["kind"] == "sampler")
+        rows.append({"artifact": scheme, "granularity": "-", "smooth_quant": "-", **metrics(run_sampler(record["path"], feeds, args.threads)),
+                     "bytes": record["bytes"]})
+        log(f"digits-flow: {scheme}: PSNR {rows[-1]['psnr_db']:.2f} dB, share {rows[-1]['prompted_digit_share']:.3f}")
     for granularity, alpha in (("per-step", None), ("shared", None), ("per-step", 0.0)):
         config = QuantizeConfig(granularity=granularity, smooth_quant=alpha, subset_size=args.calib_samples, targets=["sampler"])
         out = work / "digits-flow" / f"{granularity}-{alpha}"
@@ -156,7 +162,7 @@ def flow_quality(args, work: Path, log) -> dict:
         log(f"digits-flow: w8a8 {granularity} smooth_quant {row['smooth_quant']}: PSNR {row['psnr_db']:.2f} dB, share {row['prompted_digit_share']:.3f}")
     for row in rows:
         row["share_points"] = 100 * (row["prompted_digit_share"] - rows[0]["prompted_digit_share"])
-    headline = rows[1]
+    headline = next(r for r in rows if r["artifact"] == "w8a8 per-step" and r["smooth_quant"] == 0.8)
     goals = {"psnr": headline["psnr_db"] >= GOALS["psnr_db"], "share_within_3_points": abs(headline["share_points"]) <= 3.0}
     return {"model": "zoo:digits-flow", "guidance_scale": FLOW_GUIDANCE, "solver": SOLVER, "samples": args.samples,
             "calibration_samples": args.calib_samples, "headline": headline, "goals_met": goals, "rows": rows, "kind": "flow"}

@@ -20,6 +20,10 @@ The conventions follow diffusers' pipelines, which are the reference the tests c
 - PixArt: the T5 encoder's last hidden state, the T5 encoder run with the attention mask of the
   padded prompt, and that mask (`encoder_attention_mask`) passed on to the transformer; prompts are
   lowercased and stripped first (the pipelines' _text_preprocessing with clean_caption off);
+- Sana: as PixArt with a Gemma2 encoder, except that SanaPipeline puts its complex human instruction
+  before each (lowercased) prompt, pads to the instruction's tokens + max_sequence_length - 2 and keeps
+  the first token and the last max_sequence_length - 1 of the states and the mask; negative prompts get
+  no instruction and are padded to max_sequence_length, so both come out equally long;
 - the unconditional branch is the encoded negative prompt, "" by default, except that SDXL
   with ``force_zeros_for_empty_prompt`` uses zeros when no negative prompt is given;
 - latents are decoded as ``vae.decode(latents / scaling_factor + shift_factor)`` (SDXL:
@@ -55,10 +59,20 @@ class TextEncoder:
     attention_mask: bool = False
     # Prompts are lowercased and stripped before tokenizing (PixArt's _text_preprocessing without clean_caption).
     lowercase: bool = False
+    # Text put before each prompt, not before negative prompts (Sana's complex human instruction). The encoder then
+    # keeps the first token and the last max_length - 1, so prompts and negative prompts give max_length tokens each.
+    prefix: str = ""
 
     @property
     def max_length(self) -> int:
         return int(self.length or self.tokenizer.model_max_length)
+
+    @property
+    def prompt_length(self) -> int:
+        """Tokens a prompt is padded to: SanaPipeline's max_length_all, the instruction's tokens + max_length - 2."""
+        if not self.prefix:
+            return self.max_length
+        return len(self.tokenizer.encode(self.prefix)) + self.max_length - 2
 
     @property
     def hidden_size(self) -> int:
@@ -75,14 +89,21 @@ class TextEncoder:
     def preprocess(self, prompts: list[str]) -> list[str]:
         return [p.lower().strip() for p in prompts] if self.lowercase else list(prompts)
 
-    def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        """input_ids [B, max_length] int64: padded to the max length and truncated, as diffusers does."""
-        ids = self.tokenizer(self.preprocess(prompts), padding="max_length", max_length=self.max_length, truncation=True,
-                             return_tensors="pt").input_ids
-        return ids.long()
+    def texts(self, prompts: list[str], negative: bool = False) -> tuple[list[str], int]:
+        """What the tokenizer is given and the length it pads to: negative prompts get no prefix."""
+        texts = self.preprocess(prompts)
+        if negative or not self.prefix:
+            return texts, self.max_length
+        return [self.prefix + t for t in texts], self.prompt_length
+
+    def tokenize(self, prompts: list[str], negative: bool = False) -> torch.Tensor:
+        """input_ids [B, length] int64: padded to the length and truncated, as diffusers does."""
+        texts, length = self.texts(prompts, negative)
+        return self.tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids.long()
 
     def truncated(self, prompt: str) -> bool:
-        return len(self.tokenizer(self.preprocess([prompt])[0], truncation=False).input_ids) > self.max_length
+        (text,), length = self.texts([prompt])
+        return len(self.tokenizer(text, truncation=False).input_ids) > length
 
     @torch.no_grad()
     def encode(self, input_ids: torch.Tensor):
@@ -103,6 +124,11 @@ class TextEncoderGraph(nn.Module):
         return ["input_ids"]
 
     @property
+    def sequence_inputs(self) -> list[str]:
+        """Inputs whose token axis is dynamic: a prefixed encoder takes prompts and negative prompts of different lengths."""
+        return ["input_ids"] if self.encoder.prefix else []
+
+    @property
     def output_names(self) -> list[str]:
         return ["hidden_states"] + (["pooled"] if self.encoder.pooled else []) + (["attention_mask"] if self.encoder.attention_mask else [])
 
@@ -111,6 +137,7 @@ class TextEncoderGraph(nn.Module):
 
     def forward(self, input_ids: torch.Tensor):
         penultimate = self.encoder.hidden_layer != -1
+        mask = None
         if self.encoder.attention_mask:
             # The tokenizer's mask of a max_length-padded prompt: 1 up to its last token, 0 on the padding.
             mask = (input_ids != self.encoder.tokenizer.pad_token_id).long()
@@ -118,12 +145,18 @@ class TextEncoderGraph(nn.Module):
         else:
             out = self.network(input_ids, output_hidden_states=penultimate)
         hidden = out.hidden_states[self.encoder.hidden_layer] if penultimate else out.last_hidden_state
+        if self.encoder.prefix:  # SanaPipeline's select_index: the first token and the last max_length - 1
+            hidden, mask = (self._select(t) if t is not None else None for t in (hidden, mask))
         outputs = [hidden]
         if self.encoder.pooled:
             outputs.append(out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output)
-        if self.encoder.attention_mask:
+        if mask is not None:
             outputs.append(mask.float())
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def _select(self, tokens: torch.Tensor) -> torch.Tensor:
+        keep = self.encoder.max_length - 1
+        return torch.cat([tokens[:, :1], tokens[:, -keep:]], dim=1)
 
 
 @dataclass(frozen=True)
@@ -156,7 +189,7 @@ class TextLayout:
 
 @dataclass
 class Autoencoder:
-    """The pipeline's VAE (AutoencoderKL or AutoencoderTiny) with its latent scaling."""
+    """The pipeline's VAE (AutoencoderKL, AutoencoderTiny, or Sana's AutoencoderDC) with its latent scaling."""
 
     module: nn.Module
     scaling_factor: float = 1.0
@@ -182,7 +215,8 @@ class Autoencoder:
 
     @property
     def image_channels(self) -> int:
-        return int(self.module.config.out_channels)
+        config = self.module.config
+        return int(config.get("out_channels") or config.in_channels)  # AutoencoderDC decodes to its in_channels
 
     @property
     def downscale(self) -> int:
@@ -190,7 +224,7 @@ class Autoencoder:
         config = self.module.config
         if self.kind == "AutoencoderTiny":  # every decoder block but the last upsamples
             return int(config.upsampling_scaling_factor) ** (len(config.decoder_block_out_channels) - 1)
-        return 2 ** (len(config.block_out_channels) - 1)
+        return 2 ** (len(config.get("block_out_channels") or config.encoder_block_out_channels) - 1)  # the latter: AutoencoderDC
 
     def _view(self, values, like: torch.Tensor) -> torch.Tensor:
         return torch.tensor(values, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
@@ -216,7 +250,10 @@ class Autoencoder:
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] -> scaled latents (the posterior mean: an artifact draws no noise)."""
         out = self.module.encode(image * 2 - 1)
-        raw = out.latent_dist.mode() if hasattr(out, "latent_dist") else out.latents
+        if hasattr(out, "latent_dist"):
+            raw = out.latent_dist.mode()
+        else:  # AutoencoderTiny's latents, AutoencoderDC's latent: both deterministic
+            raw = out.latents if hasattr(out, "latents") else out.latent
         return self.scale(raw)
 
 
@@ -349,13 +386,16 @@ class Pipeline:
         return self.text_layout or TextLayout(tuple(e.name for e in self.text_encoders))
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]):
-        """Prompts -> the denoiser's condition: hidden states [B, L, D], or a dict with the added parts (SDXL, SD3)."""
+    def encode_prompts(self, prompts: list[str], negative: bool = False):
+        """Prompts -> the denoiser's condition: hidden states [B, L, D], or a dict with the added parts (SDXL, SD3).
+
+        ``negative``: they are negative prompts, which Sana encodes without its instruction prefix.
+        """
         if not self.text_encoders:
             raise UserError(f"model {self.name!r} takes no text prompts")
         states, pooled, masks = {}, [], []
         for encoder in self.text_encoders:
-            out = encoder.encode(encoder.tokenize(prompts))
+            out = encoder.encode(encoder.tokenize(prompts, negative))
             out = list(out) if isinstance(out, tuple) else [out]
             if encoder.attention_mask:
                 masks.append(out.pop().float().cpu())
@@ -379,13 +419,13 @@ class Pipeline:
                 return zeros["encoder_hidden_states"]
             return {**zeros, **({"time_ids": self.time_ids(batch)} if "time_ids" in shapes else {})}
         prompts = [negative_prompt or ""] * batch if not isinstance(negative_prompt, list) else negative_prompt
-        return self.encode_prompts(prompts)
+        return self.encode_prompts(prompts, negative=True)
 
     def check_prompts(self, prompts: list[str], log=lambda message: None) -> None:
         for encoder in self.text_encoders:
             for prompt in prompts:
                 if encoder.truncated(prompt):
-                    log(f"prompt truncated to {encoder.max_length} tokens by {encoder.tokenizer_name}: {prompt[:60]!r}...")
+                    log(f"prompt truncated to {encoder.prompt_length} tokens by {encoder.tokenizer_name}: {prompt[:60]!r}...")
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch_size: int = 64) -> torch.Tensor:

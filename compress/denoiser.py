@@ -207,6 +207,27 @@ class PixArtTransformer(nn.Module):
         return out[:, : self.in_channels]
 
 
+class SanaTransformer(nn.Module):
+    """SanaTransformer2DModel (linear attention), called as SanaPipeline calls it.
+
+    The condition is a dict: the Gemma2 hidden states and their attention mask, as PixArt's. The
+    pipeline multiplies the scheduler's timestep by the config's ``timestep_scale`` first; with
+    learned sigma it keeps the first half of the output channels.
+    """
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+        self.in_channels = int(transformer.config.in_channels)
+        self.timestep_scale = float(transformer.config.get("timestep_scale", 1.0))
+
+    def forward(self, sample, timestep, cond=None):
+        t = batch_timesteps(timestep, sample.shape[0], sample.device) * self.timestep_scale
+        out = self.transformer(sample, encoder_hidden_states=cond["encoder_hidden_states"], encoder_attention_mask=cond["encoder_attention_mask"],
+                               timestep=t).sample
+        return out[:, : self.in_channels]
+
+
 class ClassTokenUNet(nn.Module):
     """A cross-attention UNet conditioned on a class label turned into one token.
 
@@ -246,7 +267,7 @@ class Denoiser:
     # negative prompt; None means zeros. Added conditioning (SDXL) is a dict of the same keys.
     null_text: Condition | None = None
     # Parts of a text condition beside encoder_hidden_states. SDXL: {"text_embeds": (P,), "time_ids": (6,)}; SD3 and FLUX:
-    # {"pooled_projections": (P,)}; PixArt: {"encoder_attention_mask": (L,)}
+    # {"pooled_projections": (P,)}; PixArt and Sana: {"encoder_attention_mask": (L,)}
     added_cond_shapes: dict[str, tuple[int, ...]] | None = None
     # Text: real conditions (a pipeline's encoded prompts) that calibration, pruning and distillation draw
     # from; without a pool they draw random states.

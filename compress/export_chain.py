@@ -82,6 +82,11 @@ def export_artifacts(model: Denoiser | Pipeline, solver: SolverConfig, out_dir: 
 
     pipeline = model if isinstance(model, Pipeline) else Pipeline(model)
     denoiser = pipeline.denoiser
+    _check_export_memory(pipeline)
+    if "coreml" in formats and pipeline.is_text_to_image:
+        from export.coreml_export import check_coreml_pipeline
+
+        check_coreml_pipeline(pipeline)  # before any file is written
     if pipeline.is_text_to_image:
         records = export_pipeline_onnx(pipeline, solver, out_dir, batch_size=batch_size, opset=opset, output=output, target=target)
     else:
@@ -102,6 +107,15 @@ def export_artifacts(model: Denoiser | Pipeline, solver: SolverConfig, out_dir: 
     if "onnx" not in formats:
         drop_onnx(records, out_dir)
     return records
+
+
+def _check_export_memory(pipeline: Pipeline) -> None:
+    """The trace holds the sampler's graph (the denoiser and the decoder baked in) beside the loaded modules."""
+    from compress.memory import EXPORT_WEIGHT_FACTOR, require_memory
+
+    modules = [pipeline.denoiser.module] + ([pipeline.vae.module] if pipeline.vae is not None else [])
+    graph_bytes = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+    require_memory(int(EXPORT_WEIGHT_FACTOR * graph_bytes), f"exporting {pipeline.denoiser.name!r} ({graph_bytes / 2**30:.1f} GiB of sampler weights)")
 
 
 def add_openvino(records: list[dict], out_dir: Path) -> list[dict]:

@@ -27,7 +27,7 @@ TRANSFORMER_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 # Transformers that only run with their pipeline's text encoders, and the pipeline folders that bring them.
 PIPELINE_ONLY = {"PixArtTransformer2DModel": "PixArtAlphaPipeline or PixArtSigmaPipeline", "FluxTransformer2DModel": "FluxPipeline",
-                 "SD3Transformer2DModel": "StableDiffusion3Pipeline"}
+                 "SD3Transformer2DModel": "StableDiffusion3Pipeline", "SanaTransformer2DModel": "SanaPipeline"}
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,10 @@ def _load_diffusers(location: str, flags: ScheduleFlags) -> Denoiser:
 
     path = Path(location)
     scheduler_config = None
+    if path.is_dir():
+        from compress.memory import folder_weight_bytes, require_memory
+
+        require_memory(folder_weight_bytes(path), f"loading {path} in float32")
     if path.is_dir() and (path / "model_index.json").is_file():
         index = _read_json(path / "model_index.json")
         if any(key.startswith("text_encoder") for key in index):

@@ -13,6 +13,7 @@ unchanged is copied from the previous folder instead of being run again.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -39,6 +40,22 @@ from compress.solvers import SolverConfig
 from compress.stage_cache import StageCache, stage_key
 
 GRID_SAMPLES = 64
+
+
+class StageMeter:
+    """Wall time and peak RSS of every stage a run performs (stages reused by --resume are not listed)."""
+
+    def __init__(self):
+        self.stages: dict[str, dict] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        from runtimes.bench import PeakRSS, Stopwatch
+
+        with PeakRSS() as memory, Stopwatch() as clock:
+            yield
+        peak = memory.result()["peak_rss_mb"]
+        self.stages[name] = {"seconds": round(clock.seconds, 1), "peak_rss_mb": None if peak is None else round(peak, 1)}
 
 
 @dataclasses.dataclass
@@ -139,20 +156,22 @@ def run(recipe: Recipe, out: Path, force: bool = False, resume: bool = False, lo
     with staged_folder(out, force) as root:
         cache = StageCache(root, previous, log)
         manifest = Manifest(root, recipe.name)
+        meter = StageMeter()
         model_key = model_hash(denoiser.module)
 
         key = stage_key(model=model_key, validate=recipe.section("validate"), guidance=guidance)
         baseline_dir = root / "baseline"
         if not cache.reuse("baseline", key):
-            if text_to_image:
-                log(f"baseline: diffusers' {pipeline.class_name} in float32, {reference.name}-{reference.steps} ({v.samples} samples, seed {v.seed})")
-                baseline = _image_baseline(pipeline, reference, recipe, guidance, log)
-            else:
-                log(f"baseline: float32 {reference.name}-{reference.steps} on {device} ({v.samples} samples, seed {v.seed})")
-                baseline = _baseline(denoiser, reference, recipe, guidance, device)
-            files = baseline.save(baseline_dir)
-            save_grid(_load_baseline(baseline_dir, denoiser, text_to_image).samples[:GRID_SAMPLES], baseline_dir / "grid.png", _grid_range(pipeline))
-            cache.done("baseline", key, [*files, baseline_dir / "grid.png"])
+            with meter("baseline"):
+                if text_to_image:
+                    log(f"baseline: diffusers' {pipeline.class_name} in float32, {reference.name}-{reference.steps} ({v.samples} samples, seed {v.seed})")
+                    baseline = _image_baseline(pipeline, reference, recipe, guidance, log)
+                else:
+                    log(f"baseline: float32 {reference.name}-{reference.steps} on {device} ({v.samples} samples, seed {v.seed})")
+                    baseline = _baseline(denoiser, reference, recipe, guidance, device)
+                files = baseline.save(baseline_dir)
+                save_grid(_load_baseline(baseline_dir, denoiser, text_to_image).samples[:GRID_SAMPLES], baseline_dir / "grid.png", _grid_range(pipeline))
+                cache.done("baseline", key, [*files, baseline_dir / "grid.png"])
         baseline = _load_baseline(baseline_dir, denoiser, text_to_image)
         for path in sorted(baseline_dir.iterdir()):
             manifest.add(path, path.suffix.lstrip("."), "baseline", recipe.section("validate"), device=baseline.info["device"])
@@ -161,7 +180,7 @@ def run(recipe: Recipe, out: Path, force: bool = False, resume: bool = False, lo
         for stage in ("prune", "slim"):
             config = getattr(configs, stage)
             if config is not None:
-                variants[_variant_name(stage)] = _transform(stage, config, denoiser, model_key, root, cache, manifest, recipe, log)
+                variants[_variant_name(stage)] = _transform(stage, config, denoiser, model_key, root, cache, manifest, recipe, meter, log)
 
         grids = {"baseline": "../baseline/grid.png"}
         artifacts: list[tuple[str, Path, Denoiser]] = []
@@ -170,15 +189,17 @@ def run(recipe: Recipe, out: Path, force: bool = False, resume: bool = False, lo
         else:
             rows = [_baseline_row(baseline, denoiser, reference, device)]
         for name, (model, weights_key) in variants.items():
-            if text_to_image:  # a pruned or slim denoiser inside the same text encoder and VAE
-                variant = pipeline.with_denoiser(model)
-                row, samples = _torch_image_row(name, variant, solver, baseline, recipe.bench, log)
-            else:
-                row, samples = _torch_row(name, model, solver, baseline, recipe.bench, log)
+            with meter(f"validate {name} on torch"):
+                if text_to_image:  # a pruned or slim denoiser inside the same text encoder and VAE
+                    variant = pipeline.with_denoiser(model)
+                    row, samples = _torch_image_row(name, variant, solver, baseline, recipe.bench, log)
+                else:
+                    row, samples = _torch_row(name, model, solver, baseline, recipe.bench, log)
             rows.append(row)
             grids[_label(row)] = _grid(root, row, samples, pipeline)
             if recipe.export:
-                artifacts += _export(name, variant if text_to_image else model, weights_key, solver, solver_record, recipe, configs, root, cache, manifest, log)
+                artifacts += _export(name, variant if text_to_image else model, weights_key, solver, solver_record, recipe, configs, root, cache,
+                                     manifest, meter, log)
 
         from runtimes.text_to_image import validate_pipeline_folder
         from runtimes.validate import validate_artifact
@@ -187,10 +208,11 @@ def run(recipe: Recipe, out: Path, force: bool = False, resume: bool = False, lo
             def keep_grid(row, samples):
                 grids[_label(row)] = _grid(root, row, samples, pipeline)
 
-            if text_to_image:
-                found = validate_pipeline_folder(path, baseline, f"{name}/pipeline", recipe.bench.runtimes, recipe.bench.runs, log, keep_grid)
-            else:
-                found = validate_artifact(path, baseline, f"{name}/{path.name}", recipe.bench.runtimes, recipe.bench.runs, log, keep_grid)
+            with meter(f"validate {name}/{'pipeline' if text_to_image else path.name}"):
+                if text_to_image:
+                    found = validate_pipeline_folder(path, baseline, f"{name}/pipeline", recipe.bench.runtimes, recipe.bench.runs, log, keep_grid)
+                else:
+                    found = validate_artifact(path, baseline, f"{name}/{path.name}", recipe.bench.runtimes, recipe.bench.runs, log, keep_grid)
             for row in found:
                 row["macs"] = _macs(model, row.get("nfe"), guidance)
                 rows.append(row)
@@ -204,6 +226,7 @@ def run(recipe: Recipe, out: Path, force: bool = False, resume: bool = False, lo
             "environment": environment(device),
             "baseline": {**baseline.info, "samples": v.samples, "seed": v.seed},
             "rows": rows,
+            "stages": meter.stages,
         }
         measured = [r for r in rows if r["artifact"] != "baseline" and r.get("status", "ok") == "ok"]
         report["checks"] = evaluate_checks(checks, measured) if checks else []
@@ -282,7 +305,7 @@ def _variant_name(stage: str) -> str:
     return {"prune": "pruned", "slim": "slim"}[stage]
 
 
-def _transform(stage, config, denoiser, model_key, root, cache, manifest, recipe, log):
+def _transform(stage, config, denoiser, model_key, root, cache, manifest, recipe, meter, log):
     """Runs prune or slim (or reuses its model folder) and returns (model, weights hash)."""
     from calibration import model_hash
     from compress.model_folder import load_model_folder
@@ -292,14 +315,15 @@ def _transform(stage, config, denoiser, model_key, root, cache, manifest, recipe
     key = stage_key(model=model_key, section=config.to_dict(), seed=recipe.seed, **_conditions_key(denoiser))
     if not cache.reuse(stage, key):
         log(f"{stage}: " + ", ".join(f"{k}={v}" for k, v in (recipe.section(stage) or {}).items()))
-        if stage == "prune":
-            from compress.prune import prune, save_pruned
+        with meter(stage):
+            if stage == "prune":
+                from compress.prune import prune, save_pruned
 
-            save_pruned(prune(denoiser, config), folder)
-        else:
-            from compress.slim import save_student, slim
+                save_pruned(prune(denoiser, config), folder)
+            else:
+                from compress.slim import save_student, slim
 
-            save_student(slim(denoiser, config), folder)
+                save_student(slim(denoiser, config), folder)
         cache.done(stage, key, [folder])
     model = load_model_folder(folder)
     model.source = f"models/{name}"  # relative to the output folder, which may be moved
@@ -310,7 +334,7 @@ def _transform(stage, config, denoiser, model_key, root, cache, manifest, recipe
     return model, model_hash(model.module)
 
 
-def _export(name, model, weights_key, solver, solver_record, recipe, configs, root, cache, manifest, log) -> list:
+def _export(name, model, weights_key, solver, solver_record, recipe, configs, root, cache, manifest, meter, log) -> list:
     """Exports one variant (and its quantized copy); returns (variant, sampler file, model) per artifact to validate."""
     folder = root / "artifacts" / name
     export_section = recipe.section("export")
@@ -320,8 +344,9 @@ def _export(name, model, weights_key, solver, solver_record, recipe, configs, ro
         model = pipeline.denoiser
     if not cache.reuse(f"export/{name}", key):
         log(f"export {name}: {', '.join(recipe.export.formats)}")
-        export_artifacts(pipeline or model, solver, folder, recipe.export.formats, recipe.export.batch_size, recipe.export.opset,
-                         **({"output": recipe.export.output} if pipeline is not None else {}))
+        with meter(f"export {name}"):
+            export_artifacts(pipeline or model, solver, folder, recipe.export.formats, recipe.export.batch_size, recipe.export.opset,
+                             **({"output": recipe.export.output} if pipeline is not None else {}))
         cache.done(f"export/{name}", key, [folder])
     _add_folder(manifest, root, folder, "export", export_section)
     out = [(name, folder, model)] if pipeline is not None else [(name, p, model) for p in _samplers(folder)]
@@ -339,7 +364,8 @@ def _export(name, model, weights_key, solver, solver_record, recipe, configs, ro
                 log(f"calibration {name}: {configs.calibration.sampler}, {configs.calibration.samples} states")
                 solver_config = solver if configs.calibration.sampler == "solver" else None
                 final_latents = solver if pipeline is not None else None  # what the pipeline's decoder is calibrated on
-                save_calibration(calibrate(model, configs.calibration, solver_config, device="cpu", final_latents=final_latents), calib_path)
+                with meter(f"calibration {name}"):
+                    save_calibration(calibrate(model, configs.calibration, solver_config, device="cpu", final_latents=final_latents), calib_path)
                 cache.done(f"calibration/{name}", calib_key, [calib_path])
             manifest.add(calib_path, "safetensors", "calibration", recipe.calibration)
         qkey = stage_key(export=key, calibration=calib_key, quantize=configs.quantize.to_dict(), formats=recipe.export.formats)
@@ -349,13 +375,14 @@ def _export(name, model, weights_key, solver, solver_record, recipe, configs, ro
 
             log(f"quantize {name}: {configs.quantize.scheme}")
             calib = load_calibration(calib_path) if configs.calibration is not None else None
-            records = quantize_(folder, calib, configs.quantize, out_dir=qfolder, progress=log)
-            for message in missed_targets(records):
-                log(f"warning: {message}")
-            if "openvino" in recipe.export.formats:
-                add_openvino(records, qfolder)
-            if "onnx" not in recipe.export.formats:
-                drop_onnx(records, qfolder)
+            with meter(f"quantize {name}"):
+                records = quantize_(folder, calib, configs.quantize, out_dir=qfolder, progress=log)
+                for message in missed_targets(records):
+                    log(f"warning: {message}")
+                if "openvino" in recipe.export.formats:
+                    add_openvino(records, qfolder)
+                if "onnx" not in recipe.export.formats:
+                    drop_onnx(records, qfolder)
             cache.done(f"quantize/{name}", qkey, [qfolder])
         _add_folder(manifest, root, qfolder, "quantize", recipe.quantize)
         out += [(qname, qfolder, model)] if pipeline is not None else [(qname, p, model) for p in _samplers(qfolder)]

@@ -64,6 +64,7 @@ from compress.precision import WEIGHTED_OPS, structural_float_nodes, summarize_l
 from compress.section_config import SectionConfig
 from export.onnx_graph import (DECODER_SCOPE, STEP_PREFIX, consumers, drop_dead_nodes, drop_default_attributes, drop_unused_initializers, input_uses,
                                inside_network, module_path, producers, topological)
+from export.onnx_weights import WeightStore, copy_onnx, external_files, onnx_bytes, save_onnx
 from export.sidecar import PIPELINE_FILE, target_section
 from export.targets import TARGETS as EXPORT_TARGETS
 
@@ -249,14 +250,14 @@ def quantize_(target, calib, config: QuantizeConfig | None = None, out_dir: str 
             if artifacts[path]["kind"] in TARGETS:
                 check_calibration_matches(calib, artifacts[path]["model"], where=f"{path.name}'s model")
     out_dir = Path(out_dir)
-    with staged_files(out_dir, ".quantize-") as stage:
+    with staged_files(out_dir, ".quantize-") as stage, WeightStore(stage) as store:
         records, plan = [], {}
         log = progress or (lambda message: None)
         for path in chosen:
-            if configs[path] is None:  # a float component of a pipeline: the same file
-                records.append(_copy_artifact(path, stage))
+            if configs[path] is None:  # a float component of a pipeline: the same graph
+                records.append(_copy_artifact(path, stage, store))
             else:
-                records.append(_quantize_artifact(path, artifacts[path], artifacts, calib, configs[path], stage, plan, log))
+                records.append(_quantize_artifact(path, artifacts[path], artifacts, calib, configs[path], stage, store, plan, log))
         if pipeline:
             _copy_pipeline_files(target, stage, records)
     for r in records:
@@ -269,12 +270,12 @@ def missed_targets(records: list[dict]) -> list[str]:
     return [f"{Path(r['path']).name}: {r['target']['message']}" for r in records if r.get("target") and r["target"].get("met") is False]
 
 
-def _copy_artifact(path: Path, stage: Path) -> dict:
-    shutil.copy2(path, stage / path.name)
+def _copy_artifact(path: Path, stage: Path, store: WeightStore) -> dict:
+    size = copy_onnx(path, stage, store)
     shutil.copy2(path.with_suffix(".json"), stage / path.with_suffix(".json").name)
     sidecar = json.loads(path.with_suffix(".json").read_text())
-    return {"path": path.name, "format": "onnx", "kind": sidecar["kind"], "scheme": None, "bytes": path.stat().st_size,
-            "float_bytes": path.stat().st_size, "sha256": sha256_of(path), "sidecar": path.with_suffix(".json").name}
+    return {"path": path.name, "format": "onnx", "kind": sidecar["kind"], "scheme": None, "bytes": size,
+            "float_bytes": size, "sha256": sha256_of(stage / path.name), "sidecar": path.with_suffix(".json").name}
 
 
 def _copy_pipeline_files(source: Path, stage: Path, records: list[dict]) -> None:
@@ -318,22 +319,26 @@ def _find_artifacts(target: Path, config: QuantizeConfig) -> dict[Path, dict]:
     return artifacts
 
 
-def _quantize_artifact(path: Path, sidecar: dict, artifacts: dict, calib, config: QuantizeConfig, stage: Path, plan: dict, log) -> dict:
+def _quantize_artifact(path: Path, sidecar: dict, artifacts: dict, calib, config: QuantizeConfig, stage: Path, store: WeightStore,
+                       plan: dict, log) -> dict:
     kind = sidecar["kind"]
-    model = onnx.load(str(path))
+    # NNCF reads a graph's external weights where they lie (its external data dir); fp16 and the QNN engine rewrite them in memory.
+    weights_dir = (path.parent.resolve() if external_files(path) and config.scheme != "fp16" and _layout(config).engine == "nncf"
+                   and not config.split_concat else None)
+    model = onnx.load(str(path), load_external_data=weights_dir is None)
     info: dict = {"scheme": config.scheme}
     if config.scheme == "fp16":
         model = _to_fp16_weights(model)
     elif config.scheme in ("int8-weights", "int4-weights"):
-        model = _compress_weights(model, config)
+        model = _compress_weights(model, config, weights_dir)
     else:
-        # Weights of layers returned to float come from here: split as NNCF's input was, so split convs find theirs.
-        float_model = split_concat_convs(onnx.load(str(path))) if config.split_concat else onnx.load(str(path))
-        model, info = _quantize_activations(model, kind, sidecar, path, artifacts, calib, config)
+        model, info = _quantize_activations(model, kind, sidecar, path, artifacts, calib, config, weights_dir)
         if config.scheme == "w8a16" and _layout(config).engine == "nncf":  # the QNN engine writes uint16 itself
             model = _activations_to_int16(model)
             _check_runs(model, path.name, "int16 activations (w8a16)")
         if config.target_psnr is not None:
+            # Weights of layers returned to float come from here: split as NNCF's input was, so split convs find theirs.
+            float_model = split_concat_convs(onnx.load(str(path))) if config.split_concat else onnx.load(str(path))
             model, info["target"] = _meet_target(model, float_model, kind, sidecar, calib, config, plan, log)
         merge_duplicate_quantizers(model)
         # Counted on the file as written: the target search and the merge both remove quantizers.
@@ -346,7 +351,7 @@ def _quantize_artifact(path: Path, sidecar: dict, artifacts: dict, calib, config
         "scheme": config.scheme,
         "config": config.to_dict(),
         "weights": weights,
-        "float_bytes": path.stat().st_size,
+        "float_bytes": onnx_bytes(path),
         "calibration": None if calib is None else {k: calib.header[k] for k in ("sampler", "seed", "counts", "config", "solver")}
         | {"model_hash": calib.header["model"].get("hash"), "timesteps": calib.header["timesteps"]["values"][:64]},
         "engine": _engine(config),
@@ -362,9 +367,8 @@ def _quantize_artifact(path: Path, sidecar: dict, artifacts: dict, calib, config
     model.producer_name = "diffusion-compress"
     helper.set_model_props(model, {"diffusion_compress.sidecar": json.dumps(out_sidecar)})
     out_path = stage / path.name
-    onnx.save_model(model, str(out_path))
+    quantization["bytes"] = save_onnx(model, out_path, store)
     onnx.checker.check_model(str(out_path))
-    quantization["bytes"] = out_path.stat().st_size
     from export.sidecar import write_sidecar
 
     sidecar_path = write_sidecar(out_path.with_suffix(".json"), {**out_sidecar, "quantization": quantization})
@@ -386,18 +390,18 @@ def _quantize_artifact(path: Path, sidecar: dict, artifacts: dict, calib, config
 # ----------------------------------------------------------------------------- W8A8 through NNCF
 
 
-def _quantize_activations(model, kind, sidecar, path, artifacts, calib, config: QuantizeConfig):
+def _quantize_activations(model, kind, sidecar, path, artifacts, calib, config: QuantizeConfig, weights_dir: Path | None = None):
     """NNCF on the graph itself; for shared sampler scales, also on the denoiser (or a union)."""
     condition = sidecar.get("conditioning", {}).get("input")
     transformer = _is_transformer(model)
     if kind in ("denoiser", "vae_decoder"):
         items = calib.denoiser_inputs(condition, config.subset_size) if kind == "denoiser" else calib.latent_inputs(config.subset_size)
-        quantized, kept = _calibrated_quantize(model, items, config, transformer, bias_correction=True)
+        quantized, kept = _calibrated_quantize(model, items, config, transformer, bias_correction=True, weights_dir=weights_dir)
         return quantized, {"granularity": "shared", "calibration_inputs": len(items), "activation_quantizers": _count_activation_quantizers(quantized),
                            "float_layers": kept}
 
     items, scale = _sampler_items(sidecar, calib, config.subset_size)
-    quantized, kept = _calibrated_quantize(model, items, config, transformer, bias_correction=False)
+    quantized, kept = _calibrated_quantize(model, items, config, transformer, bias_correction=False, weights_dir=weights_dir)
     info = {"granularity": config.granularity, "calibration_inputs": len(items), "guidance_scale": scale, "float_layers": kept}
     if config.granularity == "shared":
         source = None
@@ -460,9 +464,12 @@ def _meet_target(model, float_model, kind: str, sidecar: dict, calib, config: Qu
     return result.model, {**result.describe(), "message": result.message(), "measured_on": f"{len(items)} {'fresh noise draws' if kind == 'sampler' else 'calibration states'}"}
 
 
-def _nncf_quantize(model: onnx.ModelProto, items: list[dict], config: QuantizeConfig, transformer: bool, bias_correction: bool):
-    """NNCF's W8A8, then int8 storage of the large non-weight constants; returns (model, the layers kept float and why)."""
+def _nncf_quantize(model: onnx.ModelProto, items: list[dict], config: QuantizeConfig, transformer: bool, bias_correction: bool,
+                   weights_dir: Path | None = None):
+    """NNCF's W8A8, then int8 storage of the large non-weight constants; returns (model, the layers kept float and why).
+    ``weights_dir``: where the model's external weights are (NNCF reads them there; the result holds its own)."""
     import nncf
+    from nncf.onnx.quantization.backend_parameters import BackendParameters
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
 
     if not items:
@@ -471,7 +478,8 @@ def _nncf_quantize(model: onnx.ModelProto, items: list[dict], config: QuantizeCo
     if config.split_concat:
         model = split_concat_convs(model)
     alpha = config.smooth_quant if config.smooth_quant is not None else (0.8 if transformer else 0)
-    advanced = AdvancedQuantizationParameters(disable_bias_correction=not bias_correction)
+    advanced = AdvancedQuantizationParameters(disable_bias_correction=not bias_correction,
+                                              backend_params={} if weights_dir is None else {BackendParameters.EXTERNAL_DATA_DIR: str(weights_dir)})
     advanced.smooth_quant_alphas = AdvancedSmoothQuantParameters(matmul=alpha if alpha > 0 else -1)  # NNCF's -1: off
     preset = nncf.QuantizationPreset.MIXED if config.preset == "mixed" else nncf.QuantizationPreset.PERFORMANCE
     reasons = float_nodes(model, config)
@@ -875,21 +883,25 @@ def _check_runs(model: onnx.ModelProto, name: str, what: str) -> None:
         raise UserError(f"onnxruntime {ort.__version__} (CPUExecutionProvider) cannot run {name} with {what}: {str(e).splitlines()[0][:200]}") from None
 
 
-def _compress_weights(model: onnx.ModelProto, config: QuantizeConfig) -> onnx.ModelProto:
-    """nncf.compress_weights: int8 per-channel everywhere, or int4 (opset 21) for MatMul/Gemm with int8 convs."""
+def _compress_weights(model: onnx.ModelProto, config: QuantizeConfig, weights_dir: Path | None = None) -> onnx.ModelProto:
+    """nncf.compress_weights: int8 per-channel everywhere, or int4 (opset 21) for MatMul/Gemm with int8 convs.
+    ``weights_dir``: where the model's external weights are (loaded one layer at a time; the result holds its own)."""
     import nncf
+    from nncf.onnx.quantization.backend_parameters import BackendParameters
 
     _quiet_nncf()
     # Weight noise alone is small: only the user's own patterns stay float here, not the activation defaults.
     scope = nncf.IgnoredScope(names=[n.name for n in model.graph.node if any(re.search(p, module_path(n.name)) for p in config.ignored)], validate=False)
+    external = {} if weights_dir is None else {"advanced_parameters": nncf.AdvancedCompressionParameters(
+        backend_params={BackendParameters.EXTERNAL_DATA_DIR: str(weights_dir)})}
     if config.scheme == "int8-weights":
-        out = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_SYM, ignored_scope=scope)
+        out = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_SYM, ignored_scope=scope, **external)
     else:
         from onnx import version_converter
 
         model = version_converter.convert_version(model, 21)  # int4 DequantizeLinear is opset 21
         out = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT4_SYM, group_size=-1, ratio=1.0,
-                                    all_layers=True, ignored_scope=scope)
+                                    all_layers=True, ignored_scope=scope, **external)
     _flatten_per_axis_scales(out)
     quantize_constants(out, keep=set(scope.names))
     _check_runs(out, "the model", f"{config.scheme} weights")
@@ -980,12 +992,13 @@ def _engine(config: QuantizeConfig) -> str:
     return f"nncf {_nncf_version()}"
 
 
-def _calibrated_quantize(model: onnx.ModelProto, items: list[dict], config: QuantizeConfig, transformer: bool, bias_correction: bool):
+def _calibrated_quantize(model: onnx.ModelProto, items: list[dict], config: QuantizeConfig, transformer: bool, bias_correction: bool,
+                         weights_dir: Path | None = None):
     """W8A8 / W8A16 by the target's engine; returns (model, the layers kept float and why)."""
     layout = _layout(config)
     if layout.engine == "onnxruntime-qnn":
         return _qnn_quantize(model, items, config, layout)
-    return _nncf_quantize(model, items, config, transformer, bias_correction)
+    return _nncf_quantize(model, items, config, transformer, bias_correction, weights_dir)
 
 
 # What stays float for a QNN target: of compress.precision's reasons, those that are not about accuracy.

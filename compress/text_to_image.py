@@ -1,9 +1,9 @@
-"""diffusers text-to-image pipeline folders -> `Pipeline` (SD 1.x/2.x, SDXL, their Turbo/LCM folders, SD3, FLUX, PixArt).
+"""diffusers text-to-image pipeline folders -> `Pipeline` (SD 1.x/2.x, SDXL, their Turbo/LCM folders, SD3, FLUX, PixArt, Sana).
 
 Every component named in model_index.json is read, and everything that must agree between
 them (tokenizer vocabulary and text encoder, text width and cross-attention, VAE latents and
 UNet channels, SDXL's added embedding width, SD3's and FLUX's joint and pooled widths, PixArt's
-caption width) is checked here, so a bad folder fails with one line before any long work.
+and Sana's caption width) is checked here, so a bad folder fails with one line before any long work.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from compress.components import Autoencoder, Pipeline, TextEncoder, TextLayout
-from compress.denoiser import Denoiser, DiffusersUNet, FluxTransformer, PixArtTransformer, SD3Transformer
+from compress.denoiser import Denoiser, DiffusersUNet, FluxTransformer, PixArtTransformer, SanaTransformer, SD3Transformer
 from compress.errors import UserError
 from compress.schedule import NoiseSchedule, is_flow_scheduler_config, schedule_from_scheduler_config
 
@@ -25,6 +25,7 @@ PIPELINE_CLASSES = {
     "FluxPipeline": 3.5,
     "PixArtAlphaPipeline": 4.5,
     "PixArtSigmaPipeline": 4.5,
+    "SanaPipeline": 4.5,
 }
 TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
 SD3_CLIP_CLASSES = ("CLIPTextModelWithProjection",)  # SD3 conditions on both CLIPs' projected pooled outputs
@@ -40,6 +41,9 @@ FLUX_DEFAULT_LATENT_SIZE = 128  # FluxPipeline's default_sample_size, in latents
 # PixArt checkpoints on the hub name their transformer Transformer2DModel; diffusers maps it to PixArtTransformer2DModel.
 PIXART_TRANSFORMER_CLASSES = ("PixArtTransformer2DModel", "Transformer2DModel")
 PIXART_T5_TOKENS = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}  # the pipelines' max_sequence_length defaults
+SANA_TEXT_ENCODER_CLASSES = ("Gemma2Model",)
+SANA_TRANSFORMER_CLASS = "SanaTransformer2DModel"
+SANA_VAE_CLASSES = ("AutoencoderDC",)
 UNET_CLASS = "UNet2DConditionModel"
 # Schedulers of guidance-distilled pipelines (one or few steps without classifier-free guidance).
 DISTILLED_SCHEDULERS = ("LCMScheduler", "TCDScheduler")
@@ -71,6 +75,13 @@ def _from_pretrained(cls, path: Path):
         raise UserError(f"cannot load {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
+def _vae(folder: Path, index: dict, classes: tuple[str, ...] = VAE_CLASSES) -> Autoencoder:
+    import diffusers
+
+    path = _component_dir(folder, index, "vae", classes)  # first: it names what is missing or unsupported
+    return Autoencoder.from_module(_from_pretrained(getattr(diffusers, index["vae"][1]), path))
+
+
 def _present(index: dict, name: str) -> bool:
     return bool(index.get(name)) and index[name][1] is not None
 
@@ -87,8 +98,8 @@ def _text_encoder(folder: Path, index: dict, name: str, classes: tuple[str, ...]
         raise UserError(f"{folder}: {tokenizer_name} has {vocab} tokens but {name} embeds only {table}: the tokenizer does not belong to this text encoder")
     encoder = TextEncoder(name, model.eval(), tokenizer, tokenizer_name, hidden_layer=hidden_layer, pooled=pooled, length=length, **options)
     positions = model.config.get("max_position_embeddings") if hasattr(model.config, "get") else getattr(model.config, "max_position_embeddings", None)
-    if positions is not None and encoder.max_length > positions:  # T5's relative positions have no such limit
-        raise UserError(f"{folder}: {tokenizer_name} pads to {encoder.max_length} tokens but {name} has {positions} positions")
+    if positions is not None and encoder.prompt_length > positions:  # T5's relative positions have no such limit
+        raise UserError(f"{folder}: {tokenizer_name} pads to {encoder.prompt_length} tokens but {name} has {positions} positions")
     return encoder
 
 
@@ -125,11 +136,12 @@ def load_pipeline_folder(folder: str | Path, source: str, name: str) -> Pipeline
         return _load_flux_folder(folder, index, source, name)
     if class_name in PIXART_T5_TOKENS:
         return _load_pixart_folder(folder, index, class_name, source, name)
+    if class_name == "SanaPipeline":
+        return _load_sana_folder(folder, index, source, name)
     sdxl = class_name == "StableDiffusionXLPipeline"
     encoders = _text_encoders(folder, index, sdxl)
     unet = _from_pretrained(diffusers.UNet2DConditionModel, _component_dir(folder, index, "unet", (UNET_CLASS,)))
-    vae_dir = _component_dir(folder, index, "vae", VAE_CLASSES)
-    vae = Autoencoder.from_module(_from_pretrained(getattr(diffusers, index["vae"][1]), vae_dir))
+    vae = _vae(folder, index)
     scheduler_config = _read_json(_component_dir(folder, index, "scheduler") / "scheduler_config.json")
 
     config = unet.config
@@ -194,8 +206,7 @@ def _load_sd3_folder(folder: Path, index: dict, source: str, name: str) -> Pipel
     t5 = _text_encoder(folder, index, "text_encoder_3", SD3_T5_CLASSES, hidden_layer=-1, pooled=False, length=SD3_T5_TOKENS) \
         if _present(index, "text_encoder_3") else None
     transformer = _from_pretrained(diffusers.SD3Transformer2DModel, _component_dir(folder, index, "transformer", (SD3_TRANSFORMER_CLASS,)))
-    vae_dir = _component_dir(folder, index, "vae", VAE_CLASSES)
-    vae = Autoencoder.from_module(_from_pretrained(getattr(diffusers, index["vae"][1]), vae_dir))
+    vae = _vae(folder, index)
     scheduler_config = _read_json(_component_dir(folder, index, "scheduler") / "scheduler_config.json")
     if not is_flow_scheduler_config(scheduler_config):
         raise UserError(f"{folder}: SD3's transformer predicts a flow velocity, but its scheduler is a {scheduler_config.get('_class_name')!r}, "
@@ -281,8 +292,7 @@ def _load_flux_folder(folder: Path, index: dict, source: str, name: str) -> Pipe
     clip = _text_encoder(folder, index, "text_encoder", FLUX_CLIP_CLASSES, hidden_layer=-1, pooled=True)
     t5 = _text_encoder(folder, index, "text_encoder_2", SD3_T5_CLASSES, hidden_layer=-1, pooled=False, length=FLUX_T5_TOKENS)
     transformer = _from_pretrained(diffusers.FluxTransformer2DModel, _component_dir(folder, index, "transformer", (FLUX_TRANSFORMER_CLASS,)))
-    vae_dir = _component_dir(folder, index, "vae", VAE_CLASSES)
-    vae = Autoencoder.from_module(_from_pretrained(getattr(diffusers, index["vae"][1]), vae_dir))
+    vae = _vae(folder, index)
     scheduler_config = _flow_scheduler_config(folder, index, "FLUX's transformer")
 
     config = transformer.config
@@ -345,37 +355,79 @@ def _load_pixart_folder(folder: Path, index: dict, class_name: str, source: str,
                         f"transformer (norm_type 'ada_norm_single')")
     # diffusers' Transformer2DModel maps a PixArt config onto PixArtTransformer2DModel; loading that class directly does the same.
     transformer = _from_pretrained(diffusers.PixArtTransformer2DModel, transformer_dir)
-    vae_dir = _component_dir(folder, index, "vae", VAE_CLASSES)
-    vae = Autoencoder.from_module(_from_pretrained(getattr(diffusers, index["vae"][1]), vae_dir))
+    vae = _vae(folder, index)
     scheduler_config = _read_json(_component_dir(folder, index, "scheduler") / "scheduler_config.json")
     if is_flow_scheduler_config(scheduler_config):
         raise UserError(f"{folder}: PixArt's transformer predicts noise, but its scheduler {scheduler_config.get('_class_name')!r} is a flow-matching one")
 
-    config = transformer.config
+    _check_caption_transformer(folder, transformer.config, vae, t5)
+    module = PixArtTransformer(transformer.eval(), vae.downscale).eval()
+    schedule = NoiseSchedule.from_scheduler_config(scheduler_config)
+    return _masked_text_pipeline(folder, class_name, t5, module, vae, scheduler_config, schedule, scheduler_config.get("prediction_type", "epsilon"),
+                                 source, name)
+
+
+def _sana_call_defaults() -> tuple[str, int]:
+    """SanaPipeline.__call__'s complex human instruction (joined as the pipeline joins it) and max_sequence_length."""
+    import inspect
+
+    import diffusers
+
+    parameters = inspect.signature(diffusers.SanaPipeline.__call__).parameters
+    return "\n".join(parameters["complex_human_instruction"].default), int(parameters["max_sequence_length"].default)
+
+
+def _load_sana_folder(folder: Path, index: dict, source: str, name: str) -> Pipeline:
+    """A SanaPipeline folder: one Gemma2 encoder (masked, behind the pipeline's instruction) in front of a SanaTransformer2DModel
+    on AutoencoderDC latents, a flow schedule (FlowMatchEulerDiscreteScheduler, or DPMSolverMultistepScheduler with flow sigmas)."""
+    import diffusers
+
+    _require(folder, index, ("text_encoder",), "Sana needs its Gemma2 encoder")
+    instruction, tokens = _sana_call_defaults()
+    gemma = _text_encoder(folder, index, "text_encoder", SANA_TEXT_ENCODER_CLASSES, hidden_layer=-1, pooled=False, length=tokens,
+                          attention_mask=True, lowercase=True, prefix=instruction)
+    gemma.tokenizer.padding_side = "right"  # SanaPipeline sets it so before every encoding; Gemma's tokenizers pad left
+    transformer = _from_pretrained(diffusers.SanaTransformer2DModel, _component_dir(folder, index, "transformer", (SANA_TRANSFORMER_CLASS,)))
+    if transformer.config.get("guidance_embeds"):
+        raise UserError(f"{folder}: the transformer has a guidance embedding (guidance_embeds, Sana-Sprint), which SanaPipeline does not feed; "
+                        f"Sana-Sprint pipelines are not supported")
+    vae = _vae(folder, index, SANA_VAE_CLASSES)
+    scheduler_config = _flow_scheduler_config(folder, index, "Sana's transformer")
+    _check_caption_transformer(folder, transformer.config, vae, gemma)
+    return _masked_text_pipeline(folder, "SanaPipeline", gemma, SanaTransformer(transformer.eval()).eval(), vae, scheduler_config,
+                                 schedule_from_scheduler_config(scheduler_config), "flow", source, name)
+
+
+def _check_caption_transformer(folder: Path, config, vae: Autoencoder, encoder: TextEncoder) -> None:
+    """PixArt's and Sana's transformer against their VAE and text encoder."""
     if vae.latent_channels != config.in_channels:
         raise UserError(f"{folder}: the VAE has {vae.latent_channels} latent channels but the transformer takes {config.in_channels}")
     if config.out_channels not in (None, config.in_channels, 2 * config.in_channels):
-        raise UserError(f"{folder}: the transformer returns {config.out_channels} channels; PixArt pipelines read {config.in_channels} "
+        raise UserError(f"{folder}: the transformer returns {config.out_channels} channels; the pipeline reads {config.in_channels} "
                         f"(or twice that with learned sigma)")
-    if config.caption_channels != t5.hidden_size:
-        raise UserError(f"{folder}: text_encoder gives {t5.hidden_size}-wide hidden states but the transformer's caption_channels is "
+    if config.caption_channels != encoder.hidden_size:
+        raise UserError(f"{folder}: {encoder.name} gives {encoder.hidden_size}-wide hidden states but the transformer's caption_channels is "
                         f"{config.caption_channels}")
 
-    size = _sample_size(config)
+
+def _masked_text_pipeline(folder: Path, class_name: str, encoder: TextEncoder, module, vae: Autoencoder, scheduler_config: dict, schedule,
+                          prediction_type: str, source: str, name: str) -> Pipeline:
+    """One masked text encoder in front of a caption transformer (PixArt, Sana): the mask is part of the condition."""
+    config = module.transformer.config
     denoiser = Denoiser(
-        PixArtTransformer(transformer.eval(), vae.downscale).eval(),
-        NoiseSchedule.from_scheduler_config(scheduler_config),
-        scheduler_config.get("prediction_type", "epsilon"),
-        (config.in_channels, *size),
+        module,
+        schedule,
+        prediction_type,
+        (config.in_channels, *_sample_size(config)),
         conditioning="text",
-        cond_shape=(t5.max_length, t5.hidden_size),
-        added_cond_shapes={"encoder_attention_mask": (t5.max_length,)},
+        cond_shape=(encoder.max_length, encoder.hidden_size),
+        added_cond_shapes={"encoder_attention_mask": (encoder.max_length,)},
         space="latents",
         name=name,
         source=source,
         scheduler_config=scheduler_config,
     )
-    pipeline = Pipeline(denoiser, (t5,), vae, class_name=class_name, default_guidance_scale=PIPELINE_CLASSES[class_name],
+    pipeline = Pipeline(denoiser, (encoder,), vae, class_name=class_name, default_guidance_scale=PIPELINE_CLASSES[class_name],
                         extra={"folder": str(folder)})
-    pipeline.denoiser.null_text = pipeline.negative_condition(1)  # the encoded "" with its mask, as the pipelines guide
+    pipeline.denoiser.null_text = pipeline.negative_condition(1)  # the encoded "" with its mask, as both pipelines guide
     return pipeline

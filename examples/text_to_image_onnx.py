@@ -33,12 +33,17 @@ def join_text(info: dict, hidden: dict, pooled: list) -> dict:
     return feeds
 
 
-def encode(folder: Path, info: dict, prompts: list[str]) -> dict:
+def tokenizer_file(tokenizer: dict, negative: bool) -> str:
+    """Sana's negative prompts have their own tokenizer (no instruction prefix); every other pipeline has one for both."""
+    return tokenizer.get("negative_file", tokenizer["file"]) if negative else tokenizer["file"]
+
+
+def encode(folder: Path, info: dict, prompts: list[str], negative: bool = False) -> dict:
     """Prompts -> the sampler's condition inputs (every encoder's hidden states joined; the pooled outputs of SDXL, SD3 and FLUX;
-    PixArt's attention mask)."""
+    PixArt's and Sana's attention mask)."""
     hidden, pooled, masks = {}, [], []
     for encoder in info["text_encoders"]:
-        tokenizer = Tokenizer.from_file(str(folder / info["tokenizers"][encoder["tokenizer"]]["file"]))
+        tokenizer = Tokenizer.from_file(str(folder / tokenizer_file(info["tokenizers"][encoder["tokenizer"]], negative)))
         ids = np.array([t.ids for t in tokenizer.encode_batch(prompts)], np.int64)
         outputs = session(folder, encoder["name"]).run(None, {"input_ids": ids})
         hidden[encoder["name"]] = outputs[0]
@@ -60,7 +65,7 @@ def generate(folder: Path, prompts: list[str], negative: str | None = None, seed
     wanted = {i.name for i in sampler.get_inputs()}
     feeds = encode(folder, info, prompts)
     if "negative_encoder_hidden_states" in wanted:
-        negative_feeds = encode(folder, info, [negative or ""] * len(prompts))
+        negative_feeds = encode(folder, info, [negative or ""] * len(prompts), negative=True)
         if negative is None and info["guidance"]["zeros_for_empty_negative_prompt"]:
             negative_feeds = {k: np.zeros_like(v) for k, v in negative_feeds.items()}
         feeds.update({f"negative_{k}": v for k, v in negative_feeds.items()})

@@ -41,6 +41,11 @@ def join_text(info: dict, hidden: dict, pooled: list) -> dict:
     return feeds
 
 
+def tokenizer_file(tokenizer: dict, negative: bool) -> str:
+    """Sana's negative prompts have their own tokenizer (no instruction prefix); every other pipeline has one for both."""
+    return tokenizer.get("negative_file", tokenizer["file"]) if negative else tokenizer["file"]
+
+
 def generate(folder: Path, prompts: list[str], negative: str | None = None, seed: int = 0, guidance: float | None = None,
              device: str = "CPU", config: dict | None = None) -> np.ndarray:
     """Images [N, H, W, 3] in [0, 1]; the same seed gives the same images."""
@@ -49,10 +54,10 @@ def generate(folder: Path, prompts: list[str], negative: str | None = None, seed
         config = {"INFERENCE_PRECISION_HINT": "f32"} if device == "CPU" else {}
     wanted = [p.get_any_name() for p in ov.Core().read_model(str(folder / "sampler.xml")).inputs]
 
-    def encode(texts: list[str]) -> dict:
+    def encode(texts: list[str], negative: bool = False) -> dict:
         hidden, pooled, masks = {}, [], []
         for encoder in info["text_encoders"]:
-            tokenizer = Tokenizer.from_file(str(folder / info["tokenizers"][encoder["tokenizer"]]["file"]))
+            tokenizer = Tokenizer.from_file(str(folder / tokenizer_file(info["tokenizers"][encoder["tokenizer"]], negative)))
             ids = np.array([t.ids for t in tokenizer.encode_batch(texts)], np.int64)
             outputs = infer(folder, encoder["name"], {"input_ids": ids}, device, config)
             hidden[encoder["name"]] = outputs[0]
@@ -67,7 +72,7 @@ def generate(folder: Path, prompts: list[str], negative: str | None = None, seed
 
     feeds = encode(prompts)
     if "negative_encoder_hidden_states" in wanted:
-        negative_feeds = encode([negative or ""] * len(prompts))
+        negative_feeds = encode([negative or ""] * len(prompts), negative=True)
         if negative is None and info["guidance"]["zeros_for_empty_negative_prompt"]:
             negative_feeds = {k: np.zeros_like(v) for k, v in negative_feeds.items()}
         feeds.update({f"negative_{k}": v for k, v in negative_feeds.items()})

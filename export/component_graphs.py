@@ -82,9 +82,19 @@ def write_tokenizer_json(encoder: TextEncoder, folder: Path) -> Path:
     """``folder/tokenizer.json`` for the `tokenizers` library, padding and truncating as the pipeline does.
 
     The written file is read back and must give the pipeline's own ids for a few probe prompts:
-    an app that tokenizes with it feeds the text encoder exactly what diffusers would.
+    an app that tokenizes with it feeds the text encoder exactly what diffusers would. An encoder
+    with a prefix (Sana) also gets the tokenizer of its negative prompts, which have none.
     """
-    from tokenizers import Tokenizer
+    from export.sidecar import NEGATIVE_TOKENIZER_FILE
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if encoder.prefix:
+        _write_tokenizer(encoder, folder / NEGATIVE_TOKENIZER_FILE, negative=True)
+    return _write_tokenizer(encoder, folder / "tokenizer.json", negative=False)
+
+
+def _write_tokenizer(encoder: TextEncoder, path: Path, negative: bool) -> Path:
+    from tokenizers import Tokenizer, normalizers
 
     tokenizer = encoder.tokenizer
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -93,20 +103,22 @@ def write_tokenizer_json(encoder: TextEncoder, folder: Path) -> Path:
 
         backend = convert_slow_tokenizer(tokenizer)
     fast = Tokenizer.from_str(backend.to_str())
-    if encoder.lowercase:  # the pipeline's own preprocessing (PixArt), so an app's tokenizer does it too
-        from tokenizers import normalizers
-
-        steps = [normalizers.Strip(), normalizers.Lowercase()] + ([fast.normalizer] if fast.normalizer is not None else [])
-        fast.normalizer = normalizers.Sequence(steps)
-    fast.enable_truncation(max_length=encoder.max_length)
-    fast.enable_padding(length=encoder.max_length, pad_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "tokenizer.json"
+    # The pipeline's own preprocessing (PixArt, Sana), so an app's tokenizer does it too; the prefix comes after it, as in Sana.
+    steps = [normalizers.Strip(), normalizers.Lowercase()] if encoder.lowercase else []
+    prefixed = bool(encoder.prefix) and not negative
+    if prefixed:
+        steps.append(normalizers.Prepend(encoder.prefix))
+    if steps:
+        fast.normalizer = normalizers.Sequence(steps + ([fast.normalizer] if fast.normalizer is not None else []))
+    _, length = encoder.texts([], negative)
+    fast.enable_truncation(max_length=length)
+    fast.enable_padding(length=length, pad_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token)
     fast.save(str(path))
     reloaded = Tokenizer.from_file(str(path))
-    for prompt in _TOKENIZER_PROBES:
+    # The tokenizers library runs no normalizer on empty text: an empty prompt gets no prefix (pipeline.json says so).
+    for prompt in [p for p in _TOKENIZER_PROBES if p or not prefixed]:
         ours = reloaded.encode(prompt).ids
-        theirs = encoder.tokenize([prompt])[0].tolist()
+        theirs = encoder.tokenize([prompt], negative)[0].tolist()
         if ours != theirs:
             raise UserError(f"{encoder.tokenizer_name} cannot be written as a tokenizer.json that reproduces its ids (prompt {prompt[:30]!r}: {ours[:8]}... vs {theirs[:8]}...)")
     return path

@@ -141,6 +141,15 @@ def export_pipeline_coreml(
         pipeline.to(device)
 
 
+def check_coreml_pipeline(pipeline) -> None:
+    """Refuses what static Core ML shapes cannot express: an encoder whose prompts and negative prompts differ in length (Sana)."""
+    for encoder in pipeline.text_encoders:
+        if encoder.prefix:
+            raise UserError(f"{pipeline.class_name}'s {encoder.name} takes prompts of {encoder.prompt_length} tokens (behind its instruction) and "
+                            f"negative prompts of {encoder.max_length}; Core ML packages have static shapes, so this pipeline exports to "
+                            f"ONNX and OpenVINO only")
+
+
 def _write_packages(graphs: list[tuple[nn.Module, str, dict]], out_dir: Path, settings: dict) -> list[dict]:
     """Converts each (graph, kind, sidecar) in a staging folder inside ``out_dir``, then renames them all into place."""
     out_dir = Path(out_dir)

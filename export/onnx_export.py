@@ -8,7 +8,9 @@ folder inside ``out_dir`` and renamed into place at the end, so a failure leaves
 from __future__ import annotations
 
 import json
+import tempfile
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import onnx
@@ -21,10 +23,12 @@ from compress.errors import UserError
 from compress.outputs import sha256_of, staged_files
 from compress.solvers import SolverConfig
 from export.component_graphs import pipeline_graphs, write_tokenizer_json
-from export.onnx_graph import drop_default_attributes, share_identical_constants, short_node_name, tensor_bytes
+from export.onnx_graph import constants_to_initializers, drop_default_attributes, drop_identities, share_identical_constants, short_node_name, tensor_bytes
+from export.onnx_weights import EXTERNAL_DATA_BYTES, WEIGHTS_FILE, WeightStore
 from export.sampler_graph import DenoiserGraph, SamplerGraph
 from export.sidecar import (
     BATCH,
+    TOKENS,
     PIPELINE_FILE,
     denoiser_sidecar,
     pipeline_sidecar,
@@ -34,8 +38,6 @@ from export.sidecar import (
     write_sidecar,
 )
 
-# Above this many bytes of weights a model no longer fits one protobuf (2 GiB): weights go to a .data file.
-EXTERNAL_DATA_BYTES = 1_800_000_000
 # Opsets the TorchScript exporter writes (attention needs 14); GroupNormalization changes meaning at 21.
 OPSETS = range(14, 21)
 # Constants allowed beyond the weights: per-step folded time embeddings, shapes, coefficients.
@@ -63,11 +65,10 @@ def export_onnx(
     network = DenoiserGraph(denoiser)
     out_dir = Path(out_dir)
     extra = {"target": target_section(target)}
-    with staged_files(out_dir, ".onnx-export-") as stage:
-        records = [
-            _write_artifact(sampler, "sampler", sampler_sidecar(sampler, "onnx", "sampler.onnx", batch_size, extra), stage, batch_size, opset),
-            _write_artifact(network, "denoiser", denoiser_sidecar(network, "onnx", "denoiser.onnx", batch_size, extra), stage, batch_size, opset),
-        ]
+    graphs = [(sampler, "sampler", sampler_sidecar(sampler, "onnx", "sampler.onnx", batch_size, extra)),
+              (network, "denoiser", denoiser_sidecar(network, "onnx", "denoiser.onnx", batch_size, extra))]
+    with staged_files(out_dir, ".onnx-export-") as stage, _weight_store(graphs, stage) as store:
+        records = [_write_artifact(graph, kind, sidecar, stage, batch_size, opset, store) for graph, kind, sidecar in graphs]
     return _placed(records, out_dir)
 
 
@@ -92,7 +93,8 @@ def export_pipeline_onnx(
     sampler, graphs = pipeline_graphs(pipeline, solver_config, "onnx", batch_size, guidance, output, extra=extra)
     out_dir = Path(out_dir)
     with staged_files(out_dir, ".onnx-export-") as stage:
-        records = [_write_artifact(graph, kind, sidecar, stage, batch_size, opset) for graph, kind, sidecar in graphs]
+        with _weight_store(graphs, stage) as store:
+            records = [_write_artifact(graph, kind, sidecar, stage, batch_size, opset, store) for graph, kind, sidecar in graphs]
         for encoder in pipeline.text_encoders:
             write_tokenizer_json(encoder, stage / encoder.tokenizer_name)
         write_sidecar(stage / PIPELINE_FILE, {**pipeline_sidecar(pipeline, sampler, batch_size), **extra})
@@ -143,9 +145,34 @@ def _unflatten(g, x, dim, sizes):
     return helper._reshape_helper(g, x, g.op("Concat", *parts, axis_i=0))
 
 
+def _movedim(g, x, source, destination):
+    """aten::movedim with negative dims wrapped first, as ATen does: the exporter's own puts a negative source dim into
+    Transpose's perm as it is (AutoencoderDC's ``movedim(-1, 1)`` around its RMSNorms), which no runtime loads."""
+    from torch.onnx import symbolic_helper as helper
+
+    rank = helper._get_tensor_rank(x)
+
+    def wrapped(dims):
+        value = helper._maybe_get_const(dims, "t")  # an int or a list of ints: a 0-d or 1-d tensor
+        return None if rank is None or helper._is_value(value) else [int(d) % rank for d in torch.as_tensor(value).view(-1).tolist()]
+
+    sources, targets = wrapped(source), wrapped(destination)
+    if sources is None or targets is None or len(sources) != len(targets):
+        from torch.onnx._internal.torchscript_exporter.symbolic_opset9 import movedim
+
+        return movedim(g, x, source, destination)
+    perm = [None] * rank
+    for s, d in zip(sources, targets):
+        perm[d] = s
+    rest = iter(d for d in range(rank) if d not in sources)
+    perm = [p if p is not None else next(rest) for p in perm]
+    return g.op("Transpose", x, perm_i=perm)
+
+
 # torch.nn.RMSNorm (FLUX's query/key norms) has no symbolic in the TorchScript exporter below opset 23.
 torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm, OPSETS.start)
 torch.onnx.register_custom_op_symbolic("aten::unflatten", _unflatten, OPSETS.start)
+torch.onnx.register_custom_op_symbolic("aten::movedim", _movedim, OPSETS.start)
 
 
 def _check_options(batch_size: int | None, opset: int) -> None:
@@ -163,33 +190,50 @@ def _placed(records: list[dict], out_dir: Path) -> list[dict]:
     return records
 
 
-def _write_artifact(graph: nn.Module, kind: str, sidecar: dict, stage: Path, batch_size: int | None, opset: int) -> dict:
+def _weight_store(graphs: list, stage: Path):
+    """The shared weights file when a graph is large (EXTERNAL_DATA_BYTES), else nothing: small exports stay one file per graph."""
+    largest = max(_weight_bytes(graph) for graph, _, _ in graphs)
+    return WeightStore(stage) if largest >= EXTERNAL_DATA_BYTES else nullcontext()
+
+
+def _weight_bytes(graph: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in graph.parameters())
+
+
+def _write_artifact(graph: nn.Module, kind: str, sidecar: dict, stage: Path, batch_size: int | None, opset: int,
+                    store: WeightStore | None = None) -> dict:
     path = stage / sidecar["file"]
-    model = _trace(graph, graph.output_names, stage / f".{kind}.traced.onnx", batch_size, opset)
-    model = _simplify(model)
-    share_identical_constants(model)
-    drop_default_attributes(model)
-    _check_interface(model, graph.input_names, graph.output_names, kind)
-    _shorten_names(model)
-    weight_bytes = sum(p.numel() * p.element_size() for p in graph.parameters())
-    constant_bytes = sum(tensor_bytes(t) for t in model.graph.initializer)
-    if kind == "sampler":
-        _check_weights_stored_once(constant_bytes, weight_bytes)
-    model.producer_name, model.producer_version = "diffusion-compress", "0.1.0"
-    model.doc_string = f"diffusion-compress {kind}; interface in {Path(sidecar['file']).with_suffix('.json').name}"
-    onnx.helper.set_model_props(model, {"diffusion_compress.sidecar": json.dumps(sidecar)})
-    external = _save(model, path, constant_bytes)
+    with tempfile.TemporaryDirectory(dir=stage, prefix=f".{kind}-trace-") as trace_dir:
+        # A traced graph over 2 GiB comes with one file per tensor in trace_dir; its weights are read from there one at a time.
+        model = _trace(graph, graph.output_names, Path(trace_dir) / f"{kind}.onnx", batch_size, opset)
+        if store is None:
+            model = _simplify(model)
+        else:  # onnxslim reads every weight into one protobuf, which a large model cannot be: the passes NNCF needs instead
+            drop_identities(model)
+            constants_to_initializers(model)
+        share_identical_constants(model, trace_dir)
+        drop_default_attributes(model)
+        _check_interface(model, graph.input_names, graph.output_names, kind)
+        _shorten_names(model)
+        weight_bytes = _weight_bytes(graph)
+        constant_bytes = sum(tensor_bytes(t) for t in model.graph.initializer)
+        if kind == "sampler":
+            _check_weights_stored_once(constant_bytes, weight_bytes)
+        model.producer_name, model.producer_version = "diffusion-compress", "0.1.0"
+        model.doc_string = f"diffusion-compress {kind}; interface in {Path(sidecar['file']).with_suffix('.json').name}"
+        onnx.helper.set_model_props(model, {"diffusion_compress.sidecar": json.dumps(sidecar)})
+        referenced = store.move_weights(model, Path(trace_dir)) if store is not None else 0
+    onnx.save_model(model, str(path))
     onnx.checker.check_model(str(path))  # by path: works for models with external data too
     sidecar_path = write_sidecar(path.with_suffix(".json"), sidecar)
-    files = [path] + ([stage / external] if external else [])
     return {
         "path": path.name,
         "format": "onnx",
         "kind": kind,
-        "bytes": sum(f.stat().st_size for f in files),
+        "bytes": path.stat().st_size + referenced,  # the graph and the weights it reads (shared ones counted in each graph)
         "sha256": sha256_of(path),
         "sidecar": sidecar_path.name,
-        "external_data": external,
+        "external_data": WEIGHTS_FILE if store is not None else None,
         "weight_bytes": weight_bytes,
         "constant_bytes": constant_bytes,
         "nodes": len(model.graph.node),
@@ -201,21 +245,20 @@ def _write_artifact(graph: nn.Module, kind: str, sidecar: dict, stage: Path, bat
 def _trace(graph: nn.Module, outputs: list[str], raw_path: Path, batch_size: int | None, opset: int) -> onnx.ModelProto:
     device = next(graph.parameters()).device
     inputs = tuple(x.to(device) for x in graph.example_inputs(batch_size or 2))
-    dynamic_axes = None
+    dynamic_axes = {}
     if batch_size is None:
         batched = [name for name in graph.input_names if name != "guidance_scale"]
         dynamic_axes = {name: {0: BATCH} for name in batched + outputs}
+    for name in getattr(graph, "sequence_inputs", ()):  # Sana's prompts and negative prompts differ in token count
+        dynamic_axes.setdefault(name, {})[1] = TOKENS
     with torch.no_grad(), warnings.catch_warnings():
         # Tracing warns about every python value it freezes; those are the constants we want.
         warnings.simplefilter("ignore")
         torch.onnx.export(
             graph, inputs, str(raw_path), input_names=graph.input_names, output_names=outputs,
-            dynamic_axes=dynamic_axes, opset_version=opset, do_constant_folding=True, dynamo=False,
+            dynamic_axes=dynamic_axes or None, opset_version=opset, do_constant_folding=True, dynamo=False,
         )
-    model = onnx.load(str(raw_path))
-    for leftover in raw_path.parent.glob(raw_path.name + "*"):
-        leftover.unlink()
-    return model
+    return onnx.load(str(raw_path), load_external_data=False)
 
 
 def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -270,15 +313,3 @@ def _shorten_names(model: onnx.ModelProto) -> None:
         for j, inp in enumerate(node.input):
             if inp in renamed:
                 node.input[j] = renamed[inp]
-
-
-def _save(model: onnx.ModelProto, path: Path, constant_bytes: int) -> str | None:
-    """Saves ``model``; weights of models beyond the protobuf limit go to one '<file>.data' next to it."""
-    if constant_bytes < EXTERNAL_DATA_BYTES:
-        onnx.save_model(model, str(path))
-        return None
-    external = path.name + ".data"
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=external, size_threshold=1024)
-    return external
-
-

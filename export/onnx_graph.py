@@ -8,8 +8,8 @@ in after the steps is under ``decoder/``. Quantization reads these names back (`
 `layer_of`, `step_unit`, `inside_network`) to decide and to report per layer and per step, so both
 sides of the contract live here.
 
-**Passes.** Indexes of a graph (`producers`, `consumers`, `input_uses`), a stable topological sort, dead-node and
-unused-initializer removal, the sharing of identical constants, and the removal of attributes
+**Passes.** Indexes of a graph (`producers`, `consumers`, `input_uses`), a stable topological sort, dead-node,
+Identity and unused-initializer removal, Constant nodes as initializers, the sharing of identical constants, and the removal of attributes
 that only restate the operator's default.
 """
 from __future__ import annotations
@@ -17,9 +17,11 @@ from __future__ import annotations
 import hashlib
 import heapq
 import re
+from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 # ----------------------------------------------------------------------------- names
 
@@ -96,7 +98,20 @@ def input_uses(graph: onnx.GraphProto) -> dict[str, list[tuple[onnx.NodeProto, i
 
 
 def tensor_bytes(tensor: onnx.TensorProto) -> int:
+    """From the shape: the data need not be loaded."""
     return int(np.prod(tensor.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
+def tensor_data(tensor: onnx.TensorProto, base_dir: Path | None = None) -> bytes:
+    """The tensor's bytes as `raw_data` stores them, read from its external file (relative to ``base_dir``) when it has one."""
+    if uses_external_data(tensor):
+        info = ExternalDataInfo(tensor)
+        with open(Path(base_dir or ".") / info.location, "rb") as f:
+            f.seek(info.offset or 0)
+            return f.read(info.length) if info.length else f.read()
+    if tensor.HasField("raw_data"):
+        return tensor.raw_data
+    return onnx.numpy_helper.to_array(tensor).tobytes()
 
 
 # ----------------------------------------------------------------------------- passes
@@ -143,6 +158,60 @@ def drop_dead_nodes(model: onnx.ModelProto) -> None:
     drop_unused_initializers(model)
 
 
+def drop_identities(model: onnx.ModelProto) -> int:
+    """Reads each Identity's input where its output was read; returns how many were removed.
+
+    The tracer deduplicates a constant folded once per unrolled step by routing the copies through
+    Identity nodes, and NNCF looks for a layer's weight among the initializers, not behind them.
+    """
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    source = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity" and n.output[0] not in outputs}
+    if not source:
+        return 0
+
+    def resolve(name: str) -> str:
+        while name in source:
+            name = source[name]
+        return name
+
+    keep = [n for n in graph.node if not (n.op_type == "Identity" and n.output[0] in source)]
+    for node in keep:
+        for j, name in enumerate(node.input):
+            node.input[j] = resolve(name)
+    del graph.node[:]
+    graph.node.extend(keep)
+    return len(source)
+
+
+CONSTANT_ATTRIBUTES = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64, "value_ints": np.int64}
+
+
+def constants_to_initializers(model: onnx.ModelProto) -> int:
+    """Turns Constant nodes into initializers (NNCF takes a constant input of a MatMul for its weight only there)."""
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    moved = []
+    for node in graph.node:
+        if node.op_type != "Constant" or node.output[0] in outputs or len(node.attribute) != 1:
+            continue
+        attribute = node.attribute[0]
+        if attribute.name == "value":
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(attribute.t)
+        elif attribute.name in CONSTANT_ATTRIBUTES:
+            value = onnx.helper.get_attribute_value(attribute)
+            tensor = onnx.numpy_helper.from_array(np.asarray(value, dtype=CONSTANT_ATTRIBUTES[attribute.name]))
+        else:
+            continue
+        tensor.name = node.output[0]
+        moved.append((node, tensor))
+    for node, tensor in moved:
+        graph.initializer.append(tensor)
+        graph.node.remove(node)
+    return len(moved)
+
+
 def drop_unused_initializers(model: onnx.ModelProto) -> None:
     used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
     keep = [t for t in model.graph.initializer if t.name in used]
@@ -151,8 +220,9 @@ def drop_unused_initializers(model: onnx.ModelProto) -> None:
         model.graph.initializer.extend(keep)
 
 
-def share_identical_constants(model: onnx.ModelProto) -> int:
+def share_identical_constants(model: onnx.ModelProto, base_dir: Path | None = None) -> int:
     """Keeps one copy of each distinct constant (type, shape and bytes); returns the copies removed.
+    Constants in external files are read one at a time from ``base_dir``.
 
     Tracing folds a transposed Linear weight once per unrolled step, and onnxslim only ties
     constants below 1000 elements: without this, every attention weight is stored once per step.
@@ -162,8 +232,7 @@ def share_identical_constants(model: onnx.ModelProto) -> int:
     replaced: dict[str, str] = {}
     unique = []
     for tensor in graph.initializer:
-        data = onnx.numpy_helper.to_array(tensor)
-        key = (tensor.data_type, tuple(tensor.dims), hashlib.sha256(data.tobytes()).digest())
+        key = (tensor.data_type, tuple(tensor.dims), hashlib.sha256(tensor_data(tensor, base_dir)).digest())
         if key in first:
             replaced[tensor.name] = first[key]
         else:

@@ -15,6 +15,7 @@ from export.sampler_graph import NEGATIVE, DenoiserGraph, SamplerGraph, conditio
 
 SCHEMA = "diffusion-compress/artifact-sidecar/1"
 BATCH = "batch"  # the symbolic batch dimension's name, in the sidecar and in the graph
+TOKENS = "tokens"  # the symbolic token axis of a text encoder whose prompts and negative prompts differ in length (Sana)
 
 
 def _batch_dim(batch_size: int | None):
@@ -236,16 +237,26 @@ PIPELINE_SCHEMA = "diffusion-compress/pipeline/1"
 FORMAT_FILES = {"onnx": "{}.onnx", "openvino": "{}.xml", "coreml": "{}.mlpackage"}
 
 
+NEGATIVE_TOKENIZER_FILE = "negative_tokenizer.json"
+
+
 def _tokenizer_info(encoder: TextEncoder) -> dict:
     tok = encoder.tokenizer
-    return {"file": f"{encoder.tokenizer_name}/tokenizer.json", "max_length": encoder.max_length, "padding": "max_length",
+    info = {"file": f"{encoder.tokenizer_name}/tokenizer.json", "max_length": encoder.prompt_length, "padding": "max_length",
             "truncation": True, "pad_id": tok.pad_token_id, "bos_id": tok.bos_token_id, "eos_id": tok.eos_token_id,
             "lowercase": encoder.lowercase,  # done by tokenizer.json's normalizer, as the pipeline does before tokenizing
             "description": "tokenizers.Tokenizer.from_file(file).encode(prompt).ids: already padded and truncated to max_length"}
+    if encoder.prefix:
+        info.update(prefix=encoder.prefix, negative_file=f"{encoder.tokenizer_name}/{NEGATIVE_TOKENIZER_FILE}", negative_max_length=encoder.max_length,
+                    description="file: prompts (its normalizer lowercases and strips the prompt, then puts the prefix before it); "
+                                "negative_file: negative prompts (no prefix). encode(text).ids of either is already padded and truncated; "
+                                "a prompt that is empty after stripping gets no prefix (the tokenizers library normalizes no empty text)")
+    return info
 
 
 def text_encoder_sidecar(encoder: TextEncoder, fmt: str, file: str, batch_size: int | None) -> dict:
     batch, length = _batch_dim(batch_size), encoder.max_length
+    tokens = TOKENS if encoder.prefix else length
     outputs = [{"name": "hidden_states", "shape": [batch, length, encoder.hidden_size], "dtype": "float32",
                 "description": "last hidden state after the final norm" if encoder.hidden_layer == -1 else "penultimate hidden state (before the final norm)"}]
     if encoder.pooled:
@@ -260,13 +271,20 @@ def text_encoder_sidecar(encoder: TextEncoder, fmt: str, file: str, batch_size: 
         "kind": encoder.name,
         "format": fmt,
         "file": file,
-        "inputs": [{"name": "input_ids", "shape": [batch, length], "dtype": "int64",
-                    "description": f"token ids from {encoder.tokenizer_name}/tokenizer.json, padded to {length}; longer prompts are truncated"}],
+        "inputs": [{"name": "input_ids", "shape": [batch, tokens], "dtype": "int64", "description": _input_ids_description(encoder)}],
         "outputs": outputs,
         "batch": {"dynamic": batch_size is None, "size": batch_size},
         "tokenizer": _tokenizer_info(encoder),
         "model": {"class": type(encoder.module).__name__, "parameters": sum(p.numel() for p in encoder.module.parameters())},
     }
+
+
+def _input_ids_description(encoder: TextEncoder) -> str:
+    name, length = encoder.tokenizer_name, encoder.max_length
+    if not encoder.prefix:
+        return f"token ids from {name}/tokenizer.json, padded to {length}; longer prompts are truncated"
+    return (f"token ids of a prompt from {name}/tokenizer.json ({encoder.prompt_length} tokens: the prefix and the prompt) or of a negative "
+            f"prompt from {name}/{NEGATIVE_TOKENIZER_FILE} ({length}); the outputs keep the first token and the last {length - 1}")
 
 
 def vae_sidecar(graph, kind: str, fmt: str, file: str, batch_size: int | None) -> dict:
@@ -336,7 +354,8 @@ def pipeline_sidecar(pipeline, sampler: SamplerGraph, batch_size: int | None) ->
         chain.append({"from": masks, "op": "identity", "to": "sampler.encoder_attention_mask"})
     if sampler.negative_names:
         how = "zeros_like(the prompt's)" if pipeline.force_zeros_for_empty_prompt else "the same chain for the negative prompt"
-        chain.append({"from": "negative prompt", "op": f"the chain above; with no negative prompt: {how}",
+        through = ", through each tokenizer's negative_file where it has one" if any(e.prefix for e in encoders) else ""
+        chain.append({"from": "negative prompt", "op": f"the chain above{through}; with no negative prompt: {how}",
                       "to": [f"sampler.{n}" for n in sampler.negative_names]})
     chain.append({"from": f"standard normal noise {[batch, *denoiser.sample_shape]} (the caller's seed)", "to": "sampler.noise"})
     if sampler.guidance:

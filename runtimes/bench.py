@@ -153,14 +153,24 @@ def _proc_status_kb(field: str) -> int:
 
 
 class PeakRSS:
-    """Peak RSS of this process between __enter__ and __exit__ (see the module docstring for how)."""
+    """Peak RSS of this process between __enter__ and __exit__ (see the module docstring for how).
+
+    Meters nest (a stage's peak around the benchmarks inside it): the kernel has one peak counter,
+    so a meter that resets it first hands the peak so far to the meters around it, and its own peak
+    when it ends."""
+
+    _open: list["PeakRSS"] = []
 
     def __enter__(self) -> "PeakRSS":
         self.before = current_rss()
         self.peak = self.before
         self._stop = threading.Event()
         self._sampler = None
+        outer_peak = _kernel_peak()
         if _reset_kernel_peak():
+            for outer in self._open:
+                outer.peak = max(outer.peak, outer_peak or 0)
+            self._open.append(self)
             self.method = "linux VmHWM, reset through /proc/self/clear_refs"
         elif self.before is not None:
             self.method = "psutil RSS sampled every 2 ms"
@@ -180,7 +190,10 @@ class PeakRSS:
             self._sampler.join()
             self.peak = max(self.peak, current_rss())
         elif self.before is not None:
-            self.peak = _proc_status_kb("VmHWM") * 1024
+            self.peak = max(self.peak, _kernel_peak())
+            self._open.remove(self)
+            for outer in self._open:
+                outer.peak = max(outer.peak, self.peak)
 
     def result(self) -> dict:
         measured = self.before is not None
@@ -190,6 +203,13 @@ class PeakRSS:
             "peak_rss_mb": self.peak / MB if measured else None,
             "peak_rss_delta_mb": (self.peak - self.before) / MB if measured else None,
         }
+
+
+def _kernel_peak() -> int | None:
+    try:
+        return _proc_status_kb("VmHWM") * 1024
+    except (OSError, KeyError):
+        return None
 
 
 def _reset_kernel_peak() -> bool:

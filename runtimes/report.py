@@ -153,6 +153,10 @@ def markdown(report: dict) -> str:
     lines += ["", f"Machine: {env.get('processor')} ({env.get('machine')}), {env.get('cpu_count')} cores; device {env.get('device')}"
               + (f" ({env['cuda']})" if env.get("cuda") else "") + "; " + ", ".join(f"{k} {v}" for k, v in (env.get("libraries") or {}).items()) + "."]
     lines += ["", "latency_ms: median per sample at batch 1; speedup: baseline latency / row latency; bytes: artifact on disk."]
+    if report.get("stages"):
+        lines += ["", "## Stages", "", "Wall time and the process's peak resident memory while each stage ran (stages reused by `--resume` are not listed).",
+                  "", "| stage | seconds | peak RSS MiB |", "|---|---|---|"]
+        lines += [f"| {name} | {fmt(s['seconds'])} | {fmt(s['peak_rss_mb'])} |" for name, s in report["stages"].items()]
     if report.get("checks"):
         lines += ["", "## Checks", ""] + [f"- {'PASS' if c['passed'] else 'FAIL'} `{c['check']}`" + (f" ({c['detail']})" if c.get("detail") else "")
                                           for c in report["checks"]]

@@ -66,7 +66,8 @@ def diffusers_pipeline(folder: str | Path, scheduler: str | None = None):
             raise UserError(f"reference solver {scheduler!r}: FluxPipeline samples with FlowMatchEulerDiscreteScheduler only; use 'euler'")
         cls, options = table[scheduler]
         if flow and cls not in FLOW_SCHEDULERS:  # a multistep solver on the flow's own shifted sigmas
-            options = {**options, "use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": float(config.get("shift", 1.0))}
+            shift = config.get("shift", config.get("flow_shift", 1.0))  # FlowMatch's shift, or a multistep scheduler's own flow_shift (Sana)
+            options = {**options, "use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": float(shift)}
         pipe.scheduler = getattr(diffusers, cls).from_config(config, **options)
     return pipe
 
@@ -80,8 +81,8 @@ def diffusers_images(pipe, prompts: list[str], noise: torch.Tensor, steps: int, 
     _, c, h, w = noise.shape
     scale = pipe.vae_scale_factor
     kind = type(pipe).__name__
-    # PixArt would snap the size to its aspect-ratio bins and clean captions with optional libraries; the export does neither.
-    extra = {"use_resolution_binning": False, "clean_caption": False} if kind.startswith("PixArt") else {}
+    # PixArt and Sana would snap the size to their aspect-ratio bins and clean captions with optional libraries; the export does neither.
+    extra = {"use_resolution_binning": False, "clean_caption": False} if kind.startswith(("PixArt", "Sana")) else {}
     out = []
     batches = range(0, len(prompts), batch_size)
     for start in progress(batches, description=f"diffusers {type(pipe.scheduler).__name__}-{steps}") if show_progress else batches:
@@ -180,22 +181,27 @@ class PipelineRunner:
             if file is None:
                 raise UserError(f"{self.folder} has no {fmt} file for {kind}")
             self.runners[kind] = get_runner(runtime, threads).load(self.folder / file)
-        self.tokenizers = {e["tokenizer"]: Tokenizer.from_file(str(self.folder / self.info["tokenizers"][e["tokenizer"]]["file"])) for e in self.encoders}
+        tokenizers = self.info["tokenizers"]
+        self.tokenizers = {e["tokenizer"]: Tokenizer.from_file(str(self.folder / tokenizers[e["tokenizer"]]["file"])) for e in self.encoders}
+        # Sana's negative prompts have their own tokenizer (no instruction prefix).
+        self.negative_tokenizers = {**self.tokenizers, **{name: Tokenizer.from_file(str(self.folder / t["negative_file"]))
+                                                          for name, t in tokenizers.items() if "negative_file" in t}}
         self.sampler_inputs = [i["name"] for i in json.loads((self.folder / "sampler.json").read_text())["inputs"]]
 
-    def token_ids(self, prompts: list[str]) -> dict[str, np.ndarray]:
-        return {name: np.array([e.ids for e in tok.encode_batch(list(prompts))], np.int64) for name, tok in self.tokenizers.items()}
+    def token_ids(self, prompts: list[str], negative: bool = False) -> dict[str, np.ndarray]:
+        tokenizers = self.negative_tokenizers if negative else self.tokenizers
+        return {name: np.array([e.ids for e in tok.encode_batch(list(prompts))], np.int64) for name, tok in tokenizers.items()}
 
-    def encode(self, prompts: list[str]) -> dict[str, np.ndarray]:
-        """Prompts -> the sampler's condition inputs."""
-        ids = self.token_ids(prompts)
+    def encode(self, prompts: list[str], negative: bool = False) -> dict[str, np.ndarray]:
+        """Prompts (``negative``: negative prompts) -> the sampler's condition inputs."""
+        ids = self.token_ids(prompts, negative)
         hidden, pooled, masks = {}, [], []
         for e in self.encoders:
             outputs = self.runners[e["name"]].run_outputs({"input_ids": ids[e["tokenizer"]]})
             hidden[e["name"]] = outputs[0]
             if e["pooled"]:
                 pooled.append(outputs[1])
-            if e.get("attention_mask"):  # PixArt: the sampler takes the prompt's mask too
+            if e.get("attention_mask"):  # PixArt and Sana: the sampler takes the prompt's mask too
                 masks.append(outputs[-1])
         feeds = join_text(self.info, hidden, pooled)
         if masks:
@@ -205,7 +211,7 @@ class PipelineRunner:
     def feeds(self, prompts: list[str], noise: np.ndarray, negative_prompt: str | None = None, guidance_scale: float | None = None) -> dict:
         feeds = {"noise": np.asarray(noise, np.float32), **self.encode(prompts)}
         if "negative_encoder_hidden_states" in self.sampler_inputs:
-            negative = self.encode([negative_prompt or ""] * len(prompts))
+            negative = self.encode([negative_prompt or ""] * len(prompts), negative=True)
             if negative_prompt is None and self.info["guidance"]["zeros_for_empty_negative_prompt"]:
                 negative = {k: np.zeros_like(v) for k, v in negative.items()}
             feeds.update({f"negative_{k}": v for k, v in negative.items()})

@@ -127,9 +127,14 @@ def latency(runner: Runner, artifact: Artifact | None, baseline: Baseline, runs:
 
 
 def artifact_bytes(path: Path) -> int:
-    """Bytes on disk: the file with its weights (.bin next to an IR), or the whole Core ML package."""
+    """Bytes on disk: the file with its weights (.bin next to an IR, the external weights an ONNX graph reads), or
+    the whole Core ML package."""
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    if path.suffix == ".onnx":
+        from export.onnx_weights import onnx_bytes
+
+        return onnx_bytes(path)
     extra = path.with_suffix(".bin") if path.suffix == ".xml" else None
     return path.stat().st_size + (extra.stat().st_size if extra and extra.is_file() else 0)
 

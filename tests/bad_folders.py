@@ -18,9 +18,9 @@ def replace_model(folder: Path, component: str, model) -> None:
     model.save_pretrained(str(folder / component))
 
 
-def export_fails_with(capsys, folder: Path, out: Path, expected: str) -> None:
+def export_fails_with(capsys, folder: Path, out: Path, expected: str, options: tuple[str, ...] = ()) -> None:
     capsys.readouterr()  # what building the bad folder printed (save_pretrained's progress bars)
-    code = main(["export", f"diffusers:{folder}", "--solver", "model", "--steps", "2", "--out", str(out)])
+    code = main(["export", f"diffusers:{folder}", "--solver", "model", "--steps", "2", "--out", str(out), *options])
     err = capsys.readouterr().err.strip()
     assert code == 2, err
     assert len(err.splitlines()) == 1 and expected in err, err

@@ -112,3 +112,20 @@ def test_no_benchmark_keeps_a_timing_loop_of_its_own():
             if isinstance(node, (ast.For, ast.While, ast.comprehension)) and _repeats(node) and _reads_clock(node):
                 offenders.append(f"{path.name}:{getattr(node, 'lineno', '?')}")
     assert not offenders, f"latency loops outside runtimes/bench.py: {offenders}"
+
+
+def test_nested_memory_meters_keep_the_outer_peak():
+    """A stage's meter around a benchmark's meter: the inner reset of the kernel's counter must not lose the outer peak."""
+    import numpy as np
+
+    from runtimes.bench import PeakRSS
+
+    with PeakRSS() as outer:
+        before_inner = np.ones(64 * 2**20 // 8)  # 64 MiB touched and freed before the inner meter starts
+        del before_inner
+        with PeakRSS() as inner:
+            during = np.ones(32 * 2**20 // 8)
+            del during
+    grown_outer = outer.result()["peak_rss_delta_mb"]
+    grown_inner = inner.result()["peak_rss_delta_mb"]
+    assert grown_outer >= 60 and 28 <= grown_inner < 60

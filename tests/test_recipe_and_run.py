@@ -86,6 +86,9 @@ def test_run_writes_the_output_contract(tmp_path, cli):
     assert [r["artifact"] for r in report["rows"]] == ["baseline", "float32/module"]
     assert report["rows"][0]["psnr"] == float("inf") and report["rows"][1]["psnr"] > 5
     assert report["environment"]["device"] == "cpu"
+    assert list(report["stages"]) == ["baseline", "validate float32 on torch"]
+    assert all(s["seconds"] > 0 and s["peak_rss_mb"] > 100 for s in report["stages"].values())
+    assert "| baseline |" in (out / "report" / "report.md").read_text()
     assert not list(tmp_path.glob(".out.partial-*"))
 
 

@@ -1,4 +1,4 @@
-"""Tiny random text-to-image pipeline folders built in place: SD 1.x (AutoencoderKL or AutoencoderTiny), SDXL, SD3, FLUX and PixArt.
+"""Tiny random text-to-image pipeline folders built in place: SD 1.x (AutoencoderKL or AutoencoderTiny), SDXL, SD3, FLUX, PixArt and Sana.
 
 Saved with diffusers' own `save_pretrained`, so the folders are what users have on disk, and
 diffusers' pipelines loaded from them are the reference every export is compared with.
@@ -239,4 +239,66 @@ def build_pixart_folder(folder: Path, legacy_class_name: bool = False, sigma: bo
         config["_class_name"] = index["transformer"][1] = "Transformer2DModel"
         config_file.write_text(json.dumps(config, indent=2))
         index_file.write_text(json.dumps(index, indent=2))
+    return folder
+
+
+# Every character of SanaPipeline's complex human instruction and of the tests' prompts; "▁" is the word marker.
+GEMMA_CHARACTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'-:;>\n"
+# Merges across the join of the instruction ("User Prompt: ") and the prompt, so tokenizing them apart would differ.
+GEMMA_MERGES = [("▁", "a"), ("▁", "t"), ("t", "h"), ("e", "n")]
+
+
+def gemma_tokenizer():
+    """A Gemma tokenizer (BPE with byte fallback) over single characters and a few merges, adding <bos> as Gemma's does."""
+    from transformers import GemmaTokenizer
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "▁", *GEMMA_CHARACTERS])}
+    vocab.update({a + b: len(vocab) + i for i, (a, b) in enumerate(GEMMA_MERGES)})
+    return GemmaTokenizer(vocab=vocab, merges=GEMMA_MERGES, add_bos_token=True)
+
+
+def _gemma_encoder(width: int, vocab: int, seed: int):
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(seed)
+    config = Gemma2Config(vocab_size=vocab, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=2,
+                          num_key_value_heads=1, head_dim=16, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    return Gemma2Model(config).eval()
+
+
+def _sana_transformer(caption_channels: int, seed: int, sample_size: int = 16, **options):
+    from diffusers import SanaTransformer2DModel
+
+    torch.manual_seed(seed)
+    return SanaTransformer2DModel(patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2, attention_head_dim=8,
+                                  num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
+                                  caption_channels=caption_channels, sample_size=sample_size, **options).eval()
+
+
+def _dc_vae(seed: int):
+    """An AutoencoderDC (ResBlock, then EfficientViT linear attention; pixel (un)shuffle) with 2x downscaling, 4 latent channels."""
+    from diffusers import AutoencoderDC
+
+    torch.manual_seed(seed)
+    blocks = ("ResBlock", "EfficientViTBlock")
+    return AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=4, encoder_block_types=blocks, decoder_block_types=blocks,
+                         encoder_block_out_channels=(8, 16), decoder_block_out_channels=(8, 16), encoder_layers_per_block=(1, 1),
+                         decoder_layers_per_block=(1, 1), encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
+                         scaling_factor=0.41407).eval()
+
+
+def build_sana_folder(folder: Path, scheduler: str = "dpm", seed: int = 0) -> Path:
+    """A SanaPipeline folder: a 32-wide Gemma2 encoder, a Sana transformer on 4x16x16 AutoencoderDC latents, 32x32 images
+    (SanaPipeline takes multiples of 32 only). ``scheduler`` 'dpm': DPMSolverMultistepScheduler with flow sigmas and a flow
+    shift, as Sana's checkpoints have it; 'euler': FlowMatchEulerDiscreteScheduler."""
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, SanaPipeline
+
+    tokenizer = gemma_tokenizer()
+    if scheduler == "dpm":
+        schedule = DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction")
+    else:
+        schedule = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    pipe = SanaPipeline(tokenizer=tokenizer, text_encoder=_gemma_encoder(32, len(tokenizer), seed + 1), vae=_dc_vae(seed),
+                        transformer=_sana_transformer(32, seed + 2), scheduler=schedule)
+    pipe.save_pretrained(str(folder))
     return folder
