@@ -114,3 +114,44 @@ def _example_input(spec: dict, shape: list[int], rng: np.random.Generator) -> np
         high = float(spec.get("range", [0, 999])[1])
         return np.linspace(high, 0, shape[0]).astype(dtype)
     return rng.standard_normal(shape).astype(dtype)
+
+
+def baked_solver(sidecar: dict, schedule, prediction_type: str):
+    """The SolverConfig that reproduces a sampler sidecar's timesteps and sigmas on ``schedule`` (named spacing first,
+    then explicit timesteps): the solver baked into the artifact, for a runtime that rebuilds or replays it."""
+    from compress.solvers import SolverConfig, compile_solver
+
+    baked = sidecar["solver"]
+    guidance = sidecar.get("guidance") or {}
+    scale = guidance.get("default_scale") if guidance.get("enabled") else None
+    candidates = [SolverConfig(baked["name"], baked["steps"], baked["spacing"], scale, dict(baked.get("options") or {}), **(baked.get("plan") or {}))]
+    if all(float(t).is_integer() for t in baked["timesteps"]):
+        candidates.append(SolverConfig(baked["name"], baked["steps"], baked["spacing"], scale, dict(baked.get("options") or {}),
+                                       timesteps=tuple(int(t) for t in baked["timesteps"])))
+    for config in candidates:
+        try:
+            plan = config.plan(schedule)
+            table = compile_solver(config.name, plan, prediction_type, **config.options)
+        except UserError:
+            continue
+        sigmas = [float(s) for s in plan.sigma]
+        if np.allclose([float(t) for t in table.timesteps], baked["timesteps"]) and np.allclose(sigmas, [s if s is not None else np.inf for s in baked["sigmas"]], rtol=1e-9):
+            return config
+    raise UserError(f"cannot rebuild the artifact's {baked['name']}-{baked['steps']} solver exactly from its sidecar; "
+                    "compare it with a runtime that reads the artifact itself")
+
+
+def sidecar_schedule(denoiser_sidecar: dict):
+    """The noise schedule a denoiser sidecar spells out (VP: its alphas_cumprod; flow: its shift), checked against its fingerprint."""
+    from compress.schedule import FlowSchedule, NoiseSchedule
+
+    section = denoiser_sidecar.get("schedule") or {}
+    if section.get("kind") == "flow":
+        schedule = FlowSchedule.from_description(section)
+    elif section.get("alphas_cumprod"):
+        schedule = NoiseSchedule(np.asarray(section["alphas_cumprod"], dtype=np.float64))
+    else:
+        raise UserError(f"the sidecar of {denoiser_sidecar.get('file', 'the denoiser')} spells out no noise schedule")
+    if section.get("fingerprint") and schedule.fingerprint() != section["fingerprint"]:
+        raise UserError(f"the schedule in the sidecar of {denoiser_sidecar.get('file', 'the denoiser')} does not match its fingerprint")
+    return schedule

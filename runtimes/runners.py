@@ -83,6 +83,9 @@ RUNTIMES = {
     "openvino-npu": ("openvino_runner", "OpenVINORunner", "NPU"),
     "coreml": ("coreml_runner", "CoreMLRunner", "all"),
     "coreml-cpu": ("coreml_runner", "CoreMLRunner", "cpu"),
+    # A sampler artifact's interface run from the denoiser file beside it, one call per evaluation (runtimes/host_loop.py).
+    "onnxruntime-host-loop": ("host_loop", "HostLoopRunner", "onnxruntime"),
+    "openvino-host-loop": ("host_loop", "HostLoopRunner", "openvino"),
 }
 
 # The runtime `compress bench` uses when none is named.

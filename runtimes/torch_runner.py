@@ -114,6 +114,7 @@ def _threads(threads: int | None):
 def rebuild_graph(sidecar: dict):
     """The SamplerGraph / DenoiserGraph an artifact was exported from, checked against its sidecar."""
     from compress.loading import ScheduleFlags, load_model
+    from runtimes.artifacts import baked_solver
     from export.sampler_graph import DenoiserGraph, SamplerGraph
 
     model = sidecar.get("model") or {}
@@ -128,28 +129,4 @@ def rebuild_graph(sidecar: dict):
     if sidecar.get("kind") == "denoiser":
         return DenoiserGraph(denoiser)
     guidance = sidecar.get("guidance") or {}
-    return SamplerGraph(denoiser, _solver(sidecar, denoiser), guidance=bool(guidance.get("enabled")))
-
-
-def _solver(sidecar: dict, denoiser):
-    """The solver settings that reproduce the sidecar's timesteps and sigmas (named spacing first, then explicit timesteps)."""
-    from compress.solvers import SolverConfig, compile_solver
-
-    baked = sidecar["solver"]
-    guidance = sidecar.get("guidance") or {}
-    scale = guidance.get("default_scale") if guidance.get("enabled") else None
-    candidates = [SolverConfig(baked["name"], baked["steps"], baked["spacing"], scale, dict(baked.get("options") or {}), **(baked.get("plan") or {}))]
-    if all(float(t).is_integer() for t in baked["timesteps"]):
-        candidates.append(SolverConfig(baked["name"], baked["steps"], baked["spacing"], scale, dict(baked.get("options") or {}),
-                                       timesteps=tuple(int(t) for t in baked["timesteps"])))
-    for config in candidates:
-        try:
-            plan = config.plan(denoiser.schedule)
-            table = compile_solver(config.name, plan, denoiser.prediction_type, **config.options)
-        except UserError:
-            continue
-        sigmas = [float(s) for s in plan.sigma]
-        if np.allclose([float(t) for t in table.timesteps], baked["timesteps"]) and np.allclose(sigmas, [s if s is not None else np.inf for s in baked["sigmas"]], rtol=1e-9):
-            return config
-    raise UserError(f"cannot rebuild the artifact's {baked['name']}-{baked['steps']} solver exactly from its sidecar; "
-                    "compare it with a runtime that reads the artifact itself")
+    return SamplerGraph(denoiser, baked_solver(sidecar, denoiser.schedule, denoiser.prediction_type), guidance=bool(guidance.get("enabled")))
