@@ -160,6 +160,18 @@ def build_vocabulary(words: tuple[str, ...] = VOCABULARY_WORDS) -> tuple[dict[st
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
+def with_legacy_prefix(weights: Path) -> None:
+    """Rewrites a CLIPTextModel's keys as `text_model.*`. transformers 5 saves them without the prefix and
+    loads both forms; transformers 4 (what Optimum and optimum-intel pin) loads the unprefixed form as
+    random weights, with only a log line."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(weights))
+    if all(k.startswith("text_model.") for k in tensors):
+        return
+    save_file({k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in tensors.items()}, str(weights), metadata={"format": "pt"})
+
+
 def write_tokenizer(folder: Path, max_length: int = MAX_LENGTH):
     """Writes vocab.json + merges.txt (CLIP's slow format) and tokenizer.json (the `tokenizers` format,
     padded to ``max_length`` with EOS and truncated, as SD's text encoder wants); returns the loaded CLIPTokenizer."""
@@ -357,6 +369,7 @@ def _train(out_dir: Path, iterations: int | None, resume: bool, lr: float | None
     info["threads"] = torch.get_num_threads()
     build_pipeline(vae, text_encoder, tokenizer, unet).save_pretrained(str(staging), safe_serialization=True)
     write_tokenizer(staging / "tokenizer")  # the pipeline's save drops vocab.json/merges.txt and the json's padding
+    with_legacy_prefix(staging / "text_encoder" / "model.safetensors")
     run_seconds = time.time() - start
     training = {
         "name": NAME,
