@@ -43,7 +43,7 @@ def run(recipe, out, force, resume):
 @click.argument("model")
 @click.option("--solver", default="ddim", show_default=True, help="Any solver of `compress solvers`, or 'model' for the model's own scheduler.")
 @click.option("--steps", type=int, default=100, show_default=True)
-@click.option("--spacing", default="trailing", show_default=True, help="linspace, leading, trailing, karras or logsnr.")
+@click.option("--spacing", default=None, help="linspace, leading, trailing, karras or logsnr (default: the pipeline scheduler's own, else trailing).")
 @click.option("--timesteps", default=None, help="Explicit timesteps, comma-separated (e.g. from a schedule search).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--n", "n", type=int, default=64, show_default=True, help="Number of samples.")

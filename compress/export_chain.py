@@ -16,14 +16,17 @@ def resolve_solver(
     denoiser: Denoiser,
     name: str,
     steps: int,
-    spacing: str = "trailing",
+    spacing: str | None = None,
     guidance: float | None = None,
     schedule: str = "default",
     timesteps: tuple[int, ...] | None = None,
     options: dict | None = None,
     log=lambda message: None,
 ) -> SolverConfig:
-    """The solver to bake: named, or the model's own scheduler; with searched or given timesteps."""
+    """The solver to bake: named, or the model's own scheduler; with searched or given timesteps.
+
+    A named solver without a ``spacing`` keeps the pipeline's settings: its scheduler config's spacing,
+    steps offset and final level, as diffusers' ``from_config`` keeps them; else trailing."""
     if name == MODEL_SOLVER:
         if not denoiser.scheduler_config:
             raise UserError(f"--solver {MODEL_SOLVER} needs a model that comes with a scheduler config (a diffusers pipeline folder)")
@@ -34,7 +37,9 @@ def resolve_solver(
         if spacing_of_pipeline:  # the pipeline passes the scheduler its own levels (FluxPipeline's sigmas)
             config = dataclasses.replace(config, spacing=spacing_of_pipeline)
     else:
-        config = SolverConfig(name, steps, spacing, guidance, dict(options or {}))
+        inherited = _pipeline_settings(denoiser, name, steps) if spacing is None else {}
+        config = SolverConfig(name, steps, spacing or "trailing", guidance, dict(options or {}))
+        config = dataclasses.replace(config, **inherited)
     if timesteps is not None:
         if len(timesteps) != steps:
             raise UserError(f"{len(timesteps)} timesteps given for {steps} steps")
@@ -52,6 +57,16 @@ def resolve_solver(
         log(f"searched timesteps {found.timesteps}: teacher MSE {found.error_start:.4g} -> {found.error_found:.4g}")
         config = dataclasses.replace(config, timesteps=tuple(found.timesteps))
     return config
+
+
+def _pipeline_settings(denoiser: Denoiser, solver: str, steps: int) -> dict:
+    if denoiser.extra.get("pipeline_spacing"):  # the pipeline passes the scheduler its own levels (FluxPipeline's sigmas)
+        return {"spacing": denoiser.extra["pipeline_spacing"]}
+    if not denoiser.scheduler_config:
+        return {}
+    from compress.scheduler_config import inherited_settings
+
+    return inherited_settings(denoiser.scheduler_config, solver, steps)
 
 
 def pipeline_guidance(pipeline: Pipeline, guidance: float | None) -> float | None:

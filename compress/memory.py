@@ -53,13 +53,11 @@ def folder_weight_bytes(folder: Path) -> int:
 def _safetensors_float32_bytes(path: Path) -> int:
     try:
         with open(path, "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    except (OSError, ValueError):
+            length = int.from_bytes(f.read(8), "little")
+            if not 0 < length < min(path.stat().st_size, 2**27):  # not a safetensors header: the loader will say why
+                return path.stat().st_size
+            header = json.loads(f.read(length))
+        return sum((entry["data_offsets"][1] - entry["data_offsets"][0]) * (2 if entry["dtype"] in ("F16", "BF16") else 1)
+                   for name, entry in header.items() if name != "__metadata__")
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
         return path.stat().st_size
-    total = 0
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = entry["data_offsets"]
-        total += (end - start) * (2 if entry["dtype"] in ("F16", "BF16") else 1)
-    return total

@@ -42,7 +42,7 @@ class SolverSection(SectionConfig):
 
     name: str = "dpmpp-2m"  # or "model": the model's own scheduler config
     steps: int = _at_least(1, 8)
-    spacing: str = "trailing"
+    spacing: str | None = None  # None: the pipeline scheduler's own spacing and steps offset, else trailing
     schedule: Literal["default", "optimized"] = "default"  # optimized: searched against a many-step teacher
     timesteps: list[int] | None = None  # explicit timesteps, e.g. from an earlier search
     guidance_scale: float | None = None

@@ -157,6 +157,40 @@ def solver_from_scheduler_config(config: dict, steps: int, guidance_scale: float
     return _READERS[cls](cls, c, base)
 
 
+# The diffusers scheduler behind each named solver: `--solver X` on a pipeline keeps what `X.from_config(pipe.scheduler.config)` keeps.
+SCHEDULER_OF_SOLVER = {
+    "ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler", "heun": "HeunDiscreteScheduler",
+    "dpmpp-2m": "DPMSolverMultistepScheduler", "dpmpp-3m": "DPMSolverMultistepScheduler", "dpmpp-2s": "DPMSolverSinglestepScheduler",
+    "unipc-bh1": "UniPCMultistepScheduler", "unipc-bh2": "UniPCMultistepScheduler", "deis-2": "DEISMultistepScheduler",
+    "deis-3": "DEISMultistepScheduler",
+}
+INHERITED = ("spacing", "steps_offset", "final", "convention", "timestep_rounding", "lambda_min_clipped")
+
+
+def inherited_settings(config: dict, solver: str, steps: int) -> dict:
+    """The plan settings (spacing, steps offset, final level, timestep convention) that the named ``solver``
+    keeps from a pipeline's scheduler ``config``, as diffusers' ``from_config`` keeps them; {} when there is no
+    such scheduler or the config cannot be read for it. A flow keeps the spacing of its own levels."""
+    cls = config.get("_class_name")
+    if cls not in DEFAULTS:
+        return {}
+    c = {**DEFAULTS[cls], **{k: v for k, v in config.items() if not k.startswith("_")}}
+    if cls.startswith("FlowMatch") or c.get("use_flow_sigmas"):
+        try:
+            return {"spacing": _flow(cls, c, steps, None).spacing}
+        except UserError:
+            return {}
+    target = SCHEDULER_OF_SOLVER.get(solver)
+    try:
+        made = solver_from_scheduler_config({**config, "_class_name": target}, steps) if target else None
+    except UserError:  # a setting the solver's scheduler would apply and we cannot (clip_sample): keep the spacing alone
+        made = None
+    if made is not None:
+        return {key: getattr(made, key) for key in INHERITED}
+    spacing = c.get("timestep_spacing")
+    return {"spacing": spacing, "steps_offset": int(c.get("steps_offset") or 0)} if spacing in ("linspace", "leading", "trailing") else {}
+
+
 def _check_common(cls: str, c: dict) -> None:
     for key, why in _UNSUPPORTED.items():
         if key in DEFAULTS[cls] and c.get(key):

@@ -342,3 +342,27 @@ def test_prune_and_slim_act_on_the_pipelines_denoiser_and_leave_the_other_parts(
         for kind in ("text_encoder", "vae_decoder"):  # the same weights as the float32 export's
             assert (folder / f"{kind}.onnx").read_bytes() == (tmp_path / "out" / "artifacts" / "float32" / f"{kind}.onnx").read_bytes()
         assert json.loads((folder / "pipeline.json").read_text())["components"]["sampler"] == {"onnx": "sampler.onnx"}
+
+
+@pytest.mark.parametrize("solver, scheduler", [("dpmpp-2m", "DPMSolverMultistepScheduler"), ("euler", "EulerDiscreteScheduler"),
+                                               ("ddim", "DDIMScheduler")])
+def test_a_named_solver_keeps_the_pipelines_spacing_and_offset(solver, scheduler, tmp_path):
+    """`--solver X` on a pipeline whose scheduler is DDIM 'leading' with steps_offset 1: the timesteps of
+    diffusers' X made with from_config of that scheduler, not the CLI's trailing."""
+    import diffusers
+
+    from compress.export_chain import resolve_solver
+    from compress.loading import load_pipeline
+    from tests.tiny_pipelines import build_sd_folder
+
+    folder = build_sd_folder(tmp_path / "sd")
+    ddim = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="leading",
+                                   steps_offset=1, set_alpha_to_one=False, clip_sample=False)
+    ddim.save_pretrained(str(folder / "scheduler"))
+    denoiser = load_pipeline(f"diffusers:{folder}").denoiser
+    config = resolve_solver(denoiser, solver, 4)
+    reference = getattr(diffusers, scheduler).from_config(ddim.config)
+    reference.set_timesteps(4)
+    assert (config.spacing, config.steps_offset) == ("leading", 1)
+    assert [round(float(t)) for t in config.plan(denoiser.schedule).timesteps] == [int(t) for t in reference.timesteps]
+    assert resolve_solver(denoiser, solver, 4, spacing="trailing").spacing == "trailing"  # an explicit spacing wins

@@ -32,7 +32,7 @@ def parse_resolution(text: str) -> tuple[int, int]:
 @click.argument("model")
 @click.option("--solver", default="dpmpp-2m", show_default=True)
 @click.option("--steps", type=int, default=8, show_default=True)
-@click.option("--spacing", default="trailing", show_default=True)
+@click.option("--spacing", default=None, help="linspace, leading, trailing, karras or logsnr (default: the pipeline scheduler's own, else trailing).")
 @click.option("--schedule", type=click.Choice(["default", "optimized"]), default="default", show_default=True,
               help="'optimized' searches the timesteps that best match a many-step teacher.")
 @click.option("--timesteps", default=None, help="Explicit timesteps (e.g. from an earlier search), comma-separated.")

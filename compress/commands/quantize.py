@@ -24,7 +24,7 @@ from export.targets import TARGETS as EXPORT_TARGETS
 @click.option("--guidance", type=float, default=None, help="Classifier-free guidance along the chain (conditional models).")
 @click.option("--solver", default="dpmpp-2m", show_default=True, help="The solver to bake (--sampler solver).")
 @click.option("--steps", type=int, default=8, show_default=True)
-@click.option("--spacing", default="trailing", show_default=True)
+@click.option("--spacing", default=None, help="linspace, leading, trailing, karras or logsnr (default: the pipeline scheduler's own, else trailing).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--prompt", "prompts", multiple=True, help="Text-to-image pipelines: a calibration prompt; repeatable.")
 @click.option("--prompts-file", type=click.Path(dir_okay=False, exists=True), default=None, help="Text-to-image pipelines: one prompt per line.")
@@ -38,7 +38,7 @@ def calibrate(model, sampler, samples, seed, mean, std, interval, trajectory_ste
     latents the --solver/--steps sampler ends at, on which the VAE decoder is calibrated.
     """
     from calibration import CalibrationConfig, calibrate as record, save_calibration
-    from compress.solvers import SolverConfig
+    from compress.export_chain import resolve_solver
 
     from compress.outputs import writable_file
 
@@ -49,7 +49,7 @@ def calibrate(model, sampler, samples, seed, mean, std, interval, trajectory_ste
                                trajectory_steps=trajectory_steps, guidance_scale=guidance, prompts=prompts or None)
     pipeline = load_pipeline_from_flags(model, kw)
     denoiser = pipeline.denoiser
-    baked = SolverConfig(solver, steps, spacing, guidance)
+    baked = resolve_solver(denoiser, solver, steps, spacing, guidance)
     extra = {}
     if pipeline.is_text_to_image:
         if not prompts:
@@ -88,7 +88,7 @@ def calibrate(model, sampler, samples, seed, mean, std, interval, trajectory_ste
 @click.option("--require-target", is_flag=True, help="With --target-psnr: exit 1 when the target is not met (the best file is written either way).")
 @click.option("--solver", default="dpmpp-2m", show_default=True, help="For a model reference: the solver to export first.")
 @click.option("--steps", type=int, default=8, show_default=True)
-@click.option("--spacing", default="trailing", show_default=True)
+@click.option("--spacing", default=None, help="linspace, leading, trailing, karras or logsnr (default: the pipeline scheduler's own, else trailing).")
 @click.option("--guidance", type=float, default=None, help="For a model reference: default guidance scale of the export.")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False))
 @model_options
