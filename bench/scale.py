@@ -158,8 +158,9 @@ def write_markdown(data: dict) -> None:
              "images 256x256 (32x32 latents), DPM-Solver++(2M), guidance 7.5, batch 1.", ""]
     for name, run in data.get("runs", {}).items():
         env = run["environment"]
-        lines += [f"## {name}", "", f"Machine: {env.get('processor')}, {env.get('cpu_count')} cores, "
-                  (f"{data['memory_gib']} GiB of memory; " if data.get("memory_gib") else "") + ", ".join(f"{k} {v}" for k, v in (env.get("libraries") or {}).items()) + ".", "",
+        memory = f"{data['memory_gib']} GiB of memory; " if data.get("memory_gib") else ""
+        libraries = ", ".join(f"{k} {v}" for k, v in (env.get("libraries") or {}).items())
+        lines += [f"## {name}", "", f"Machine: {env.get('processor')}, {env.get('cpu_count')} cores, {memory}{libraries}.", "",
                   "| stage | seconds | peak RSS GiB |", "|---|---|---|"]
         lines += [f"| {stage} | {s['seconds']:.0f} | {s['peak_rss_mb'] / 1024:.1f} |" for stage, s in run["stages"].items()]
         peak = max(s["peak_rss_mb"] for s in run["stages"].values()) / 1024
