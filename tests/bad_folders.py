@@ -1,6 +1,7 @@
 """Helpers for the tests that break one part of a pipeline folder and expect one line and exit 2."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,16 @@ def copy_folder(folders: dict, name: str, tmp_path: Path) -> Path:
 def replace_model(folder: Path, component: str, model) -> None:
     shutil.rmtree(folder / component)
     model.save_pretrained(str(folder / component))
+
+
+def edit_index(folder: Path, remove: tuple[str, ...] = (), **entries) -> None:
+    """Sets ``entries`` in the folder's model_index.json and removes the keys in ``remove``."""
+    path = folder / "model_index.json"
+    index = json.loads(path.read_text())
+    index.update(entries)
+    for key in remove:
+        del index[key]
+    path.write_text(json.dumps(index))
 
 
 def export_fails_with(capsys, folder: Path, out: Path, expected: str, options: tuple[str, ...] = ()) -> None:

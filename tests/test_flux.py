@@ -17,7 +17,7 @@ from compress.cli import main
 from compress.errors import UserError
 from compress.export_chain import export_artifacts, pipeline_guidance, resolve_solver
 from compress.loading import load_pipeline
-from tests.bad_folders import copy_folder, export_fails_with, replace_model
+from tests.bad_folders import copy_folder, edit_index, export_fails_with, replace_model
 from tests.tiny_pipelines import _flux_transformer, _text_encoder, build_flux_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,21 +148,15 @@ def test_flux_folders_whose_parts_disagree_fail_with_one_line(folders, tmp_path,
     export_fails_with(capsys, not_flow, tmp_path / "o4", "not a flow-matching one")
 
     projected = copy_folder(folders, "dev", bad)
-    index = json.loads((projected / "model_index.json").read_text())
-    index["text_encoder"] = ["transformers", "CLIPTextModelWithProjection"]
-    (projected / "model_index.json").write_text(json.dumps(index))
+    edit_index(projected, text_encoder=["transformers", "CLIPTextModelWithProjection"])
     export_fails_with(capsys, projected, tmp_path / "o5", "text_encoder is a CLIPTextModelWithProjection, which is not supported (supported: CLIPTextModel)")
 
     no_t5 = copy_folder(folders, "dev", bad)
-    index = json.loads((no_t5 / "model_index.json").read_text())
-    index["text_encoder_2"] = [None, None]
-    (no_t5 / "model_index.json").write_text(json.dumps(index))
+    edit_index(no_t5, text_encoder_2=[None, None])
     export_fails_with(capsys, no_t5, tmp_path / "o6", "has no text_encoder_2")
 
     other_transformer = copy_folder(folders, "dev", bad)
-    index = json.loads((other_transformer / "model_index.json").read_text())
-    index["transformer"] = ["diffusers", "SD3Transformer2DModel"]
-    (other_transformer / "model_index.json").write_text(json.dumps(index))
+    edit_index(other_transformer, transformer=["diffusers", "SD3Transformer2DModel"])
     export_fails_with(capsys, other_transformer, tmp_path / "o7", "transformer is a SD3Transformer2DModel, which is not supported (supported: FluxTransformer2DModel)")
 
     export_fails_with(capsys, folders["dev"] / "transformer", tmp_path / "o8", "a FluxTransformer2DModel is conditioned by its pipeline's text encoders: load the whole FluxPipeline folder")

@@ -14,7 +14,7 @@ import torch
 
 from compress.export_chain import export_artifacts, pipeline_guidance, resolve_solver
 from compress.loading import load_pipeline
-from tests.bad_folders import copy_folder, export_fails_with, replace_model
+from tests.bad_folders import copy_folder, edit_index, export_fails_with, replace_model
 from tests.tiny_pipelines import _pixart_transformer, _t5_encoder, build_pixart_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,18 +133,14 @@ def test_pixart_folders_whose_parts_disagree_fail_with_one_line(folders, tmp_pat
     export_fails_with(capsys, flow, tmp_path / "o3", "is a flow-matching one")
 
     other_transformer = copy_folder(folders, "alpha", bad)
-    index = json.loads((other_transformer / "model_index.json").read_text())
-    index["transformer"] = ["diffusers", "SD3Transformer2DModel"]
-    (other_transformer / "model_index.json").write_text(json.dumps(index))
+    edit_index(other_transformer, transformer=["diffusers", "SD3Transformer2DModel"])
     export_fails_with(capsys, other_transformer, tmp_path / "o4",
                 "transformer is a SD3Transformer2DModel, which is not supported (supported: PixArtTransformer2DModel, Transformer2DModel)")
 
     # The transformer alone (saved under its legacy name), or a folder without its T5: it cannot run without the text encoder.
     export_fails_with(capsys, folders["alpha-legacy"] / "transformer", tmp_path / "o6", "a PixArtTransformer2DModel is conditioned by its pipeline's text encoders")
     no_t5 = copy_folder(folders, "alpha-legacy", bad)
-    index = json.loads((no_t5 / "model_index.json").read_text())
-    del index["text_encoder"], index["tokenizer"]
-    (no_t5 / "model_index.json").write_text(json.dumps(index))
+    edit_index(no_t5, remove=("text_encoder", "tokenizer"))
     export_fails_with(capsys, no_t5, tmp_path / "o7", "load the whole PixArtAlphaPipeline or PixArtSigmaPipeline folder")
 
     unknown = copy_folder(folders, "alpha", bad)

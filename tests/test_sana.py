@@ -12,7 +12,7 @@ import torch
 
 from compress.export_chain import export_artifacts, pipeline_guidance, resolve_solver
 from compress.loading import load_pipeline
-from tests.bad_folders import copy_folder, export_fails_with, replace_model
+from tests.bad_folders import copy_folder, edit_index, export_fails_with, replace_model
 from tests.test_pixart import _app, _diffusers_pipeline, _edit_json
 from tests.tiny_pipelines import _gemma_encoder, _sana_transformer, build_sana_folder
 
@@ -101,9 +101,7 @@ def test_sana_folders_whose_parts_disagree_fail_with_one_line(folders, tmp_path,
     export_fails_with(capsys, other_vae, tmp_path / "o4", "vae is a AutoencoderKL, which is not supported (supported: AutoencoderDC)")
 
     no_gemma = copy_folder(folders, "dpm", bad)
-    index = json.loads((no_gemma / "model_index.json").read_text())
-    del index["text_encoder"], index["tokenizer"]
-    (no_gemma / "model_index.json").write_text(json.dumps(index))
+    edit_index(no_gemma, remove=("text_encoder", "tokenizer"))
     export_fails_with(capsys, no_gemma, tmp_path / "o5", "load the whole SanaPipeline folder")
     export_fails_with(capsys, folders["dpm"] / "transformer", tmp_path / "o6", "a SanaTransformer2DModel is conditioned by its pipeline's text encoders")
 

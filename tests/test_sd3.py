@@ -13,7 +13,7 @@ import torch
 from compress.errors import UserError
 from compress.export_chain import export_artifacts, pipeline_guidance, resolve_solver
 from compress.loading import load_pipeline
-from tests.bad_folders import copy_folder, export_fails_with, replace_model
+from tests.bad_folders import copy_folder, edit_index, export_fails_with, replace_model
 from tests.tiny_pipelines import _sd3_transformer, _t5_encoder, build_sd3_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,9 +109,7 @@ def test_sd3_folders_whose_parts_disagree_fail_with_one_line(folders, tmp_path, 
     export_fails_with(capsys, not_flow, tmp_path / "o5", "not a flow-matching one")
 
     unpooled = copy_folder(folders, "clip-only", bad)
-    index = json.loads((unpooled / "model_index.json").read_text())
-    index["text_encoder"] = ["transformers", "CLIPTextModel"]
-    (unpooled / "model_index.json").write_text(json.dumps(index))
+    edit_index(unpooled, text_encoder=["transformers", "CLIPTextModel"])
     export_fails_with(capsys, unpooled, tmp_path / "o6", "text_encoder is a CLIPTextModel, which is not supported (supported: CLIPTextModelWithProjection)")
 
     pipeline = load_pipeline(f"diffusers:{folders['clip-only']}")
