@@ -85,12 +85,13 @@ def pipeline_guidance(pipeline: Pipeline, guidance: float | None) -> float | Non
 
 
 def export_artifacts(model: Denoiser | Pipeline, solver: SolverConfig, out_dir: Path, formats: list[str], batch_size: int | None = None,
-                     opset: int = 18, output: str = "image", target: str = "generic") -> list[dict]:
+                     opset: int = 18, output: str = "image", target: str = "generic", coreml: dict | None = None) -> list[dict]:
     """Writes sampler.* and denoiser.* (+ sidecars) for each format; returns one record per model file.
 
     A text-to-image pipeline also gets its text encoder(s), VAE decoder and encoder, tokenizers
     and pipeline.json; its sampler ends in the decoder (``output`` 'image') unless ``output`` is 'latents'.
     ``target`` (`export.targets`) is recorded in the ONNX sidecars and in the OpenVINO ones made from them.
+    ``coreml``: keyword options of the Core ML writers (weights, attention, chunk_bytes), checked before any file is written.
     """
     from export.onnx_export import export_onnx, export_pipeline_onnx
     from export.sidecar import PIPELINE_FILE, record_component_files
@@ -98,10 +99,15 @@ def export_artifacts(model: Denoiser | Pipeline, solver: SolverConfig, out_dir: 
     pipeline = model if isinstance(model, Pipeline) else Pipeline(model)
     denoiser = pipeline.denoiser
     _check_export_memory(pipeline)
+    coreml = dict(coreml or {})
+    if "coreml" in formats:
+        from export.coreml_export import check_coreml_options
+
+        check_coreml_options(batch_size or 1, **coreml)  # before any file is written
     if "coreml" in formats and pipeline.is_text_to_image:
         from export.coreml_export import check_coreml_pipeline
 
-        check_coreml_pipeline(pipeline)  # before any file is written
+        check_coreml_pipeline(pipeline)
     if pipeline.is_text_to_image:
         records = export_pipeline_onnx(pipeline, solver, out_dir, batch_size=batch_size, opset=opset, output=output, target=target)
     else:
@@ -114,11 +120,11 @@ def export_artifacts(model: Denoiser | Pipeline, solver: SolverConfig, out_dir: 
         from export.coreml_export import export_coreml, export_pipeline_coreml
 
         if pipeline.is_text_to_image:  # Core ML shapes are static: the batch is fixed, 1 unless one is given
-            packages = export_pipeline_coreml(pipeline, solver, out_dir, batch_size=batch_size or 1, output=output)
+            packages = export_pipeline_coreml(pipeline, solver, out_dir, batch_size=batch_size or 1, output=output, **coreml)
             record_component_files(Path(out_dir) / PIPELINE_FILE, packages)
             records += packages
         else:
-            records += export_coreml(denoiser, solver, out_dir, batch_size=batch_size or 1)
+            records += export_coreml(denoiser, solver, out_dir, batch_size=batch_size or 1, **coreml)
     if "onnx" not in formats:
         drop_onnx(records, out_dir)
     return records

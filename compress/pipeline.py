@@ -346,7 +346,7 @@ def _export(name, model, weights_key, solver, solver_record, recipe, configs, ro
         log(f"export {name}: {', '.join(recipe.export.formats)}")
         with meter(f"export {name}"):
             export_artifacts(pipeline or model, solver, folder, recipe.export.formats, recipe.export.batch_size, recipe.export.opset,
-                             **({"output": recipe.export.output} if pipeline is not None else {}))
+                             **({"output": recipe.export.output} if pipeline is not None else {}), coreml=recipe.export.coreml.export_options())
         cache.done(f"export/{name}", key, [folder])
     _add_folder(manifest, root, folder, "export", export_section)
     out = [(name, folder, model)] if pipeline is not None else [(name, p, model) for p in _samplers(folder)]

@@ -73,10 +73,37 @@ class ValidateSection(SectionConfig):
 
 
 @dataclass
+class CoremlOptions(SectionConfig):
+    """Core ML settings (export.coreml_export); the mobile layout of Apple's ml-stable-diffusion is
+    weights palettize6, attention split-einsum, chunk_mb 1000."""
+    section = "export.coreml"
+
+    weights: Literal["float", "int8", "palettize6"] = "float"  # float16, int8 linear, or 6-bit k-means palettization
+    attention: Literal["original", "split-einsum"] = "original"  # split-einsum: per-head attention for the Neural Engine
+    chunk_mb: float | None = None  # the denoiser as chained packages of at most this many MB (1e6 bytes) of weights each
+
+    def __post_init__(self):
+        chunk_bytes(self.chunk_mb, "export.coreml.chunk_mb")
+
+    def export_options(self) -> dict:
+        return {"weights": self.weights, "attention": self.attention, "chunk_bytes": chunk_bytes(self.chunk_mb, "export.coreml.chunk_mb")}
+
+
+def chunk_bytes(megabytes: float | None, where: str) -> int | None:
+    """A chunk size in MB (1e6 bytes) as bytes; None stays None (no chunking)."""
+    if megabytes is None:
+        return None
+    if isinstance(megabytes, bool) or not isinstance(megabytes, (int, float)) or not megabytes > 0:
+        raise UserError(f"{where}: the Core ML chunk size is a positive number of MB, got {megabytes!r}")
+    return int(megabytes * 1_000_000)
+
+
+@dataclass
 class ExportSection(SectionConfig):
     section = "export"
 
     formats: list[Literal["onnx", "coreml", "openvino"]] = field(default_factory=lambda: ["onnx"])
+    coreml: CoremlOptions = field(default_factory=CoremlOptions)
     output: Literal["image", "latents"] = "image"  # text-to-image pipelines: the sampler ends in the VAE decoder or not
     resolution: list[int] | None = None  # text-to-image pipelines: [height, width] of the images (default: the UNet's sample size)
     batch_size: int | None = None  # None: dynamic batch

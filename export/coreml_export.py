@@ -18,6 +18,12 @@ as the mirror of the `where.ScalarSelf` it has.
 
 Prediction needs macOS, so every package is checked structurally after it is written (the spec
 loads, names, shapes and dtypes match the sidecar, the weights are stored once) on any OS.
+
+Mobile layouts (Apple's ml-stable-diffusion): ``attention='split-einsum'`` converts with per-head
+attention in the Neural Engine's (B, C, 1, S) layout (export.coreml_attention), and ``chunk_bytes``
+writes the denoiser as `denoiser_chunk<k>.mlpackage` pieces of at most that many weight bytes each,
+chained by the `chunks` list of denoiser.coreml.json (export.coreml_chunks). With 'palettize6' that
+is the iOS layout of Apple's `--chunk-unet --attention-implementation SPLIT_EINSUM --quantize-nbits 6`.
 """
 from __future__ import annotations
 
@@ -40,6 +46,7 @@ from compress.errors import UserError
 from compress.outputs import files_sha256, staged_files
 from compress.solvers import SolverConfig
 from export.component_graphs import pipeline_graphs
+from export.coreml_attention import ATTENTIONS, attention_layout
 from export.sampler_graph import DenoiserGraph, SamplerGraph
 from export.sidecar import denoiser_sidecar, sampler_sidecar, write_sidecar
 
@@ -87,16 +94,20 @@ def export_coreml(
     activations: str = "float",
     deployment_target: str | None = None,
     guidance: bool | None = None,
+    attention: str = "original",
+    chunk_bytes: int | None = None,
 ) -> list[dict]:
     """Writes sampler.mlpackage, denoiser.mlpackage and their sidecars into ``out_dir``; one record per package.
 
     ``weights``: 'float' (float16), 'int8' (linear symmetric, per channel) or 'palettize6' (6-bit k-means).
     ``activations``: 'int8' calibrates activation quantizers by Core ML prediction (macOS, iOS17 or later).
     ``deployment_target`` None picks iOS16, or iOS17 when activations are int8.
+    ``attention``: 'original' or 'split-einsum' (per-head, (B, C, 1, S): the Neural Engine's layout).
+    ``chunk_bytes``: the denoiser as chained `denoiser_chunk<k>.mlpackage`s of at most that many weight bytes each
+    (one record per chunk); the sampler stays one package.
     """
-    _check_options(batch_size, weights, activations, deployment_target)
-    target = deployment_target or ("iOS17" if activations == "int8" else "iOS16")
-    settings = {"weights": weights, "activations": activations, "deployment_target": target, "compute_precision": "float16"}
+    _check_options(batch_size, weights, activations, deployment_target, attention, chunk_bytes)
+    settings = _settings(weights, activations, deployment_target, attention, chunk_bytes)
     device = denoiser.device
     denoiser.to("cpu")  # traced and converted on the CPU; the caller's device is restored at the end
     out_dir = Path(out_dir)
@@ -112,6 +123,35 @@ def export_coreml(
         denoiser.to(device)
 
 
+def export_denoiser_coreml(
+    denoiser: Denoiser,
+    out_dir: str | Path,
+    batch_size: int = 1,
+    weights: str = "float",
+    attention: str = "original",
+    chunk_bytes: int | None = None,
+) -> list[dict]:
+    """The bare denoiser only (denoiser.mlpackage, or its chunks with ``chunk_bytes``) and denoiser.coreml.json.
+
+    What an app that runs its own scheduler loop ships (Apple's ml-stable-diffusion layout); no sampler graph."""
+    _check_options(batch_size, weights, "float", None, attention, chunk_bytes)
+    settings = _settings(weights, "float", None, attention, chunk_bytes)
+    device = denoiser.device
+    denoiser.to("cpu")
+    try:
+        network = DenoiserGraph(denoiser)
+        sidecar = denoiser_sidecar(network, "coreml", "denoiser.mlpackage", batch_size, {"coreml": settings})
+        return _write_packages([(network, "denoiser", sidecar)], Path(out_dir), settings)
+    finally:
+        denoiser.to(device)
+
+
+def _settings(weights: str, activations: str, deployment_target: str | None, attention: str, chunk_bytes: int | None) -> dict:
+    target = deployment_target or ("iOS17" if activations == "int8" else "iOS16")
+    return {"weights": weights, "activations": activations, "deployment_target": target, "compute_precision": "float16",
+            "attention": attention, "chunk_bytes": chunk_bytes}
+
+
 def export_pipeline_coreml(
     pipeline: Pipeline,
     solver_config: SolverConfig,
@@ -120,6 +160,8 @@ def export_pipeline_coreml(
     weights: str = "float",
     guidance: bool | None = None,
     output: str = "image",
+    attention: str = "original",
+    chunk_bytes: int | None = None,
 ) -> list[dict]:
     """A text-to-image pipeline as Core ML packages in ``out_dir``, next to its ONNX files; one record per package.
 
@@ -128,10 +170,12 @@ def export_pipeline_coreml(
     vae_decoder.mlpackage and vae_encoder.mlpackage, each with its <kind>.coreml.json. Guidance is
     on iff the solver has a guidance scale (as export_pipeline_onnx), with the negative prompt's
     condition as inputs. The tokenizers and pipeline.json are the ONNX export's: add these
-    packages to pipeline.json with `export.sidecar.record_component_files`.
+    packages to pipeline.json with `export.sidecar.record_component_files`. ``attention`` and ``chunk_bytes`` as in
+    `export_coreml` (the attention layout applies to every diffusers Attention: the UNet's and the VAE's; chunking to
+    the denoiser, whose chunks are the components denoiser_chunk1, denoiser_chunk2, ...).
     """
-    _check_options(batch_size, weights, "float", None)
-    settings = {"weights": weights, "activations": "float", "deployment_target": "iOS16", "compute_precision": "float16"}
+    _check_options(batch_size, weights, "float", None, attention, chunk_bytes)
+    settings = _settings(weights, "float", None, attention, chunk_bytes)
     device = pipeline.denoiser.device
     pipeline.to("cpu")
     try:
@@ -154,16 +198,26 @@ def _write_packages(graphs: list[tuple[nn.Module, str, dict]], out_dir: Path, se
     """Converts each (graph, kind, sidecar) in a staging folder inside ``out_dir``, then renames them all into place."""
     out_dir = Path(out_dir)
     with staged_files(out_dir, ".coreml-export-") as stage:
-        records = [_write_package(graph, kind, _coreml_sidecar(sidecar), stage, settings) for graph, kind, sidecar in graphs]
+        records = [r for graph, kind, sidecar in graphs for r in _write_graph(graph, kind, _coreml_sidecar(sidecar), stage, settings)]
     for record in records:
         for key in ("path", "sidecar"):
             record[key] = str(out_dir / record[key])
     return records
 
 
-def _check_options(batch_size, weights: str, activations: str, deployment_target: str | None) -> None:
+def check_coreml_options(batch_size: int = 1, weights: str = "float", attention: str = "original", chunk_bytes: int | None = None) -> None:
+    """The options of `export_coreml` / `export_pipeline_coreml` that a caller passes through, checked before long work."""
+    _check_options(batch_size, weights, "float", None, attention, chunk_bytes)
+
+
+def _check_options(batch_size, weights: str, activations: str, deployment_target: str | None, attention: str = "original",
+                   chunk_bytes: int | None = None) -> None:
     if not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"Core ML export needs a fixed positive batch size, got {batch_size!r}")
+    if attention not in ATTENTIONS:
+        raise UserError(f"unknown Core ML attention option {attention!r} (available: {', '.join(ATTENTIONS)})")
+    if chunk_bytes is not None and (not isinstance(chunk_bytes, int) or isinstance(chunk_bytes, bool) or chunk_bytes <= 0):
+        raise UserError(f"the Core ML chunk size must be a positive number of bytes, got {chunk_bytes!r}")
     for what, value, allowed in (("weights", weights, WEIGHTS), ("activations", activations, ACTIVATIONS)):
         if value not in allowed:
             raise UserError(f"unknown Core ML {what} option {value!r} (available: {', '.join(allowed)})")
@@ -185,11 +239,26 @@ def _coreml_sidecar(sidecar: dict) -> dict:
     return sidecar
 
 
+def _write_graph(graph: nn.Module, kind: str, sidecar: dict, stage: Path, settings: dict) -> list[dict]:
+    """One graph's records: one package, or one per chunk when the denoiser is chunked."""
+    if kind == "denoiser" and settings.get("chunk_bytes"):
+        ct = import_coremltools()
+        return _write_chunks(_converted(ct, graph, sidecar, settings), graph, kind, sidecar, stage, settings)
+    return [_write_package(graph, kind, sidecar, stage, settings)]
+
+
+def _converted(ct, graph: nn.Module, sidecar: dict, settings: dict):
+    """The graph converted (in the attention layout of ``settings``) and its weights compressed."""
+    batch_size = sidecar["batch"]["size"]
+    with attention_layout(graph, settings.get("attention", "original")):
+        model = _convert(ct, graph, sidecar, batch_size, settings["deployment_target"])
+    return _compress(ct, model, graph, batch_size, settings)
+
+
 def _write_package(graph: nn.Module, kind: str, sidecar: dict, stage: Path, settings: dict) -> dict:
     ct = import_coremltools()
     batch_size = sidecar["batch"]["size"]
-    model = _convert(ct, graph, sidecar, batch_size, settings["deployment_target"])
-    model = _compress(ct, model, graph, batch_size, settings)
+    model = _converted(ct, graph, sidecar, settings)
     _describe(model, kind, sidecar)
     path = stage / sidecar["file"]
     model.save(str(path))
@@ -215,7 +284,81 @@ def _write_package(graph: nn.Module, kind: str, sidecar: dict, stage: Path, sett
         "ops": structure["op_count"],
         "op_types": structure["ops"],
         **{k: settings[k] for k in ("weights", "activations", "deployment_target", "compute_precision")},
+        "attention": settings.get("attention", "original"),
     }
+
+
+def _write_chunks(model, graph: nn.Module, kind: str, sidecar: dict, stage: Path, settings: dict) -> list[dict]:
+    """The converted denoiser cut into chained chunk packages; ``kind``.coreml.json lists them under ``chunks``."""
+    from export.coreml_chunks import chain_entry, check_chain, chunk_file, chunk_sidecar, split_model
+
+    max_bytes = settings["chunk_bytes"]
+    weight_bytes = sum(p.numel() * p.element_size() for p in graph.parameters())
+    described = {s["name"]: s.get("description", "") for s in sidecar["inputs"] + sidecar["outputs"]}
+    model_inputs = {s["name"] for s in sidecar["inputs"]}
+    made: dict = {}
+    entries, owns, structures = [], [], []
+    with _quiet():
+        for k, (chunk, planned_bytes) in enumerate(split_model(model, max_bytes)):
+            file = chunk_file(kind, k + 1)
+            spec = chunk.get_spec()
+            entry = chain_entry(k, file, _features(spec.description.input), _features(spec.description.output), model_inputs, made)
+            entry["planned_weight_bytes"] = planned_bytes
+            own = chunk_sidecar(sidecar, entry, kind)
+            _describe_chunk(chunk, own, described)
+            path = stage / file
+            chunk.save(str(path))
+            (path / DEBUG_MAPPING).unlink(missing_ok=True)
+            del chunk
+            structure = inspect_package(path)
+            check_package(structure, own)
+            entry["weight_bytes"] = own["weight_bytes"] = structure["weight_file_bytes"]
+            entries.append(entry), owns.append(own), structures.append(structure)
+    del model
+    check_chain(entries, sidecar["inputs"], sidecar["outputs"])
+    _check_weights_stored_once(sum(s["weight_file_bytes"] for s in structures), weight_bytes, kind)
+    chained = {**sidecar, "file": None, "chunks": entries,
+               "chunking": {"max_chunk_bytes": max_bytes, "count": len(entries),
+                            "how": "run the chunks in this order; each input comes from the model's inputs ('from': 'input') or from the "
+                                   "outputs of the chunk whose index 'from' names (crossing tensors are float32); the model's outputs "
+                                   "come out of the last chunk"}}
+    records = []
+    for entry, own, structure in zip(entries, owns, structures):
+        own["chunk"]["count"] = len(entries)
+        own_path = write_sidecar(stage / f"{kind}_chunk{entry['index'] + 1}{SIDECAR_SUFFIX}", own)
+        path = stage / entry["file"]
+        records.append({
+            "path": path.name,
+            "format": "coreml",
+            "kind": f"{kind}_chunk{entry['index'] + 1}",
+            "chunk": {"index": entry["index"], "count": len(entries)},
+            "bytes": package_bytes(path),
+            "sha256": package_sha256(path),
+            "sidecar": own_path.name,
+            "chain_sidecar": f"{kind}{SIDECAR_SUFFIX}",
+            "batch_size": sidecar["batch"]["size"],
+            "weight_bytes": weight_bytes,
+            "weight_file_bytes": structure["weight_file_bytes"],
+            "ops": structure["op_count"],
+            "op_types": structure["ops"],
+            **{k: settings[k] for k in ("weights", "activations", "deployment_target", "compute_precision", "attention", "chunk_bytes")},
+        })
+    write_sidecar(stage / f"{kind}{SIDECAR_SUFFIX}", chained)
+    return records
+
+
+def _describe_chunk(chunk, own: dict, described: dict) -> None:
+    """Descriptions and metadata of a chunk package, set before it is saved."""
+    chunk.author, chunk.version = "diffusion-compress", "0.1.0"
+    chunk.short_description = own["description"]
+    for side, target in ((own["inputs"], chunk.input_description), (own["outputs"], chunk.output_description)):
+        for spec in side:
+            own_name = spec.get("from", "input") == "input" or spec["name"] in described
+            target[spec["name"]] = (described.get(spec["name"]) if own_name else None) or f"tensor {spec['name']} of the chain in {own['chunk']['chain']}"
+    metadata = {"interface": {"inputs": own["inputs"], "outputs": own["outputs"], "batch": own["batch"]}, "kind": own["kind"],
+                "chunk": {k: own["chunk"][k] for k in ("index", "chain")}, "sidecar": f"{Path(own['file']).stem}{SIDECAR_SUFFIX}"}
+    for key, value in metadata.items():
+        chunk.user_defined_metadata[METADATA_PREFIX + key] = json.dumps(value)
 
 
 def _convert(ct, graph: nn.Module, sidecar: dict, batch_size: int, deployment_target: str):
@@ -327,8 +470,6 @@ def _quiet():
 def inspect_package(path: str | Path) -> dict:
     """What a package holds, read from its spec without Core ML: interface, op counts, weight file size, metadata."""
     ct = import_coremltools()
-    from coremltools.proto import FeatureTypes_pb2
-
     path = Path(path)
     if not (path / "Manifest.json").is_file():
         raise UserError(f"{path} is not a Core ML package (no Manifest.json)")
@@ -336,14 +477,6 @@ def inspect_package(path: str | Path) -> dict:
         spec = ct.utils.load_spec(str(path))
     except Exception as e:  # a truncated or foreign protobuf
         raise UserError(f"{path} is not a readable Core ML package: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    array_type = FeatureTypes_pb2.ArrayFeatureType.ArrayDataType
-
-    def feature(f) -> dict:
-        kind = f.type.WhichOneof("Type")
-        if kind != "multiArrayType":
-            return {"name": f.name, "type": kind}
-        return {"name": f.name, "shape": list(f.type.multiArrayType.shape), "dtype": array_type.Name(f.type.multiArrayType.dataType).lower()}
-
     ops: Counter = Counter()
     if spec.WhichOneof("Type") == "mlProgram":
         for function in spec.mlProgram.functions.values():
@@ -353,13 +486,28 @@ def inspect_package(path: str | Path) -> dict:
     return {
         "spec_version": spec.specificationVersion,
         "model_type": spec.WhichOneof("Type"),
-        "inputs": [feature(f) for f in spec.description.input],
-        "outputs": [feature(f) for f in spec.description.output],
+        "inputs": _features(spec.description.input),
+        "outputs": _features(spec.description.output),
         "ops": dict(ops.most_common()),
         "op_count": sum(ops.values()),
         "weight_file_bytes": sum(f.stat().st_size for f in weight_files),
         "metadata": dict(spec.description.metadata.userDefined),
     }
+
+
+def _features(features) -> list[dict]:
+    """Name, shape and dtype of each input or output of a spec (a multiarray's dtype as 'float32', 'int32', ...)."""
+    from coremltools.proto import FeatureTypes_pb2
+
+    array_type = FeatureTypes_pb2.ArrayFeatureType.ArrayDataType
+    found = []
+    for f in features:
+        kind = f.type.WhichOneof("Type")
+        if kind != "multiArrayType":
+            found.append({"name": f.name, "type": kind})
+        else:
+            found.append({"name": f.name, "shape": list(f.type.multiArrayType.shape), "dtype": array_type.Name(f.type.multiArrayType.dataType).lower()})
+    return found
 
 
 def _count_ops(block, counts: Counter) -> None:

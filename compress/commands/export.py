@@ -46,17 +46,26 @@ def parse_resolution(text: str) -> tuple[int, int]:
 @click.option("--resolution", default=None, help="Text-to-image pipelines: the image size to export, HxW such as 512x512 (default: the UNet's sample size).")
 @click.option("--output", "output", type=click.Choice(["image", "latents"]), default="image", show_default=True,
               help="Text-to-image pipelines: the sampler ends in the VAE decoder (image in [0, 1]) or returns the latents.")
+@click.option("--coreml-weights", default=None, help="Core ML weights: float (float16, the default), int8 or palettize6 (6-bit k-means).")
+@click.option("--coreml-attention", default=None,
+              help="Core ML attention layout: original (the default) or split-einsum (per head in (B, C, 1, S), for the Neural Engine).")
+@click.option("--coreml-chunk-mb", type=float, default=None,
+              help="Write the Core ML denoiser as chained denoiser_chunk<k>.mlpackage files of at most this many MB of weights each "
+                   "(Apple's iOS layout uses about 1000); the chain is listed in denoiser.coreml.json.")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False))
 @model_options
-def export(model, solver, steps, spacing, schedule, timesteps, guidance, formats, batch_size, target, opset, resolution, output, out, **kw):
+def export(model, solver, steps, spacing, schedule, timesteps, guidance, formats, batch_size, target, opset, resolution, output,
+           coreml_weights, coreml_attention, coreml_chunk_mb, out, **kw):
     """Export MODEL's whole sampler as one graph (sampler.*) and its denoiser (denoiser.*)."""
     from compress.export_chain import export_artifacts, pipeline_guidance, resolve_solver
     from compress.outputs import staged_folder
+    from compress.recipe import chunk_bytes
     from export.targets import get_target
 
     for f in formats:
         if f not in FORMATS:
             raise UserError(f"unknown export format {f!r} (available: {', '.join(FORMATS)})")
+    coreml = coreml_options(formats, coreml_weights, coreml_attention, chunk_bytes(coreml_chunk_mb, "--coreml-chunk-mb"))
     batch_size = get_target(target).batch_size(batch_size)  # NPU targets fix the batch: static shapes
     pipeline = load_pipeline_from_flags(model, kw)
     if resolution:
@@ -64,6 +73,20 @@ def export(model, solver, steps, spacing, schedule, timesteps, guidance, formats
     guidance = pipeline_guidance(pipeline, guidance)
     config = resolve_solver(pipeline.denoiser, solver, steps, spacing, guidance, schedule, parse_timesteps(timesteps))
     with staged_folder(Path(out)) as root:
-        records = export_artifacts(pipeline, config, root, list(formats), batch_size=batch_size, opset=opset, output=output, target=target)
+        records = export_artifacts(pipeline, config, root, list(formats), batch_size=batch_size, opset=opset, output=output, target=target,
+                                   coreml=coreml)
     for r in records:
         click.echo(f"wrote {Path(out) / Path(r['path']).name} ({r['bytes'] / 1e6:.2f} MB)")
+
+
+def coreml_options(formats, weights: str | None, attention: str | None, chunk_size: int | None) -> dict:
+    """The --coreml-* flags as export_coreml's keyword options, checked before the model is loaded."""
+    given = {k: v for k, v in (("weights", weights), ("attention", attention), ("chunk_bytes", chunk_size)) if v is not None}
+    if given and "coreml" not in formats:
+        flags = ", ".join(f"--coreml-{'chunk-mb' if k == 'chunk_bytes' else k}" for k in given)
+        raise UserError(f"{flags} appl{'y' if len(given) > 1 else 'ies'} to --format coreml, which was not asked for")
+    if "coreml" in formats:
+        from export.coreml_export import check_coreml_options
+
+        check_coreml_options(1, **given)
+    return given
