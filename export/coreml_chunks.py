@@ -11,9 +11,10 @@ How a cut is made (facts read from ml-stable-diffusion's chunk_mlprogram.py and 
 - The main function's operations are in topological order. Weights are the values of `const` ops and
   of the compressed-weight `constexpr_*` ops (a palettized weight is its look-up table plus packed
   indices), so the cumulative weight bytes along that order say where each chunk ends.
-- A chunk ends after a compute op (not a weight) whose single output feeds one op, once the
+- A chunk ends after a compute op (not a weight) whose single output feeds one op, near where the
   cumulative weight reaches the chunk's share; the shares are equal (total / N), N the fewest chunks
-  that keep each at most ``max_chunk_bytes``.
+  that keep each at most ``max_chunk_bytes``. Apple cuts at the first such op past half the weights;
+  here, within 5% of a share either side, the cut goes where the fewest activation bytes cross it.
 - Every non-constant tensor made before a cut and read after it crosses the cut: it becomes an output
   of the chunk that makes it and an input of every later chunk that reads it (a UNet's skip
   connections cross several cuts). Crossing tensors are float32 in the interface (cast from and back
@@ -40,6 +41,7 @@ from compress.errors import UserError
 DEFAULT_MAX_CHUNK_BYTES = 1_000_000_000  # "about 1 GB", the size Apple's chunking keeps each UNet piece under
 CHUNK_FILE = "{kind}_chunk{index}.mlpackage"
 MAX_CHUNKS = 64
+CUT_WINDOW = 0.05  # a cut may fall this fraction of a chunk's share of the weights early or late, where less crosses it
 
 
 def chunk_file(kind: str, index: int) -> str:
@@ -77,6 +79,7 @@ def plan_cuts(block, max_chunk_bytes: int) -> tuple[list[int], list[int]]:
     """Cut positions (index of the first op of each chunk after the first) and each chunk's planned weight bytes.
 
     The fewest chunks whose equal shares fit ``max_chunk_bytes``; more if the allowed cut points make a share overflow.
+    Near each share's end (within CUT_WINDOW of a share) the cut falls where the fewest activation bytes cross it.
     """
     ops = block.operations
     sizes = [op_weight_bytes(op) for op in ops]
@@ -89,12 +92,16 @@ def plan_cuts(block, max_chunk_bytes: int) -> tuple[list[int], list[int]]:
     index = {id(op): i for i, op in enumerate(ops)}
     eligible = [i for i, op in enumerate(ops) if not _is_weight(op) and len(op.outputs) == 1 and len(op.outputs[0].child_ops) == 1
                 and all(index[id(c)] > i for c in op.outputs[0].child_ops)]
+    crossing = crossing_bytes(block)
     for count in range(max(1, math.ceil(total / max_chunk_bytes)), MAX_CHUNKS + 1):
-        cuts, start = [], 0
+        cuts, start, share = [], 0, total / count
         for k in range(1, count):
-            target = total * k / count
-            # the first allowed op at which the cumulative weight reaches this chunk's share
-            after = next((i for i in eligible if i >= start and cumulative[i] >= target), None)
+            target = share * k
+            window = [i for i in eligible if i >= start and abs(cumulative[i] - target) <= CUT_WINDOW * share]
+            if window:  # the cut after op i: what crosses it is what is alive between op i and op i + 1
+                after = min(window, key=lambda i: (crossing[i + 1], abs(cumulative[i] - target)))
+            else:  # the first allowed op at which the cumulative weight reaches this chunk's share
+                after = next((i for i in eligible if i >= start and cumulative[i] >= target), None)
             if after is None:
                 break
             cuts.append(after + 1)
@@ -105,6 +112,26 @@ def plan_cuts(block, max_chunk_bytes: int) -> tuple[list[int], list[int]]:
             return cuts, planned
     raise UserError(f"the Core ML program ({total / 1e6:.1f} MB of weights) cannot be cut into at most {MAX_CHUNKS} chunks of "
                     f"{max_chunk_bytes / 1e6:.1f} MB: choose a larger chunk size")
+
+
+def crossing_bytes(block) -> np.ndarray:
+    """For each cut position c (before op c), the bytes of the tensors made before it and read at or after it,
+    as float32 (their dtype in a chunk's interface); weights and replicated casts do not cross."""
+    ops = block.operations
+    index = {id(op): i for i, op in enumerate(ops)}
+    function_inputs = {id(v) for v in block.inputs.values()}
+    change = np.zeros(len(ops) + 2, dtype=np.int64)
+    for i, op in enumerate(ops):
+        if _is_weight(op) or _replicable(op, function_inputs):
+            continue
+        for var in op.outputs:
+            readers = [index[id(c)] for c in var.child_ops]
+            if var.val is not None or not readers or not all(isinstance(d, int) for d in var.shape):
+                continue
+            nbytes = int(np.prod(var.shape, dtype=np.int64)) * 4
+            change[i + 1] += nbytes  # crosses every cut from just after op i up to its last reader
+            change[max(readers) + 1] -= nbytes
+    return np.cumsum(change)[: len(ops) + 1]
 
 
 def _replicable(op, function_inputs: set[int]) -> bool:
