@@ -31,6 +31,7 @@ CORE_ML_PREDICTION = get_runner("coreml-cpu").available()
 CHUNK_BYTES = 50_000  # the tiny UNet holds about 130 kB of float16 weights: three chunks or more
 # A weight file stores each tensor 64-byte aligned behind a small header: a little more than the weights' own bytes.
 ALIGNMENT_SLACK = 1.1, 8192
+SD15_EXPORT_BYTES = 14 * 2**30  # peak RSS of the SD-size conversion, as bench/results/coreml_mobile.md measures it
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -265,7 +266,10 @@ def sd15_denoiser() -> Denoiser:
 def test_sd15_size_unet_in_6bit_split_einsum_chunks(tmp_path):
     from compress.memory import require_memory
 
-    require_memory(14 * 2**30, "converting an SD-1.5-size UNet to Core ML")
+    try:
+        require_memory(SD15_EXPORT_BYTES, "converting an SD-1.5-size UNet to Core ML")
+    except UserError as e:
+        pytest.skip(str(e))
     denoiser = sd15_denoiser()
     chunk_bytes = 400_000_000  # the 6-bit UNet (about 650 MB) in two chunks; float16 needs two under Apple's 1 GB
     records = export_denoiser_coreml(denoiser, tmp_path, weights="palettize6", attention="split-einsum", chunk_bytes=chunk_bytes)
