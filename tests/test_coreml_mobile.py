@@ -285,3 +285,29 @@ def test_sd15_size_unet_in_6bit_split_einsum_chunks(tmp_path):
         for op, n in r["op_types"].items():
             ops[op] = ops.get(op, 0) + n
     assert ops.get("einsum", 0) == 2 * attention_of(denoiser.module)[1] and ops.get("matmul", 0) == 0
+
+
+# ----------------------------------------------------------------------------- a text-to-image pipeline (slow: the sampler converts too)
+
+
+@pytest.mark.slow
+def test_pipeline_export_with_chunked_split_einsum_denoiser(tmp_path):
+    from compress.export_chain import export_artifacts, pipeline_guidance, resolve_solver
+    from compress.loading import load_pipeline
+    from export.sidecar import PIPELINE_FILE
+    from tests.tiny_pipelines import build_sd_folder
+
+    pipeline = load_pipeline(f"diffusers:{build_sd_folder(tmp_path / 'sd', vae='kl')}")
+    solver = resolve_solver(pipeline.denoiser, "model", 1, guidance=pipeline_guidance(pipeline, None))
+    float16_bytes = 2 * sum(p.numel() for p in pipeline.denoiser.module.parameters())
+    out = tmp_path / "out"
+    records = export_artifacts(pipeline, solver, out, ["coreml"], coreml={"attention": "split-einsum", "chunk_bytes": float16_bytes // 2})
+    chunk_records = [r for r in records if r["kind"].startswith("denoiser_chunk")]
+    assert len(chunk_records) >= 2 and not (out / "denoiser.mlpackage").exists()
+    components = json.loads((out / PIPELINE_FILE).read_text())["components"]
+    assert [components[r["kind"]]["coreml"] for r in chunk_records] == [Path(r["path"]).name for r in chunk_records]
+    sidecar = json.loads((out / "denoiser.coreml.json").read_text())
+    assert spec_chain_errors(out, sidecar["chunks"], sidecar["inputs"], sidecar["outputs"]) == []
+    # split einsum everywhere diffusers' Attention is: the sampler's UNet steps and the VAE decoder's mid-block
+    assert inspect_package(out / "sampler.mlpackage")["ops"].get("einsum", 0) > 0
+    assert inspect_package(out / "vae_decoder.mlpackage")["ops"].get("einsum", 0) > 0
