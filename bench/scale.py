@@ -7,7 +7,7 @@ Random weights make the images noise, so quality is judged as PSNR against the f
 from the same noise, which is what the chain must preserve.
 
     python bench/scale.py build [--folder DIR] [--resolution 256]
-    python bench/scale.py run [--folder DIR] [--out DIR]      # compress run recipes/sd15-scale.yaml on it
+    python bench/scale.py run [--folder DIR] [--out DIR] [--runs 4:int8-weights,8:int8-weights,4:w8a8]
     python bench/scale.py agreement [--folder DIR] [--out DIR] # the run's float32 sampler.onnx on onnxruntime against torch
     python bench/scale.py report                               # bench/results/scale.md from scale.json
 
@@ -76,18 +76,18 @@ def recipe(folder: Path, steps: int, scheme: str) -> dict:
 
 
 PROMPTS = ["a photograph of an astronaut riding a horse", "a watercolor painting of a lighthouse at dusk"]
-RUNS = [(4, "int8-weights"), (8, "int8-weights")]
+RUNS = "4:int8-weights,8:int8-weights,4:w8a8"
 
 
-def run(folder: Path, out: Path) -> None:
-    """Each recipe in a fresh `compress run` process; the second reuses the first's baseline (--resume)."""
+def run(folder: Path, out: Path, runs: list[tuple[int, str]]) -> None:
+    """Each recipe in a fresh `compress run` process; the later ones reuse the first's baseline (--resume)."""
     import subprocess
 
     import yaml
 
     data = _load()
     data["memory_gib"] = _machine_memory_gib()
-    for i, (steps, scheme) in enumerate(RUNS):
+    for i, (steps, scheme) in enumerate(runs):
         path = out.parent / f"{out.name}-{steps}-{scheme}.yaml"
         path.write_text(yaml.safe_dump(recipe(folder, steps, scheme)))
         command = [sys.executable, "-m", "compress", "run", str(path), "--out", str(out), "--force"] + (["--resume"] if i else [])
@@ -189,11 +189,12 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, default=DEFAULT_FOLDER)
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "diffusion-compress-sd15-run")
     parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--runs", default=RUNS, help="steps:scheme pairs, comma-separated")
     args = parser.parse_args()
     if args.phase == "build":
         build(args.folder, args.resolution)
     elif args.phase == "run":
-        run(args.folder, args.out)
+        run(args.folder, args.out, [(int(steps), scheme) for steps, scheme in (pair.split(":") for pair in args.runs.split(","))])
     elif args.phase == "agreement":
         data = _load()
         data["agreement"] = agreement(args.folder, args.out / "artifacts" / "float32")
