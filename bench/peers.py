@@ -48,6 +48,8 @@ PEERS, RESULTS = HERE / "peers", HERE / "results"
 VENVS = {"optimum": PEERS / ".venv-optimum", "openvino": PEERS / ".venv-openvino"}
 SCHEDULER, STEPS, GUIDANCE = "ddim", 8, 7.5
 GOAL = 1.3  # the issue: ours at least 1.3x faster than every peer on the same CPU and runtime
+# PSNR at or above this counts as exact: float32 pipelines differ from diffusers' by round-off alone (120 to 130 dB).
+EXACT_PSNR = 60.0
 MARK = "@@ "
 OURS = "diffusion-compress (ours)"
 
@@ -272,10 +274,12 @@ def fake_quantize_ops(row: dict) -> int | None:
 def speed_vs_ours(rows: list[dict]) -> None:
     """Each peer row against our fastest artifact on the same runtime at equal or better PSNR."""
     for row in rows:
+        for stale in ("ours_compared", "ours_compared_key", "speed_vs_ours"):
+            row.pop(stale, None)
         if row["tool"] == OURS or "latency_ms" not in row:
             continue
         ours = [r for r in rows if r["tool"] == OURS and family(r["runtime"]) == family(row["runtime"]) and "latency_ms" in r
-                and r.get("psnr_db", -1) >= row.get("psnr_db", float("inf")) - 1e-9]
+                and min(r.get("psnr_db", -1), EXACT_PSNR) >= min(row.get("psnr_db", float("inf")), EXACT_PSNR)]
         if ours:
             best = min(ours, key=lambda r: r["latency_ms"])
             row["ours_compared"] = best["mode"].removeprefix("our ") + ("" if best["runtime"] == row["runtime"] else f" on {best['runtime']}")
@@ -374,6 +378,8 @@ def write_results(result: dict | None) -> str:
         runs[result["model"]] = result
         RESULTS.mkdir(exist_ok=True)
         path.write_text(json.dumps({"models": runs}, indent=2, default=str) + "\n")
+    for run in runs.values():
+        speed_vs_ours(run["rows"])
     text = "\n".join(markdown(r) for r in runs.values())
     (RESULTS / "peers.md").write_text(text)
     return text
@@ -390,8 +396,8 @@ def why_slower(r: dict) -> list[str]:
     if ort_peer and ort_ours:
         gap = ort_peer["latency_ms"] - ort_ours["latency_ms"]
         notes.append(f"on onnxruntime the same float32 networks run in both tools, so what baking can win is the host loop: Optimum's "
-                     f"Python scheduler loop with one session call per step costs {gap:.1f} ms a prompt more than our one graph here "
-                     f"({gap / r['steps']:.2f} ms a step, against a {ort_ours['latency_ms'] / r['steps']:.1f} ms step)")
+                     f"Python scheduler loop with one session call per step took {abs(gap):.1f} ms a prompt {'more' if gap >= 0 else 'less'} "
+                     f"than our one graph here ({abs(gap) / r['steps']:.2f} ms a step, against a {ort_ours['latency_ms'] / r['steps']:.1f} ms step)")
     if any(row["runtime"] == "openvino-bf16" for row in r["rows"]):
         notes.append("GenAI compiles with OpenVINO's CPU defaults, which on this CPU (its plugin reports BF16) run in bf16; our "
                      "`openvino` rows pin f32, so the like-for-like rows are `openvino-bf16`; GenAI's C++ loop calls the UNet "
@@ -444,7 +450,8 @@ def markdown(r: dict) -> str:
     lines += ["", "How it was measured: every tool runs in a process of its own (bench/peers/drive_*.py, each peer in its own venv) "
               "kept alive for the whole run; each times its own prompt -> image call with runtimes.bench.time_calls (perf_counter, "
               f"{r.get('warmup', 3)} untimed warm-up calls first), and the calls alternate tool by tool over {r['rounds']} rounds; each figure is the median. "
-              "'Ours faster by' is the peer's latency over our fastest artifact on the same runtime whose PSNR is equal or better. "
+              "'Ours faster by' is the peer's latency over our fastest artifact on the same runtime whose PSNR is equal or better "
+              f"(PSNR from {EXACT_PSNR:g} dB up counts as exact: float32 round-off). "
               "Artifact MB: the files the prompt -> image path reads (VAE encoder left out for every tool). Export s and peak RSS: "
               "the export process from the diffusers folder (ours in W8A8 includes the float32 export, calibration and quantization; "
               "our export writes ONNX and OpenVINO IR in one go).", "",
