@@ -63,6 +63,9 @@ TORCH_HOST_MODELS = ("digits", "ddpm-cifar10-arch")
 # Timed calls per way at batch 1 (fewer at larger batches, at least MIN_ROUNDS); the 35.7M-parameter model gets fewer.
 RUNS = {"ddpm-cifar10-arch": 12}
 MIN_ROUNDS = 5
+# A model above this many parameters (Stable-Diffusion size: one 8-step call takes seconds) is timed at batch 1 with
+# every core only, one runtime at a time (four sessions of an SD UNet at once would not fit in 24 GiB).
+LARGE_PARAMS_M = 300
 
 
 def host_loop(denoiser: Denoiser):
@@ -88,8 +91,15 @@ def load_subject(name: str) -> Denoiser:
 
 
 def bench_model(denoiser: Denoiser, device: str, runtimes: list[str], thread_counts: list, batches=(1, 8)) -> tuple[list[dict], list[dict]]:
-    """(same-runtime rows, rows against torch) of one model at each thread count and batch; exported once."""
+    """(same-runtime rows, rows against torch) of one model at each thread count and batch; exported once.
+
+    The ways of the models with a torch host loop are all timed together (the table against torch compares
+    them); the others pair each runtime's host loop with its baked graph, one runtime after the other."""
     same, vs_torch = [], []
+    large = sum(p.numel() for p in denoiser.module.parameters()) / 1e6 > LARGE_PARAMS_M
+    if large:
+        thread_counts, batches = thread_counts[-1:], (1,)
+    groups = [runtimes] if denoiser.name in TORCH_HOST_MODELS else [[name] for name in runtimes]
     with tempfile.TemporaryDirectory() as tmp:
         records = export_onnx(denoiser, SOLVER, tmp)
         if any(name.startswith("openvino") for name in runtimes):
@@ -99,11 +109,13 @@ def bench_model(denoiser: Denoiser, device: str, runtimes: list[str], thread_cou
                   "evaluations": solver["nfe"], "network_batch": solver["network_batch"]}
         denoiser.to(device)
         for threads in thread_counts:
-            ways, skipped = load_ways(denoiser, device, runtimes, threads, Path(tmp))
-            vs_torch += [{**common, "threads": threads, **row} for row in skipped]
-            for batch in batches:
-                s, v = time_ways(denoiser, ways, {**common, "threads": threads, "batch": batch})
-                same, vs_torch = same + s, vs_torch + v
+            for group in groups:
+                ways, skipped = load_ways(denoiser, device, group, threads, Path(tmp))
+                vs_torch += [{**common, "threads": threads, **row} for row in skipped]
+                for batch in batches:
+                    s, v = time_ways(denoiser, ways, {**common, "threads": threads, "batch": batch}, MIN_ROUNDS if large else None)
+                    same, vs_torch = same + s, vs_torch + v
+                del ways
     denoiser.to("cpu")
     return same, vs_torch
 
@@ -144,10 +156,10 @@ def sampler_feeds(denoiser: Denoiser, batch: int) -> dict[str, np.ndarray]:
     return feeds
 
 
-def time_ways(denoiser: Denoiser, ways: dict, common: dict) -> tuple[list[dict], list[dict]]:
+def time_ways(denoiser: Denoiser, ways: dict, common: dict, runs: int | None = None) -> tuple[list[dict], list[dict]]:
     feeds = sampler_feeds(denoiser, common["batch"])
     outputs = {way: run(feeds) for way, run in ways.items()}
-    runs = RUNS.get(denoiser.name, 20)
+    runs = runs or RUNS.get(denoiser.name, 20)
     # Calls interleaved one by one (rounds of one run) after two untimed calls of each: runtimes/bench.py's timing.
     times = paired_timing({way: (lambda run=run: run(feeds)) for way, run in ways.items()},
                           rounds=max(MIN_ROUNDS, runs // common["batch"]), runs=1, warmup=0, warmup_rounds=2)
@@ -192,10 +204,12 @@ def main() -> None:
     runtimes = (args.runtimes or DEFAULT_RUNTIMES[args.device]).split(",")
     thread_counts = THREADS if args.device == "cpu" else [None]
     load_before = os.getloadavg()[0]  # how busy the machine was when the run began (1-minute load average)
-    same, vs_torch = [], []
+    same, vs_torch, models = [], [], []
     for name in args.models.split(","):
-        s, v = bench_model(load_subject(name), args.device, runtimes, thread_counts)
-        same, vs_torch = same + s, vs_torch + v
+        subject = load_subject(name)
+        s, v = bench_model(subject, args.device, runtimes, thread_counts)
+        same, vs_torch, models = same + s, vs_torch + v, models + [subject.name]
+        del subject
     env = {"device": args.device, "processor": processor_name(), "cores": len(os.sched_getaffinity(0)), "threads": thread_counts,
            "load_average_at_start": load_before, "load_average_at_end": os.getloadavg()[0],
            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "openvino": openvino.get_version().split("-")[0]}
@@ -203,10 +217,26 @@ def main() -> None:
         env["gpu"] = torch.cuda.get_device_name()
     name = "baked_vs_host" if args.device == "cpu" else f"baked_vs_host_{args.device}"
     RESULTS.mkdir(exist_ok=True)
-    result = {"environment": env, "solver": "dpmpp-2m", "steps": STEPS, "guidance_scale": GUIDANCE, "same_runtime": same, "against_torch": vs_torch}
+    result = merge(RESULTS / f"{name}.json", models, {"environment": env, "solver": "dpmpp-2m", "steps": STEPS, "guidance_scale": GUIDANCE,
+                                                    "same_runtime": same, "against_torch": vs_torch})
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown(same, vs_torch, env))
-    print(markdown(same, vs_torch, env))
+    text = "\n".join(markdown(run["same_runtime"], run["against_torch"], run["environment"], first=i == 0)
+                     for i, run in enumerate(result["runs"]))
+    (RESULTS / f"{name}.md").write_text(text)
+    print(text)
+
+
+def merge(path: Path, models: list[str], run: dict) -> dict:
+    """The results file keeps one run per set of models: this run replaces the earlier rows of its models, the other runs stay."""
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    runs = old.get("runs") or ([old] if "same_runtime" in old else [])
+    kept = []
+    for earlier in runs:
+        earlier["same_runtime"] = [r for r in earlier["same_runtime"] if r["model"] not in models]
+        earlier["against_torch"] = [r for r in earlier["against_torch"] if r["model"] not in models]
+        if earlier["same_runtime"] or earlier["against_torch"]:
+            kept.append(earlier)
+    return {"runs": kept + [run]}
 
 
 SAME_RUNTIME = (
@@ -226,9 +256,11 @@ AGAINST_TORCH = (
     "alone; the table above is the baking alone.")
 
 
-def markdown(same: list[dict], vs_torch: list[dict], env: dict) -> str:
+def markdown(same: list[dict], vs_torch: list[dict], env: dict, first: bool = True) -> str:
     device = env.get("gpu", "CPU")
-    lines = [f"# Baked sampler graph vs host loop (dpmpp-2m, {STEPS} steps, float32, {device})", "",
+    models = ", ".join(dict.fromkeys(r["model"] for r in same + vs_torch))
+    title = f"# Baked sampler graph vs host loop (dpmpp-2m, {STEPS} steps, float32, {device})" if first else f"# Another run: {models}"
+    lines = [title, "",
              "## Same runtime: `denoiser.onnx` in a numpy host loop vs the baked `sampler.onnx`", "",
              SAME_RUNTIME.format(steps=STEPS, guidance=GUIDANCE, agreement=AGREEMENT), "",
              "| model | params (M) | network batch | threads | batch | runtime | host loop ms | baked ms | speed-up of baked | removed per evaluation (ms) | max diff / range |",
@@ -237,24 +269,29 @@ def markdown(same: list[dict], vs_torch: list[dict], env: dict) -> str:
         lines.append(f"| {r['model']} | {r['params_m']:.1f} | {r['network_batch']} | {r['threads'] or '—'} | {r['batch']} | {r['runtime']} "
                      f"| {r['host_loop_ms']:.1f} | {r['baked_ms']:.1f} | {r['speedup']:.2f}x | {r['overhead_per_evaluation_ms']:.2f} "
                      f"| {r['max_abs_diff'] / r['sample_range']:.1e} |")
-    lines += ["", "## Against torch: the diffusers host loop in torch eager", "", AGAINST_TORCH, "",
-              "| model | params (M) | threads | batch | how | median ms | p90 ms | speed-up vs host loop | max abs diff vs host |",
-              "|---|---|---|---|---|---|---|---|---|"]
     timed = [r for r in vs_torch if "skipped" not in r]
-    for r in timed:
-        lines.append(f"| {r['model']} | {r['params_m']:.1f} | {r['threads'] or '—'} | {r['batch']} | {r['way']} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} "
-                     f"| {r['speedup_vs_host']:.2f}x | {r['max_abs_diff_vs_host']:.1e} |")
-    lines += ["", f"Goal: the baked graph at least {GOAL:g}x faster than the torch host loop at batch 1 (issue 3 sets it on the CPU)."]
-    for r in timed:
-        if r["batch"] == 1 and r["way"].startswith("baked graph, ") and r["way"] != BAKED_TORCH:
-            verdict = "met" if r["speedup_vs_host"] >= GOAL else "not met"
-            threads = f", {r['threads']} thread(s)" if r["threads"] else ""
-            lines.append(f"- {r['model']}{threads}, {r['way']}: {r['speedup_vs_host']:.2f}x ({verdict})")
+    if timed:
+        lines += ["", "## Against torch: the diffusers host loop in torch eager", "", AGAINST_TORCH, "",
+                  "| model | params (M) | threads | batch | how | median ms | p90 ms | speed-up vs host loop | max abs diff vs host |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in timed:
+            lines.append(f"| {r['model']} | {r['params_m']:.1f} | {r['threads'] or '—'} | {r['batch']} | {r['way']} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} "
+                         f"| {r['speedup_vs_host']:.2f}x | {r['max_abs_diff_vs_host']:.1e} |")
+        lines += ["", f"Goal: the baked graph at least {GOAL:g}x faster than the torch host loop at batch 1 (issue 3 sets it on the CPU)."]
+        for r in timed:
+            if r["batch"] == 1 and r["way"].startswith("baked graph, ") and r["way"] != BAKED_TORCH:
+                verdict = "met" if r["speedup_vs_host"] >= GOAL else "not met"
+                threads = f", {r['threads']} thread(s)" if r["threads"] else ""
+                lines.append(f"- {r['model']}{threads}, {r['way']}: {r['speedup_vs_host']:.2f}x ({verdict})")
     skipped = {(r["way"], r["skipped"]) for r in vs_torch if "skipped" in r}
     if skipped:
         lines += [""] + [f"Not measured: {way}: {reason}" for way, reason in sorted(skipped)]
+    if any(r["params_m"] > LARGE_PARAMS_M for r in same):
+        lines += ["", f"Models above {LARGE_PARAMS_M} M parameters (one 8-step call takes seconds) are timed at batch 1 with every core only, "
+                  f"{MIN_ROUNDS} calls of each way, one runtime at a time: four sessions of such a UNet would not fit in the machine's memory."]
     lines += ["", f"Timed by runtimes/bench.py (`paired_timing`: two untimed calls of each way, then the calls of every way of a model, thread "
-              f"count and batch interleaved one by one, median and p90 of each way's calls; both tables come from the same calls) in one run, "
+              f"count and batch interleaved one by one (for a model without the torch host loop, the host loop and the baked graph of each "
+              f"runtime), median and p90 of each way's calls; both tables come from the same calls) in one run, "
               f"on {env['processor']} ({env['cores']} cores){', ' + env['gpu'] if 'gpu' in env else ''}, "
               f"torch {env['torch']}, onnxruntime {env['onnxruntime']}, OpenVINO {env['openvino']}; 'threads' is what each library was given; "
               f"1-minute load average when the run began: {env['load_average_at_start']:.2f}, when it ended: {env['load_average_at_end']:.2f}. The machine's cores are shared with other jobs: "

@@ -7,7 +7,7 @@ Random weights make the images noise, so quality is judged as PSNR against the f
 from the same noise, which is what the chain must preserve.
 
     python bench/scale.py build [--folder DIR] [--resolution 256]
-    python bench/scale.py run [--folder DIR] [--out DIR]      # compress run recipes/sd15-scale.yaml on it
+    python bench/scale.py run [--folder DIR] [--out DIR] [--runs 4:int8-weights,8:int8-weights,4:w8a8]
     python bench/scale.py agreement [--folder DIR] [--out DIR] # the run's float32 sampler.onnx on onnxruntime against torch
     python bench/scale.py report                               # bench/results/scale.md from scale.json
 
@@ -76,18 +76,18 @@ def recipe(folder: Path, steps: int, scheme: str) -> dict:
 
 
 PROMPTS = ["a photograph of an astronaut riding a horse", "a watercolor painting of a lighthouse at dusk"]
-RUNS = [(4, "int8-weights"), (8, "int8-weights")]
+RUNS = "4:int8-weights,8:int8-weights,4:w8a8"
 
 
-def run(folder: Path, out: Path) -> None:
-    """Each recipe in a fresh `compress run` process; the second reuses the first's baseline (--resume)."""
+def run(folder: Path, out: Path, runs: list[tuple[int, str]]) -> None:
+    """Each recipe in a fresh `compress run` process; the later ones reuse the first's baseline (--resume)."""
     import subprocess
 
     import yaml
 
     data = _load()
     data["memory_gib"] = _machine_memory_gib()
-    for i, (steps, scheme) in enumerate(RUNS):
+    for i, (steps, scheme) in enumerate(runs):
         path = out.parent / f"{out.name}-{steps}-{scheme}.yaml"
         path.write_text(yaml.safe_dump(recipe(folder, steps, scheme)))
         command = [sys.executable, "-m", "compress", "run", str(path), "--out", str(out), "--force"] + (["--resume"] if i else [])
@@ -107,14 +107,14 @@ def agreement(folder: Path, export: Path) -> dict:
     import numpy as np
 
     from compress.components import LatentDecoder
+    from compress.export_chain import resolve_solver
     from compress.loading import load_pipeline
     from compress.sampling import make_noise
-    from compress.solvers import SolverConfig
     from export.sampler_graph import NEGATIVE, SamplerGraph
 
     steps = json.loads((export / "sampler.json").read_text())["solver"]["steps"]
     pipeline = load_pipeline(f"diffusers:{folder}")
-    solver = SolverConfig("dpmpp-2m", steps, guidance_scale=7.5)
+    solver = resolve_solver(pipeline.denoiser, "dpmpp-2m", steps, guidance=7.5)  # as `compress run` resolved it: the pipeline's spacing
     graph = SamplerGraph(pipeline.denoiser, solver, guidance=True, decoder=LatentDecoder(pipeline.vae), negative_inputs=True)
     with torch.no_grad():
         feeds = {"noise": make_noise(pipeline.denoiser, 1, 0), "encoder_hidden_states": pipeline.encode_prompts(PROMPTS[:1]),
@@ -145,7 +145,10 @@ def _machine_memory_gib() -> float:
 
 def _load() -> dict:
     path = RESULTS / "scale.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    if "agreement" in data:  # the first run's, from before agreements were keyed by their steps
+        data.setdefault("agreements", {}).setdefault(f"{data['agreement']['steps']} steps", data.pop("agreement"))
+    return data
 
 
 def _save(data: dict) -> None:
@@ -173,9 +176,8 @@ def write_markdown(data: dict) -> None:
     lines += ["PSNR against the baseline compares with diffusers' DDIM-10 images: a 4- or 8-step DPM-Solver++ ends elsewhere on a",
               "random model's noise-like images, so the figure is the same for every row; what the chain must preserve is each",
               "artifact against the float32 sampler (below). Latencies were measured while other jobs shared the 2 cores.", ""]
-    if data.get("agreement"):
-        a = data["agreement"]
-        lines += ["## float32 sampler: onnxruntime against torch", "",
+    for a in data.get("agreements", {}).values():
+        lines += [f"## float32 sampler, {a['steps']} steps: onnxruntime against torch", "",
                   f"Same prompt embeddings and noise, {a['steps']} steps: max |onnxruntime - torch| = {a['max_abs_diff']:.2e} over an output "
                   f"range of {a['range']:.3f} ({a['max_abs_diff'] / a['range']:.1e} of the range).", ""]
         lines += [f"- {name} sampler against the float32 sampler on onnxruntime, same feeds: PSNR {value:.1f} dB (images in [0, 1])."
@@ -189,14 +191,16 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, default=DEFAULT_FOLDER)
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "diffusion-compress-sd15-run")
     parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--runs", default=RUNS, help="steps:scheme pairs, comma-separated")
     args = parser.parse_args()
     if args.phase == "build":
         build(args.folder, args.resolution)
     elif args.phase == "run":
-        run(args.folder, args.out)
+        run(args.folder, args.out, [(int(steps), scheme) for steps, scheme in (pair.split(":") for pair in args.runs.split(","))])
     elif args.phase == "agreement":
         data = _load()
-        data["agreement"] = agreement(args.folder, args.out / "artifacts" / "float32")
+        result = agreement(args.folder, args.out / "artifacts" / "float32")
+        data.setdefault("agreements", {})[f"{result['steps']} steps"] = result
         data["memory_gib"] = _machine_memory_gib()
         _save(data)
         write_markdown(data)

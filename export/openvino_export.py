@@ -61,6 +61,7 @@ def _convert(ov, onnx_record: dict, stage: Path) -> dict:
         for port, spec in zip(ports, specs):
             if spec["name"] in port.get_names():
                 port.get_tensor().set_names({spec["name"]})
+    compact_fake_quantize_ranges(model)
     # The interface travels inside the IR too, for consumers that only have the .xml.
     model.set_rt_info(json.dumps(sidecar), ["diffusion_compress", "sidecar"])
     ov.save_model(model, str(xml), compress_to_fp16=False)
@@ -77,6 +78,37 @@ def _convert(ov, onnx_record: dict, stage: Path) -> dict:
         "source": str(source),
         "batch_size": onnx_record.get("batch_size"),
     }
+
+
+def compact_fake_quantize_ranges(model) -> int:
+    """Gives each FakeQuantize scalar range constants, one node for equal input and output bounds; returns
+    the inputs rewired.
+
+    An ONNX QuantizeLinear/DequantizeLinear pair converts to a FakeQuantize with four [1, 1, 1, 1]
+    constants, the output bounds equal to the input ones. The values are a few bytes of the .bin, but
+    each constant is a layer of the .xml with its shape spelled out: in the 8-step digits W8A8 sampler
+    (1032 FakeQuantize ops) they made up 1.06 MB of its 4.74 MB of graph text. Same values, same results.
+    """
+    import numpy as np
+    from openvino import opset13
+
+    rewired = 0
+    for node in model.get_ordered_ops():
+        if node.get_type_name() != "FakeQuantize":
+            continue
+        sources = [node.input(i).get_source_output() for i in range(1, 5)]
+        if not all(s.get_node().get_type_name() == "Constant" for s in sources):
+            continue
+        values = [s.get_node().get_data() for s in sources]
+        new = [opset13.constant(v.reshape(())).output(0) if v.size == 1 and v.ndim else s for s, v in zip(sources, values)]
+        for low, high in ((0, 2), (1, 3)):  # input_low = output_low, input_high = output_high
+            if values[low].shape == values[high].shape and np.array_equal(values[low], values[high]):
+                new[high] = new[low]
+        for i, output in enumerate(new):
+            if output is not sources[i]:
+                node.input(i + 1).replace_source_output(output)
+                rewired += 1
+    return rewired
 
 
 def _onnx_sidecar(record: dict) -> dict:

@@ -43,7 +43,7 @@ FLOW_DIFFUSERS_SCHEDULERS = {
 }
 IMAGES_FILE, INFO_FILE = "images.safetensors", "baseline.json"
 FORMAT_OF_RUNTIME = {"onnxruntime": "onnx", "onnxruntime-cuda": "onnx", "onnxruntime-tensorrt": "onnx", "openvino": "openvino",
-                     "openvino-gpu": "openvino", "openvino-npu": "openvino", "coreml": "coreml"}
+                     "openvino-bf16": "openvino", "openvino-gpu": "openvino", "openvino-npu": "openvino", "coreml": "coreml"}
 
 
 def diffusers_pipeline(folder: str | Path, scheduler: str | None = None):

@@ -316,6 +316,12 @@ def test_compress_run_takes_a_pipeline_from_prompts_to_validated_int8_images(fol
                          ("float32/pipeline", "openvino"), ("float32-w8a8/pipeline", "onnxruntime"), ("float32-w8a8/pipeline", "openvino")}
     # The baseline is diffusers' own pipeline with the same scheduler and steps: the float exports reproduce it.
     assert rows[("float32/pipeline", "onnxruntime")]["psnr"] > 50
+    from runtimes.openvino_runner import cpu_has_bf16
+
+    if cpu_has_bf16():  # what OpenVINO runs by default on such a CPU gets its own rows
+        assert rows[("float32/pipeline", "openvino-bf16")]["runner"]["precision"] == "bf16"
+        assert rows[("float32-w8a8/pipeline", "openvino-bf16")]["status"] == "ok"
+    assert rows[("float32/pipeline", "openvino")]["runner"]["precision"] == "f32"
     assert all(c["passed"] for c in report["checks"]), report["checks"]
     w8a8 = rows[("float32-w8a8/pipeline", "onnxruntime")]
     assert w8a8["schemes"] == {"text_encoder": "int8-weights", "sampler": "w8a8", "denoiser": "w8a8", "vae_decoder": "w8a8", "vae_encoder": "float32"}
