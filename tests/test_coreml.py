@@ -92,7 +92,7 @@ def test_unconditional_packages_match_their_sidecars(unconditional):
     scheduler = DPMSolverMultistepScheduler.from_config(DDPMScheduler().config, timestep_spacing=solver.spacing)
     scheduler.set_timesteps(solver.steps)
     assert metadata["diffusion_compress.timesteps"] == [float(t) for t in scheduler.timesteps]  # what diffusers' own loop runs
-    assert metadata["diffusion_compress.guidance"] == {"enabled": False, "default_scale": None}
+    assert metadata["diffusion_compress.guidance"] == {"enabled": False, "kind": None, "default_scale": None}
     assert metadata["diffusion_compress.interface"]["outputs"][0]["name"] == "sample"
 
 
@@ -118,7 +118,7 @@ def test_class_conditional_guided_package(class_guided):
     assert sampler["outputs"] == [{"name": "sample", "shape": [2, 1, 8, 8], "dtype": "float32"}]
     sidecar = json.loads(Path(records["sampler"]["sidecar"]).read_text())
     assert sidecar["inputs"][1]["dtype"] == "int32" and sidecar["batch"] == {"dynamic": False, "size": 2}
-    assert json.loads(sampler["metadata"]["diffusion_compress.guidance"]) == {"enabled": True, "default_scale": 2.0}
+    assert json.loads(sampler["metadata"]["diffusion_compress.guidance"]) == {"enabled": True, "kind": "classifier-free", "default_scale": 2.0}
     denoiser = inspect_package(out / "denoiser.mlpackage")
     assert [f["name"] for f in denoiser["inputs"]] == ["sample", "timestep", "class_labels"]
 
