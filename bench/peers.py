@@ -101,22 +101,47 @@ def family(runtime: str) -> str:
 
 
 def peer_folder(folder: Path, work: Path) -> tuple[Path, str | None]:
-    """The folder as the peers can read it. A text encoder saved by transformers 5.x keeps its weights
-    without the ``text_model.`` prefix; the transformers the peers pin (Optimum: <4.58; optimum-intel's
-    5.5) then load a randomly initialized text encoder without an error, only a log line. Their copy
-    gets the same tensors under the prefixed names (which our transformers reads as well)."""
+    """The folder as the peers can read it, with what had to change said in a note.
+
+    A text encoder saved by transformers 5.x keeps its weights without the ``text_model.`` prefix; the
+    transformers the peers pin (Optimum: <4.58; optimum-intel's 5.5) then load a randomly initialized
+    text encoder without an error, only a log line. A tokenizer saved as tokenizer.json alone has no
+    vocab.json and merges.txt, which Optimum's transformers 4.x CLIPTokenizer opens. The copy gets the
+    same tensors under the prefixed names (which our transformers reads as well) and the vocabulary
+    and merges of tokenizer.json as those two files."""
     from safetensors.torch import load_file, save_file
 
     weights = folder / "text_encoder" / "model.safetensors"
     tensors = load_file(weights) if weights.is_file() else {}
-    if not tensors or all(k.startswith("text_model.") for k in tensors):
+    rename = bool(tensors) and not all(k.startswith("text_model.") for k in tensors)
+    tokenizer = folder / "tokenizer"
+    vocab_missing = (tokenizer / "tokenizer.json").is_file() and not (tokenizer / "vocab.json").is_file()
+    scheduler = json.loads((folder / "model_index.json").read_text())["scheduler"][1]
+    if not rename and not vocab_missing and scheduler == "DDIMScheduler":
         return folder, None
     copy = work / "peer-folder"
     shutil.copytree(folder, copy, dirs_exist_ok=True)
-    save_file({k if k.startswith("text_model.") else "text_model." + k: v for k, v in tensors.items()},
-              copy / "text_encoder" / "model.safetensors", metadata={"format": "pt"})
-    return copy, ("the folder's text encoder (saved by transformers 5.x, keys without 'text_model.') loads as random weights, "
-                  "silently, in the peers' transformers; they read a copy with the keys renamed, same tensors")
+    notes = []
+    if rename:
+        save_file({k if k.startswith("text_model.") else "text_model." + k: v for k, v in tensors.items()},
+                  copy / "text_encoder" / "model.safetensors", metadata={"format": "pt"})
+        notes.append("the folder's text encoder (saved by transformers 5.x, keys without 'text_model.') loads as random weights, "
+                     "silently, in the peers' transformers; they read a copy with the keys renamed, same tensors")
+    if vocab_missing:
+        bpe = json.loads((tokenizer / "tokenizer.json").read_text())["model"]
+        (copy / "tokenizer" / "vocab.json").write_text(json.dumps(bpe["vocab"]))
+        merges = [m if isinstance(m, str) else " ".join(m) for m in bpe.get("merges", [])]
+        (copy / "tokenizer" / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n")
+        notes.append("its tokenizer is tokenizer.json alone, and Optimum's transformers 4.x opens vocab.json and merges.txt: "
+                     "the copy has them, written from tokenizer.json's vocabulary and merges")
+    if scheduler != "DDIMScheduler":  # the peers run the folder's own scheduler: the copy names the one every tool runs here
+        index, config = copy / "model_index.json", copy / "scheduler" / "scheduler_config.json"
+        index.write_text(json.dumps({**json.loads(index.read_text()), "scheduler": ["diffusers", "DDIMScheduler"]}, indent=2))
+        settings = {k: v for k, v in json.loads(config.read_text()).items() if k != "skip_prk_steps"}
+        config.write_text(json.dumps({**settings, "_class_name": "DDIMScheduler", "clip_sample": False}, indent=2))
+        notes.append(f"the folder's scheduler is {scheduler}; the peers' copy names DDIMScheduler with the same betas and offset, "
+                     "the scheduler every tool runs here")
+    return copy, "; ".join(notes)
 
 
 def run_export(command: list[str], log: Path) -> dict:
@@ -322,7 +347,7 @@ def main() -> None:
     from compress.loading import load_pipeline
     from compress.sampling import make_noise
 
-    model = str(args.folder) if args.folder else args.model
+    model = f"diffusers:{args.folder}" if args.folder else args.model
     pipeline = load_pipeline(model)
     folder = Path(pipeline.extra["folder"])
     zoo = model.startswith("zoo:")

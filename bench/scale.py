@@ -56,6 +56,10 @@ def build(folder: Path, resolution: int) -> Path:
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(str(folder))
+    # SD 1.5's own scheduler_config.json carries clip_sample false (PNDM ignores it); without it a DDIM built
+    # from_config clips x0, which the peers' pipelines would then do and ours refuses.
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "clip_sample": False}, indent=2))
     counts = {name: sum(p.numel() for p in m.parameters()) for name, m in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))}
     print(json.dumps({"folder": str(folder), "parameters": counts}))
     return folder
