@@ -108,10 +108,8 @@ def export_coreml(
     """
     _check_options(batch_size, weights, activations, deployment_target, attention, chunk_bytes)
     settings = _settings(weights, activations, deployment_target, attention, chunk_bytes)
-    device = denoiser.device
-    denoiser.to("cpu")  # traced and converted on the CPU; the caller's device is restored at the end
     out_dir = Path(out_dir)
-    try:
+    with on_cpu(denoiser, denoiser.device):
         sampler, network = SamplerGraph(denoiser, solver_config, guidance), DenoiserGraph(denoiser)
         extra = {"coreml": settings}
         graphs = [
@@ -119,8 +117,6 @@ def export_coreml(
             (network, "denoiser", denoiser_sidecar(network, "coreml", "denoiser.mlpackage", batch_size, extra)),
         ]
         return _write_packages(graphs, out_dir, settings)
-    finally:
-        denoiser.to(device)
 
 
 def export_denoiser_coreml(
@@ -136,14 +132,20 @@ def export_denoiser_coreml(
     What an app that runs its own scheduler loop ships (Apple's ml-stable-diffusion layout); no sampler graph."""
     _check_options(batch_size, weights, "float", None, attention, chunk_bytes)
     settings = _settings(weights, "float", None, attention, chunk_bytes)
-    device = denoiser.device
-    denoiser.to("cpu")
-    try:
+    with on_cpu(denoiser, denoiser.device):
         network = DenoiserGraph(denoiser)
         sidecar = denoiser_sidecar(network, "coreml", "denoiser.mlpackage", batch_size, {"coreml": settings})
         return _write_packages([(network, "denoiser", sidecar)], Path(out_dir), settings)
+
+
+@contextlib.contextmanager
+def on_cpu(module, device):
+    """Traced and converted on the CPU; ``module`` goes back to the caller's ``device`` afterwards, also on errors."""
+    module.to("cpu")
+    try:
+        yield module
     finally:
-        denoiser.to(device)
+        module.to(device)
 
 
 def _settings(weights: str, activations: str, deployment_target: str | None, attention: str, chunk_bytes: int | None) -> dict:
@@ -176,13 +178,9 @@ def export_pipeline_coreml(
     """
     _check_options(batch_size, weights, "float", None, attention, chunk_bytes)
     settings = _settings(weights, "float", None, attention, chunk_bytes)
-    device = pipeline.denoiser.device
-    pipeline.to("cpu")
-    try:
+    with on_cpu(pipeline, pipeline.denoiser.device):
         _, graphs = pipeline_graphs(pipeline, solver_config, "coreml", batch_size, guidance, output, extra={"coreml": settings})
         return _write_packages(graphs, out_dir, settings)
-    finally:
-        pipeline.to(device)
 
 
 def check_coreml_pipeline(pipeline) -> None:
